@@ -1,0 +1,25 @@
+"""Train neural networks directly in compressed low-rank (Tucker) form inside PyTorch Lightning."""
+
+from lightning_lowrank.conversion import ConversionReport, RankSpec, TuckerConfig, convert
+from lightning_lowrank.export import compact, to_dense
+from lightning_lowrank.layers import TuckerConv1d, TuckerConv2d, TuckerConv3d, TuckerLayer, TuckerLinear
+from lightning_lowrank.summary import LayerSummary, Summary, summary
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "ConversionReport",
+    "LayerSummary",
+    "RankSpec",
+    "Summary",
+    "TuckerConfig",
+    "TuckerConv1d",
+    "TuckerConv2d",
+    "TuckerConv3d",
+    "TuckerLayer",
+    "TuckerLinear",
+    "compact",
+    "convert",
+    "summary",
+    "to_dense",
+]

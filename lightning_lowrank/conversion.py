@@ -1,0 +1,172 @@
+"""Model surgery: replace a model's dense Conv/Linear layers by Tucker layers, in place."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Literal, Union
+
+from torch import nn
+
+from lightning_lowrank.layers import TUCKER_LAYERS, Init, TuckerLayer, full_ranks
+
+RankSpec = Union[int, float, Literal["full"]]
+"""A rank per mode: an int in [1, n], a fraction of the mode size n in (0, 1] (rounded up), or 'full' (= n).
+
+Every rank is capped by the rank of the mode's unfolding, min(n_i, prod_{j != i} n_j), beyond which it adds nothing.
+"""
+
+
+def _check_rank_spec(name: str, spec: RankSpec) -> None:
+    if isinstance(spec, bool) or not (
+        spec == "full" if isinstance(spec, str)
+        else spec >= 1 if isinstance(spec, int)
+        else isinstance(spec, float) and 0 < spec <= 1
+    ):
+        raise ValueError(f"`{name}` must be an int >= 1, a fraction in (0, 1] or 'full', got {spec!r}")
+
+
+def resolve_rank(spec: RankSpec, size: int, bound: int) -> int:
+    """The rank that ``spec`` gives a mode of ``size``, at most ``bound``; raises if an int rank exceeds the mode."""
+    if isinstance(spec, int) and spec > size:
+        raise ValueError(f"rank {spec} exceeds the mode size {size}")
+    rank = size if spec == "full" else max(1, math.ceil(spec * size)) if isinstance(spec, float) else spec
+    return min(rank, bound)
+
+
+@dataclass(frozen=True)
+class TuckerConfig:
+    """Which layers become Tucker layers, and at which ranks.
+
+    Args:
+        rank: initial active rank of the channel modes (output and input).
+        max_rank: storage rank of the channel modes; ranks never grow beyond it.
+        kernel_rank: initial rank of the spatial modes of convolutions (their storage is always full).
+        layer_types: dense layer types to convert (exact type match, so subclasses with their own forward stay).
+        include: glob patterns on qualified module names (``"features.*"``); empty means every layer.
+        exclude: glob patterns of layers to keep dense.
+        min_size: layers whose dense weight has fewer elements stay dense.
+        keep_first_last: keep the first and the last candidate layer (in registration order) dense.
+        init: ``"hosvd"`` (factors from the dense weights, exact at full rank) or ``"random"`` (random orthonormal
+            factors, the dense weights projected onto them).
+    """
+
+    rank: RankSpec = "full"
+    max_rank: RankSpec = "full"
+    kernel_rank: RankSpec = "full"
+    layer_types: tuple[type[nn.Module], ...] = tuple(TUCKER_LAYERS)
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    min_size: int = 0
+    keep_first_last: bool = False
+    init: Init = "hosvd"
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "max_rank", "kernel_rank"):
+            _check_rank_spec(name, getattr(self, name))
+        if self.max_rank != "full" and (self.rank == "full" or type(self.rank) is type(self.max_rank)
+                                        and self.rank > self.max_rank):
+            raise ValueError(f"`rank` ({self.rank}) must not exceed `max_rank` ({self.max_rank})")
+        for name in ("include", "exclude", "layer_types"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, (str, type)) else tuple(value))
+        unsupported = [t.__name__ for t in self.layer_types if t not in TUCKER_LAYERS]
+        if unsupported:
+            raise ValueError(f"`layer_types` must be among {[t.__name__ for t in TUCKER_LAYERS]}, got {unsupported}")
+        if not isinstance(self.min_size, int) or self.min_size < 0:
+            raise ValueError(f"`min_size` must be an int >= 0, got {self.min_size!r}")
+        if self.init not in ("hosvd", "random"):
+            raise ValueError(f"`init` must be 'hosvd' or 'random', got {self.init!r}")
+
+    def ranks_for(self, shape: tuple[int, ...], layer_name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Initial and maximum rank of every mode of a weight of ``shape``."""
+        ranks, max_ranks = [], []
+        for mode, (size, bound) in enumerate(zip(shape, full_ranks(shape))):
+            specs = (self.rank, self.max_rank) if mode < 2 else (self.kernel_rank, "full")
+            try:
+                rank, max_rank = (resolve_rank(spec, size, bound) for spec in specs)
+            except ValueError as error:
+                raise ValueError(f"layer {layer_name!r}, mode {mode}: {error}; give a smaller int, a fraction in "
+                                 f"(0, 1] or 'full', or exclude the layer") from None
+            if rank > max_rank:
+                raise ValueError(f"layer {layer_name!r}, mode {mode}: `rank` resolves to {rank} > `max_rank` {max_rank}")
+            ranks.append(rank)
+            max_ranks.append(max_rank)
+        return tuple(ranks), tuple(max_ranks)
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` did: the layers it converted and why it left the other candidates dense."""
+
+    converted: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.converted)} layer(s): {', '.join(self.converted) or '-'}"]
+        lines += [f"kept dense {name}: {reason}" for name, reason in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def convert(module: nn.Module, config: TuckerConfig | None = None, **options: object) -> ConversionReport:
+    """Replace the selected dense layers of ``module`` by Tucker layers, in place; idempotent.
+
+    Args:
+        module: the model; its layers keep their names, device and dtype.
+        config: a :class:`TuckerConfig`, or its fields as keyword ``options``.
+
+    Raises:
+        ValueError: a pattern in include/exclude matches no module, a rank does not fit a layer, or the model
+            has no layer to convert and none converted already.
+    """
+    if config is None:
+        config = TuckerConfig(**options)
+    elif options:
+        raise TypeError("pass either `config` or keyword options, not both")
+    names = [name for name, _ in module.named_modules()]
+    for option in ("include", "exclude"):
+        for pattern in getattr(config, option):
+            if not any(fnmatchcase(name, pattern) for name in names):
+                raise ValueError(f"`{option}` pattern {pattern!r} matches no module; names look like {names[1:6]}")
+
+    candidates = [(name, m) for name, m in module.named_modules()
+                  if type(m) in config.layer_types or isinstance(m, TuckerLayer)]
+    ends = {candidates[0][0], candidates[-1][0]} if config.keep_first_last and candidates else set()
+    report = ConversionReport()
+    plan = []  # every rank is resolved before the first layer is replaced, so a bad rank changes nothing
+    for name, layer in candidates:
+        reason = _skip_reason(name, layer, config, ends)
+        if reason is None:
+            plan.append((name, layer, *config.ranks_for(tuple(layer.weight.shape), name)))
+        elif reason:
+            report.skipped[name] = reason
+    for name, layer, ranks, max_ranks in plan:
+        module.set_submodule(name, TUCKER_LAYERS[type(layer)].from_dense(layer, ranks, max_ranks, config.init))
+        report.converted.append(name)
+    if not any(isinstance(m, TuckerLayer) for m in module.modules()):
+        raise ValueError(f"nothing to convert in {type(module).__name__}: no layer of type "
+                         f"{[t.__name__ for t in config.layer_types]} passed the selection\n{report}")
+    return report
+
+
+def _skip_reason(name: str, layer: nn.Module, config: TuckerConfig, ends: set[str]) -> str | None:
+    """Why ``layer`` stays as it is (empty string: already converted), or None to convert it."""
+    if isinstance(layer, TuckerLayer):
+        return ""
+    if not name:
+        return "the root module cannot be replaced in place; convert its parent"
+    if config.include and not any(fnmatchcase(name, p) for p in config.include):
+        return "not matched by `include`"
+    if any(fnmatchcase(name, p) for p in config.exclude):
+        return "matched by `exclude`"
+    if name in ends:
+        return "first or last layer (`keep_first_last`)"
+    if layer.weight.numel() < config.min_size:
+        return f"{layer.weight.numel()} weights < `min_size` {config.min_size}"
+    if getattr(layer, "groups", 1) != 1:
+        reason = f"grouped convolution (groups={layer.groups}) is not supported"
+        warnings.warn(f"layer {name!r} is not converted: {reason}", UserWarning, stacklevel=3)
+        return reason
+    return None

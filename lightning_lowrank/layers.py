@@ -1,0 +1,396 @@
+"""Tucker-factorized layers.
+
+A weight tensor W of shape (n_1, ..., n_d) is kept as W = core x_1 U_1 x_2 U_2 ... x_d U_d with orthonormal factors
+U_i (n_i x r_i) and a core (r_1 x ... x r_d). Mode 0 is the output, mode 1 the input, further modes are the
+kernel's spatial modes. Storage is fixed at a maximum rank per mode; the active rank of each mode is the persistent
+buffer ``rank``, so parameter shapes never change while ranks do, and the forward pass only touches the active block.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import tensorly as tl
+import torch
+import torch.nn.functional as F
+from tensorly.decomposition import partial_tucker
+from torch import Tensor, nn
+
+Init = Literal["hosvd", "random"]
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+DenseConv = nn.Conv1d | nn.Conv2d | nn.Conv3d
+
+
+def _check_ranks(name: str, ranks: Sequence[int], bounds: Sequence[int], bound_name: str) -> tuple[int, ...]:
+    ranks = tuple(int(r) for r in ranks)
+    if len(ranks) != len(bounds):
+        raise ValueError(f"`{name}` needs one rank per mode ({len(bounds)}), got {ranks}")
+    for mode, (r, n) in enumerate(zip(ranks, bounds)):
+        if not 1 <= r <= n:
+            raise ValueError(f"`{name}` of mode {mode} must be in [1, {n}] ({bound_name}), got {r}")
+    return ranks
+
+
+def full_ranks(shape: Sequence[int]) -> tuple[int, ...]:
+    """The largest useful rank per mode: the rank bound of the mode-i unfolding, min(n_i, prod_{j != i} n_j)."""
+    return tuple(min(n, math.prod(shape) // n) for n in shape)
+
+
+def random_orthonormal(rows: int, cols: int, **factory: object) -> Tensor:
+    """A (rows x cols) matrix with orthonormal columns, Haar-distributed (QR of a Gaussian matrix)."""
+    q, r = torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).to(**factory)
+
+
+def tucker_decomposition(weight: Tensor, ranks: Sequence[int], init: Init = "hosvd") -> tuple[Tensor, list[Tensor]]:
+    """Core (ranks) and orthonormal factors (n_i x r_i) of ``weight``, with core = W x_i U_i^T.
+
+    ``init="hosvd"``: U_i are the leading left singular vectors of the mode-i unfoldings (tensorly's HOSVD), so the
+    decomposition is exact at full rank and every leading block is the truncated HOSVD. ``init="random"``: U_i are
+    random orthonormal, and the core is the projection of ``weight`` onto them. Computed in float64.
+    """
+    w = weight.detach().to(torch.float64)
+    with tl.backend_context("pytorch"):
+        if init == "hosvd":
+            (core, factors), _ = partial_tucker(w, rank=list(ranks), modes=list(range(w.ndim)), n_iter_max=0)
+        elif init == "random":
+            factors = [random_orthonormal(n, r, device=w.device) for n, r in zip(w.shape, ranks)]
+            core = tl.tenalg.multi_mode_dot(w, factors, transpose=True)
+        else:
+            raise ValueError(f"`init` must be 'hosvd' or 'random', got {init!r}")
+    factory = dict(device=weight.device, dtype=weight.dtype)
+    return core.to(**factory), [u.to(**factory) for u in factors]
+
+
+class TuckerLayer(nn.Module):
+    """Storage, active ranks and parameter counts shared by the Tucker layers.
+
+    Args:
+        shape: shape of the dense weight (n_1, ..., n_d); mode 0 is the output, mode 1 the input.
+        rank: active rank per mode, each in [1, max_rank].
+        max_rank: storage rank per mode, each in [1, min(n_i, prod_{j != i} n_j)] (default: that bound).
+    """
+
+    mode_names: tuple[str, ...]
+    rank: Tensor
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        rank: Sequence[int] | None,
+        max_rank: Sequence[int] | None,
+        bias: bool,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.shape = tuple(int(n) for n in shape)
+        bounds = full_ranks(self.shape)
+        max_rank = _check_ranks("max_rank", bounds if max_rank is None else max_rank, bounds, "full rank")
+        rank = _check_ranks("rank", max_rank if rank is None else rank, max_rank, "max_rank")
+        factory = dict(device=device, dtype=dtype)
+        self.factors = nn.ParameterList(nn.Parameter(torch.empty(n, r, **factory)) for n, r in zip(self.shape, max_rank))
+        self.core = nn.Parameter(torch.empty(max_rank, **factory))
+        self.bias = nn.Parameter(torch.empty(self.shape[0], **factory)) if bias else None
+        self.register_buffer("rank", torch.tensor(rank, dtype=torch.long, device=device))
+        self.ranks = rank
+        self.register_load_state_dict_post_hook(TuckerLayer._sync_ranks)
+        self.reset_parameters()
+
+    @property
+    def max_ranks(self) -> tuple[int, ...]:
+        return tuple(self.core.shape)
+
+    def reset_parameters(self) -> None:
+        """Random orthonormal factors; core and bias uniform in +-1/sqrt(fan_in), the scale of torch's dense init."""
+        bound = 1.0 / math.sqrt(math.prod(self.shape[1:]))
+        with torch.no_grad():
+            for u in self.factors:
+                u.copy_(random_orthonormal(*u.shape, device=u.device, dtype=u.dtype))
+            nn.init.uniform_(self.core, -bound, bound)
+            if self.bias is not None:
+                nn.init.uniform_(self.bias, -bound, bound)
+
+    def set_rank(self, ranks: Sequence[int]) -> None:
+        """Set the active rank of every mode (each in [1, max_rank])."""
+        self.ranks = _check_ranks("rank", ranks, self.max_ranks, "max_rank")
+        self.rank.copy_(torch.tensor(self.ranks, dtype=torch.long), non_blocking=True)
+
+    @staticmethod
+    def _sync_ranks(module: TuckerLayer, incompatible_keys: object) -> None:
+        module.ranks = tuple(module.rank.tolist())
+
+    @torch.no_grad()
+    def load_weight(self, weight: Tensor, init: Init = "hosvd") -> None:
+        """Decompose the dense ``weight`` (shape ``self.shape``) into factors and core at the maximum ranks."""
+        if tuple(weight.shape) != self.shape:
+            raise ValueError(f"`weight` must have shape {self.shape}, got {tuple(weight.shape)}")
+        core, factors = tucker_decomposition(weight, self.max_ranks, init)
+        self.core.copy_(core)
+        for u, new in zip(self.factors, factors):
+            u.copy_(new)
+
+    def _copy_from(self, layer: nn.Linear | DenseConv, init: Init) -> None:
+        """Take weight (decomposed), bias and train/eval mode from the dense ``layer``."""
+        self.load_weight(layer.weight, init)
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(layer.bias)
+        self.train(layer.training)
+
+    def active_factors(self) -> list[Tensor]:
+        """The orthonormal bases at the active ranks, U_i of shape (n_i, r_i)."""
+        return [u[:, :r] for u, r in zip(self.factors, self.ranks)]
+
+    def active_core(self) -> Tensor:
+        """The core at the active ranks, shape (r_1, ..., r_d)."""
+        return self.core[tuple(slice(r) for r in self.ranks)]
+
+    def dense_weight(self) -> Tensor:
+        """W = core x_1 U_1 ... x_d U_d, shape ``self.shape`` (for export and tests; the forward never forms it)."""
+        with tl.backend_context("pytorch"):
+            return tl.tucker_to_tensor((self.active_core(), self.active_factors()))
+
+    def num_parameters(self) -> int:
+        """Parameters of the factorization at the active ranks: sum_i n_i r_i + prod_i r_i (+ bias)."""
+        bias = 0 if self.bias is None else self.bias.numel()
+        return sum(n * r for n, r in zip(self.shape, self.ranks)) + math.prod(self.ranks) + bias
+
+    def dense_num_parameters(self) -> int:
+        """Parameters of the dense layer this one replaces: prod_i n_i (+ bias)."""
+        return math.prod(self.shape) + (0 if self.bias is None else self.bias.numel())
+
+    def to_compact(self) -> nn.Module:
+        """Plain torch layers computing the same map at exactly the active ranks."""
+        raise NotImplementedError
+
+    def to_dense(self) -> nn.Module:
+        """The dense torch layer with weight W."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"rank={self.ranks}, max_rank={self.max_ranks}, bias={self.bias is not None}"
+
+
+class TuckerLinear(TuckerLayer):
+    """Linear layer with W = U_out core U_in^T (the order-2 Tucker case); y = x W^T + b over any leading dims."""
+
+    mode_names = ("out", "in")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        rank: Sequence[int] | None = None,
+        max_rank: Sequence[int] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.in_features, self.out_features = in_features, out_features
+        super().__init__((out_features, in_features), rank, max_rank, bias, device, dtype)
+
+    @classmethod
+    def from_dense(
+        cls, layer: nn.Linear, rank: Sequence[int] | None = None, max_rank: Sequence[int] | None = None,
+        init: Init = "hosvd",
+    ) -> TuckerLinear:
+        """A TuckerLinear whose weight is the decomposition of ``layer.weight`` (exact at full rank)."""
+        new = cls(layer.in_features, layer.out_features, layer.bias is not None, rank, max_rank,
+                  layer.weight.device, layer.weight.dtype)
+        new._copy_from(layer, init)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        u_out, u_in = self.active_factors()
+        return F.linear(F.linear(F.linear(x, u_in.T), self.active_core()), u_out, self.bias)
+
+    def to_compact(self) -> nn.Sequential:
+        """Two nn.Linear, the core merged into the side of larger rank: min(r_out, r_in) * (in + out) weights."""
+        u_out, u_in = self.active_factors()
+        core = self.active_core()
+        first, second = (u_in.T, u_out @ core) if self.ranks[1] <= self.ranks[0] else (core @ u_in.T, u_out)
+        return _linear_chain([first, second], self.bias, self.training)
+
+    def to_dense(self) -> nn.Linear:
+        return _linear_chain([self.dense_weight()], self.bias, self.training)[0]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {super().extra_repr()}"
+
+
+def _linear_chain(weights: Sequence[Tensor], bias: Tensor | None, training: bool) -> nn.Sequential:
+    """nn.Linear layers applying ``weights`` in order; ``bias`` goes on the last one."""
+    layers = []
+    for i, w in enumerate(weights):
+        last = i == len(weights) - 1
+        linear = nn.Linear(w.shape[1], w.shape[0], bias=last and bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            if last and bias is not None:
+                linear.bias.copy_(bias)
+        layers.append(linear)
+    return nn.Sequential(*layers).train(training)
+
+
+class _TuckerConvNd(TuckerLayer):
+    """Convolution with W = core x_1 U_out x_2 U_in x_3 U_k1 ... computed as three convolutions.
+
+    y = conv_1x1(conv_kxk(conv_1x1(x, U_in^T), core x_3 U_k1 ...), U_out) + b, never forming W; stride, padding,
+    dilation and padding mode act on the middle (kxk) convolution, which commutes with the 1x1 channel maps.
+    """
+
+    _dense: type[DenseConv]
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: str | int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        rank: Sequence[int] | None = None,
+        max_rank: Sequence[int] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        n = len(self.mode_names) - 2
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.dilation = (_ntuple(v, n, name) for v, name in
+                                                        ((kernel_size, "kernel_size"), (stride, "stride"), (dilation, "dilation")))
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"`padding_mode` must be one of {_PADDING_MODES}, got {padding_mode!r}")
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"`padding` must be an int, a tuple, 'same' or 'valid', got {padding!r}")
+            if padding == "same" and any(s != 1 for s in self.stride):
+                raise ValueError("`padding='same'` is not supported for strided convolutions")
+            self.padding = padding
+        else:
+            self.padding = _ntuple(padding, n, "padding")
+        self.padding_mode = padding_mode
+        self._explicit_padding = _explicit_padding(self.padding, self.kernel_size, self.dilation)
+        super().__init__((out_channels, in_channels, *self.kernel_size), rank, max_rank, bias, device, dtype)
+        letters = "ijklmn"[:n]
+        self._kernel_equation = f"ab{letters}," + ",".join(f"{x}{c}" for x, c in zip("pqr", letters)) + f"->ab{'pqr'[:n]}"
+        self._conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
+
+    @classmethod
+    def from_dense(
+        cls, layer: DenseConv, rank: Sequence[int] | None = None,
+        max_rank: Sequence[int] | None = None, init: Init = "hosvd",
+    ) -> _TuckerConvNd:
+        """A Tucker convolution whose weight is the decomposition of ``layer.weight`` (exact at full rank)."""
+        if layer.groups != 1:
+            raise ValueError(f"grouped convolutions (groups={layer.groups}) cannot be Tucker-factorized")
+        new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                  layer.dilation, layer.bias is not None, layer.padding_mode, rank, max_rank,
+                  layer.weight.device, layer.weight.dtype)
+        new._copy_from(layer, init)
+        return new
+
+    def kernel(self) -> Tensor:
+        """The middle convolution's kernel, core x_3 U_k1 ..., shape (r_out, r_in, k_1, ...)."""
+        _, _, *spatial = self.active_factors()
+        return torch.einsum(self._kernel_equation, self.active_core(), *spatial)
+
+    def forward(self, x: Tensor) -> Tensor:
+        u_out, u_in, *_ = self.active_factors()
+        ones = (1,) * len(self.kernel_size)
+        x = self._conv(x, u_in.T.reshape(*u_in.T.shape, *ones))
+        if self.padding_mode == "zeros":
+            x = self._conv(x, self.kernel(), None, self.stride, self.padding, self.dilation)
+        else:
+            x = F.pad(x, self._explicit_padding, mode=self.padding_mode)
+            x = self._conv(x, self.kernel(), None, self.stride, 0, self.dilation)
+        return self._conv(x, u_out.reshape(*u_out.shape, *ones), self.bias)
+
+    def _dense_layer(self, in_channels: int, out_channels: int, weight: Tensor, bias: Tensor | None,
+                     **options: object) -> nn.Module:
+        conv = self._dense(in_channels, out_channels, weight.shape[2:], bias=bias is not None,
+                           device=weight.device, dtype=weight.dtype, **options)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            if bias is not None:
+                conv.bias.copy_(bias)
+        return conv.train(self.training)
+
+    def _options(self) -> dict[str, object]:
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, padding_mode=self.padding_mode)
+
+    def to_compact(self) -> nn.Sequential:
+        """Three convolutions: 1x1 (C_in -> r_in), kxk (r_in -> r_out) with the spatial factors merged, 1x1 (r_out -> C_out)."""
+        u_out, u_in, *_ = self.active_factors()
+        r_out, r_in = u_out.shape[1], u_in.shape[1]
+        ones = (1,) * len(self.kernel_size)
+        return nn.Sequential(
+            self._dense_layer(self.in_channels, r_in, u_in.T.reshape(r_in, self.in_channels, *ones), None),
+            self._dense_layer(r_in, r_out, self.kernel(), None, **self._options()),
+            self._dense_layer(r_out, self.out_channels, u_out.reshape(self.out_channels, r_out, *ones), self.bias),
+        ).train(self.training)
+
+    def to_dense(self) -> nn.Module:
+        return self._dense_layer(self.in_channels, self.out_channels, self.dense_weight(), self.bias, **self._options())
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, padding_mode={self.padding_mode}, "
+                f"{super().extra_repr()}")
+
+
+def _ntuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
+    values = (value,) * n if isinstance(value, int) else tuple(value)
+    if len(values) != n or not all(isinstance(v, int) for v in values):
+        raise ValueError(f"`{name}` must be an int or a tuple of {n} ints, got {value!r}")
+    return values
+
+
+def _explicit_padding(padding: str | tuple[int, ...], kernel_size: tuple[int, ...],
+                      dilation: tuple[int, ...]) -> tuple[int, ...]:
+    """Padding as F.pad takes it (last dimension first, (left, right) each), matching nn.Conv's 'same' split."""
+    pads = []
+    for i, (k, d) in enumerate(zip(kernel_size, dilation)):
+        if padding == "valid":
+            left = right = 0
+        elif padding == "same":
+            total = d * (k - 1)
+            left, right = total // 2, total - total // 2
+        else:
+            left = right = padding[i]
+        pads.append((left, right))
+    return tuple(p for pair in reversed(pads) for p in pair)
+
+
+class TuckerConv1d(_TuckerConvNd):
+    """Tucker form of nn.Conv1d; input (N, C_in, L) or (C_in, L)."""
+
+    _dense = nn.Conv1d
+    mode_names = ("out", "in", "l")
+
+
+class TuckerConv2d(_TuckerConvNd):
+    """Tucker form of nn.Conv2d; input (N, C_in, H, W) or (C_in, H, W)."""
+
+    _dense = nn.Conv2d
+    mode_names = ("out", "in", "h", "w")
+
+
+class TuckerConv3d(_TuckerConvNd):
+    """Tucker form of nn.Conv3d; input (N, C_in, D, H, W) or (C_in, D, H, W)."""
+
+    _dense = nn.Conv3d
+    mode_names = ("out", "in", "d", "h", "w")
+
+
+TUCKER_LAYERS: dict[type[nn.Module], type[TuckerLayer]] = {
+    nn.Linear: TuckerLinear,
+    nn.Conv1d: TuckerConv1d,
+    nn.Conv2d: TuckerConv2d,
+    nn.Conv3d: TuckerConv3d,
+}
+"""The Tucker layer that replaces each dense torch layer type."""

@@ -1,0 +1,64 @@
+"""Per-layer ranks, parameter counts and the compression rate of a model with Tucker layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from lightning_lowrank.layers import TuckerLayer
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """One Tucker layer: its name, type, dense weight shape, active and maximum ranks, parameters."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    ranks: tuple[int, ...]
+    max_ranks: tuple[int, ...]
+    params: int
+    dense_params: int
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Ranks and parameters of a model; ``params`` counts the whole model with Tucker layers at active ranks."""
+
+    layers: tuple[LayerSummary, ...]
+    params: int
+
+    @property
+    def factorized_params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def dense_params(self) -> int:
+        return sum(layer.dense_params for layer in self.layers)
+
+    @property
+    def compression_rate(self) -> float:
+        """1 - factorized / dense parameters of the converted layers (0 when none is converted)."""
+        return 1.0 - self.factorized_params / self.dense_params if self.layers else 0.0
+
+    def __str__(self) -> str:
+        header = ("layer", "type", "shape", "rank", "max rank", "params", "dense")
+        rows = [header] + [(s.name, s.kind, "x".join(map(str, s.shape)), str(s.ranks), str(s.max_ranks),
+                            f"{s.params:,}", f"{s.dense_params:,}") for s in self.layers]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(f"converted layers: {self.factorized_params:,} of {self.dense_params:,} dense parameters, "
+                     f"compression rate {self.compression_rate:.2%}; whole model: {self.params:,} parameters")
+        return "\n".join(lines)
+
+
+def summary(module: nn.Module) -> Summary:
+    """Summarize the Tucker layers of ``module`` (in registration order) and count its effective parameters."""
+    layers = [(name, m) for name, m in module.named_modules() if isinstance(m, TuckerLayer)]
+    in_tucker = {id(p) for _, m in layers for p in m.parameters()}
+    other = sum(p.numel() for p in module.parameters() if id(p) not in in_tucker)
+    rows = tuple(LayerSummary(name, type(m).__name__, m.shape, m.ranks, m.max_ranks, m.num_parameters(),
+                              m.dense_num_parameters()) for name, m in layers)
+    return Summary(rows, other + sum(row.params for row in rows))

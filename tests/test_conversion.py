@@ -1,0 +1,238 @@
+"""convert, compact, to_dense and summary on whole models, against the dense models they came from."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_lowrank as ll
+from reference import assert_orthonormal, truncated_hosvd
+
+
+def small_cnn(dtype=torch.float32) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1, padding_mode="reflect"), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding="same", bias=False), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10),
+    ).to(dtype)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_full_rank_conversion_is_exact(dtype, tol):
+    model = small_cnn(dtype)
+    x = torch.randn(4, 3, 12, 12, dtype=dtype)
+    expected = model(x)
+    report = ll.convert(model)
+    assert report.converted == ["0", "2", "4", "8", "10"]
+    assert all(isinstance(model[i], ll.TuckerLayer) for i in (0, 2, 4, 8, 10))
+    assert relative_error(model(x), expected) < tol
+    for layer in (model[i] for i in (0, 2, 4, 8, 10)):
+        for u in layer.factors:
+            assert_orthonormal(u, atol=1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_convert_is_idempotent():
+    model = small_cnn()
+    ll.convert(model, rank=0.5, include=["2", "8"])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = dict(model.named_modules())
+    report = ll.convert(model, rank=0.5, include=["2", "8"])
+    assert report.converted == []
+    assert dict(model.named_modules()) == modules
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_ranks_from_int_fraction_and_full():
+    model = small_cnn()
+    ll.convert(model, rank=0.25, max_rank=0.5, include="4")
+    assert model[4].ranks == (8, 8, 3, 3) and model[4].max_ranks == (16, 16, 3, 3)
+    ll.convert(model, rank=5, max_rank=12, kernel_rank=2, include="8")
+    assert model[8].ranks == (5, 5) and model[8].max_ranks == (12, 12)
+    ll.convert(model, kernel_rank=2, include="2")
+    assert model[2].ranks == (32, 16, 2, 2) and model[2].max_ranks == (32, 16, 3, 3)
+
+
+def test_initial_rank_gives_the_truncated_hosvd_model():
+    """Converting at reduced rank equals the dense model with every weight replaced by its truncated HOSVD."""
+    model = small_cnn(torch.float64)
+    reference = copy.deepcopy(model)
+    ll.convert(model, rank=0.5, include=["2", "4", "8"])
+    with torch.no_grad():
+        for i in (2, 4, 8):
+            reference[i].weight.copy_(truncated_hosvd(reference[i].weight, model[i].ranks))
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-10, atol=1e-10)
+
+
+def test_selection_by_type_pattern_size_and_ends():
+    model = small_cnn()
+    report = ll.convert(model, layer_types=[nn.Conv2d], exclude=["4"], keep_first_last=True)
+    assert report.converted == ["2"]
+    assert report.skipped == {"0": "first or last layer (`keep_first_last`)", "4": "matched by `exclude`"}
+
+    model = small_cnn()
+    report = ll.convert(model, min_size=5000)  # 16*32*9=4608 and 64*10 are too small
+    assert report.converted == ["4", "8"]
+    assert set(report.skipped) == {"0", "2", "10"}
+
+
+def test_first_and_last_stay_the_same_on_reconversion():
+    model = small_cnn()
+    ll.convert(model, keep_first_last=True)
+    report = ll.convert(model, keep_first_last=True)
+    assert report.converted == [] and isinstance(model[0], nn.Conv2d) and isinstance(model[10], nn.Linear)
+
+
+def test_grouped_conv_is_left_dense_with_a_warning():
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.Conv2d(8, 8, 3))
+    with pytest.warns(UserWarning, match=r"layer '0' is not converted: grouped convolution \(groups=2\)"):
+        report = ll.convert(model)
+    assert report.converted == ["1"] and isinstance(model[0], nn.Conv2d)
+
+
+def test_subclasses_with_their_own_forward_are_not_converted():
+    mha = nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8))
+    report = ll.convert(mha)
+    assert report.converted == ["1"]  # out_proj is a Linear subclass used by F.multi_head_attention_forward
+
+
+def test_device_and_dtype_follow_the_layer():
+    model = small_cnn(torch.float64)
+    ll.convert(model)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert {b.device for b in model.buffers()} == {torch.device("cpu")}
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(rank=0), "`rank` must be an int >= 1, a fraction in \\(0, 1\\] or 'full', got 0"),
+    (dict(rank=-3), "`rank` must be an int >= 1"),
+    (dict(max_rank=1.5), "`max_rank` must be an int >= 1, a fraction in \\(0, 1\\]"),
+    (dict(rank=0.0), "`rank` must be"),
+    (dict(kernel_rank="half"), "`kernel_rank` must be"),
+    (dict(rank=True), "`rank` must be"),
+    (dict(rank=8, max_rank=4), "`rank` \\(8\\) must not exceed `max_rank` \\(4\\)"),
+    (dict(rank="full", max_rank=0.5), "`rank` \\(full\\) must not exceed `max_rank`"),
+    (dict(min_size=-1), "`min_size` must be an int >= 0"),
+    (dict(init="svd"), "`init` must be 'hosvd' or 'random'"),
+    (dict(layer_types=[nn.LSTM]), "`layer_types` must be among"),
+])
+def test_bad_options_are_refused_at_construction(options, message):
+    with pytest.raises(ValueError, match=message):
+        ll.TuckerConfig(**options)
+
+
+def test_bad_input_against_the_model():
+    with pytest.raises(ValueError, match="`include` pattern 'features.*' matches no module"):
+        ll.convert(small_cnn(), include="features.*")
+    with pytest.raises(ValueError, match="`exclude` pattern 'head' matches no module"):
+        ll.convert(small_cnn(), exclude=["head"])
+    model = small_cnn()
+    with pytest.raises(ValueError, match="layer '2', mode 1: rank 20 exceeds the mode size 16"):
+        ll.convert(model, rank=20, include=["2"])
+    assert isinstance(model[2], nn.Conv2d)
+    with pytest.raises(ValueError, match="nothing to convert in Sequential"), pytest.warns(UserWarning, match="groups"):
+        ll.convert(nn.Sequential(nn.ReLU(), nn.Conv2d(2, 2, 3, groups=2)))
+    with pytest.raises(TypeError, match="either `config` or keyword options"):
+        ll.convert(small_cnn(), ll.TuckerConfig(), rank=2)
+
+
+def test_rank_error_leaves_the_model_unchanged():
+    """Ranks are resolved for every layer before any layer is replaced."""
+    model = small_cnn()
+    with pytest.raises(ValueError, match="layer '10', mode 0: rank 20 exceeds the mode size 10"):
+        ll.convert(model, rank=20, exclude=["0", "2"])  # layers 4 and 8, planned before 10, would fit
+    assert not any(isinstance(m, ll.TuckerLayer) for m in model.modules())
+
+
+def trained_looking(model: nn.Module) -> nn.Module:
+    """Convert at full rank, then cut ranks, so that compact/to_dense are tested at ranks below the maximum."""
+    ll.convert(model)
+    for layer in model.modules():
+        if isinstance(layer, ll.TuckerLayer):
+            layer.set_rank([max(1, r // 2) if i < 2 else r for i, r in enumerate(layer.max_ranks)])
+    return model
+
+
+def test_compact_equals_the_factorized_model_with_plain_layers():
+    model = trained_looking(small_cnn(torch.float64))
+    x = torch.randn(3, 3, 12, 12, dtype=torch.float64)
+    compact = ll.compact(model)
+    torch.testing.assert_close(compact(x), model(x), rtol=1e-10, atol=1e-10)
+    assert all(type(m).__module__.startswith("torch.nn") for m in compact.modules())
+    # the training model is untouched
+    assert isinstance(model[2], ll.TuckerConv2d)
+    # conv: C_in -> r_in (1x1), r_in -> r_out (kxk), r_out -> C_out (1x1); linear: two layers, min rank inside
+    conv = compact[2]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in conv] == [(16, 8, (1, 1)), (8, 16, (3, 3)), (16, 32, (1, 1))]
+    assert [(lin.in_features, lin.out_features) for lin in compact[8]] == [(128, 32), (32, 64)]
+
+
+def test_compact_float32_to_1e5_and_torch_export():
+    model = trained_looking(small_cnn())
+    x = torch.randn(2, 3, 12, 12)
+    compact = ll.compact(model).eval()
+    assert relative_error(compact(x), model(x)) < 1e-5
+    program = torch.export.export(compact, (x,))
+    assert relative_error(program.module()(x), model(x)) < 1e-5
+
+
+def test_compact_loads_without_lightning_lowrank(tmp_path):
+    model = trained_looking(small_cnn())
+    x = torch.randn(2, 3, 12, 12)
+    torch.save({"model": ll.compact(model), "x": x, "y": model(x).detach()}, tmp_path / "compact.pt")
+    script = (
+        "import sys; sys.modules['lightning_lowrank'] = None\n"  # importing it would fail
+        "import torch\n"
+        f"data = torch.load({str(tmp_path / 'compact.pt')!r}, weights_only=False)\n"
+        "torch.testing.assert_close(data['model'](data['x']), data['y'], rtol=1e-5, atol=1e-6)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path)
+
+
+def test_to_dense_merges_back():
+    model = trained_looking(small_cnn(torch.float64))
+    dense = ll.to_dense(model)
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    torch.testing.assert_close(dense(x), model(x), rtol=1e-10, atol=1e-10)
+    assert [type(dense[i]) for i in (0, 2, 4, 8, 10)] == [nn.Conv2d] * 3 + [nn.Linear] * 2
+    assert dense[2].padding_mode == "reflect" and dense[4].padding == "same" and dense[4].bias is None
+    assert ll.to_dense(model[8]).weight.shape == (64, 128)  # a single layer converts too
+
+
+def test_summary_counts_and_compression_rate():
+    model = small_cnn()
+    ll.convert(model, include=["4", "8"], rank=4)
+    s = ll.summary(model)
+    assert [row.name for row in s.layers] == ["4", "8"]
+    tucker4 = 32 * 4 + 32 * 4 + 2 * 9 + 4 * 4 * 9  # no bias
+    tucker8 = 64 * 4 + 128 * 4 + 16 + 64
+    assert (s.layers[0].params, s.layers[1].params) == (tucker4, tucker8)
+    assert s.dense_params == 32 * 32 * 9 + 128 * 64 + 64
+    assert s.compression_rate == pytest.approx(1 - (tucker4 + tucker8) / s.dense_params)
+    dense_rest = sum(p.numel() for i in (0, 2, 10) for p in small_cnn()[i].parameters())
+    assert s.params == dense_rest + tucker4 + tucker8
+    text = str(s)
+    assert "TuckerConv2d" in text and "(4, 4, 3, 3)" in text and f"{s.compression_rate:.2%}" in text
+    assert ll.summary(nn.Linear(2, 2)).compression_rate == 0.0
+
+
+def test_no_warning_on_a_clean_conversion():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ll.convert(small_cnn())

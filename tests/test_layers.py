@@ -1,0 +1,205 @@
+"""Tucker layers against the dense torch layers they replace."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_lowrank import TuckerConv1d, TuckerConv2d, TuckerConv3d, TuckerLinear
+from reference import assert_orthonormal, truncated_hosvd
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+DTYPES = [torch.float32, torch.float64]
+
+
+def _conv_cases():
+    strides = [1, 2, (2, 1)]
+    paddings = [0, 1, (1, 2), "same", "valid"]
+    dilations = [1, (2, 1)]
+    modes = ["zeros", "reflect", "replicate", "circular"]
+    for stride, padding, dilation, mode in itertools.product(strides, paddings, dilations, modes):
+        if padding == "same" and stride != 1:
+            continue  # nn.Conv2d refuses it too
+        yield stride, padding, dilation, mode
+
+
+@pytest.mark.parametrize(("stride", "padding", "dilation", "padding_mode"), list(_conv_cases()))
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv2d_full_rank_matches_dense(stride, padding, dilation, padding_mode, bias):
+    for dtype in DTYPES:
+        torch.manual_seed(0)
+        dense = nn.Conv2d(5, 7, (3, 4), stride, padding, dilation, bias=bias, padding_mode=padding_mode, dtype=dtype)
+        tucker = TuckerConv2d.from_dense(dense)
+        x = torch.randn(2, 5, 11, 12, dtype=dtype, requires_grad=True)
+        y_dense, y = dense(x), tucker(x)
+        torch.testing.assert_close(y, y_dense, **TOL[dtype])
+        # the input gradient is the same map transposed
+        g = torch.randn_like(y)
+        (gx,) = torch.autograd.grad(y, x, g)
+        (gx_dense,) = torch.autograd.grad(y_dense, x, g)
+        torch.testing.assert_close(gx, gx_dense, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dense_cls, tucker_cls, kernel, spatial", [
+    (nn.Conv1d, TuckerConv1d, 3, (13,)),
+    (nn.Conv3d, TuckerConv3d, (3, 2, 3), (6, 7, 5)),
+])
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("padding", [1, "same"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv1d_conv3d_full_rank_match_dense(dense_cls, tucker_cls, kernel, spatial, padding_mode, padding, dtype):
+    torch.manual_seed(0)
+    dense = dense_cls(4, 6, kernel, padding=padding, dilation=2, padding_mode=padding_mode, dtype=dtype)
+    tucker = tucker_cls.from_dense(dense)
+    x = torch.randn(3, 4, *spatial, dtype=dtype)
+    torch.testing.assert_close(tucker(x), dense(x), **TOL[dtype])
+    torch.testing.assert_close(tucker(x[0]), dense(x[0]), **TOL[dtype])  # unbatched input
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_full_rank_matches_dense_with_leading_dims(dtype, bias):
+    torch.manual_seed(0)
+    dense = nn.Linear(9, 6, bias=bias, dtype=dtype)
+    tucker = TuckerLinear.from_dense(dense)
+    for shape in [(9,), (4, 9), (2, 3, 9)]:
+        x = torch.randn(*shape, dtype=dtype)
+        torch.testing.assert_close(tucker(x), dense(x), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dense, ranks", [
+    (nn.Conv2d(6, 8, 3, padding=1, dtype=torch.float64), (3, 2, 3, 2)),
+    (nn.Linear(10, 7, dtype=torch.float64), (4, 3)),
+])
+def test_reduced_rank_is_the_truncated_hosvd(dense, ranks):
+    """At active ranks r the layer computes the dense layer whose weight is W projected on the top-r subspaces."""
+    torch.manual_seed(0)
+    tucker = type_for(dense).from_dense(dense)
+    tucker.set_rank(ranks)
+    reference = type(dense)(*_dense_args(dense), dtype=torch.float64)
+    with torch.no_grad():
+        reference.weight.copy_(truncated_hosvd(dense.weight, ranks))
+        reference.bias.copy_(dense.bias)
+    x = torch.randn(2, *_input_shape(dense), dtype=torch.float64)
+    torch.testing.assert_close(tucker(x), reference(x), rtol=1e-10, atol=1e-10)
+
+
+def type_for(dense):
+    return TuckerConv2d if isinstance(dense, nn.Conv2d) else TuckerLinear
+
+
+def _dense_args(dense):
+    if isinstance(dense, nn.Conv2d):
+        return dense.in_channels, dense.out_channels, dense.kernel_size, dense.stride, dense.padding
+    return dense.in_features, dense.out_features
+
+
+def _input_shape(dense):
+    return (dense.in_channels, 9, 9) if isinstance(dense, nn.Conv2d) else (dense.in_features,)
+
+
+@pytest.mark.parametrize("init", ["hosvd", "random"])
+def test_factors_are_orthonormal(init):
+    torch.manual_seed(0)
+    layers = [TuckerConv2d.from_dense(nn.Conv2d(16, 32, 3), (8, 4, 3, 3), (16, 8, 3, 3), init=init),
+              TuckerLinear.from_dense(nn.Linear(40, 30), (5, 5), (20, 20), init=init),
+              TuckerConv2d(16, 32, 3, rank=(4, 4, 3, 3))]  # reset_parameters
+    for layer in layers:
+        for u in layer.factors:
+            assert_orthonormal(u)
+
+
+def test_random_init_core_is_the_projection_of_the_dense_weight():
+    """With random orthonormal factors at full rank the decomposition is still exact: core = W x_i U_i^T."""
+    torch.manual_seed(0)
+    dense = nn.Conv2d(4, 6, 3, dtype=torch.float64)
+    tucker = TuckerConv2d.from_dense(dense, init="random")
+    torch.testing.assert_close(tucker.dense_weight(), dense.weight, rtol=1e-10, atol=1e-12)
+
+
+def test_storage_shapes_fixed_and_rank_is_a_persistent_buffer():
+    layer = TuckerConv2d(8, 12, 3, rank=(6, 4, 3, 3), max_rank=(10, 8, 3, 3))
+    shapes = [p.shape for p in layer.parameters()]
+    layer.set_rank((2, 3, 2, 3))
+    assert [p.shape for p in layer.parameters()] == shapes
+    assert layer.ranks == (2, 3, 2, 3)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    assert state["rank"].tolist() == [2, 3, 2, 3]
+    fresh = TuckerConv2d(8, 12, 3, rank=(6, 4, 3, 3), max_rank=(10, 8, 3, 3))
+    fresh.load_state_dict(state)
+    assert fresh.ranks == (2, 3, 2, 3)
+    x = torch.randn(1, 8, 6, 6)
+    torch.testing.assert_close(fresh(x), layer(x))
+
+
+def test_forward_cost_scales_with_active_rank():
+    """FLOPs of the forward equal the closed form of the three convolutions at the active ranks."""
+    n, c_in, c_out, k, h, w = 4, 32, 64, 3, 16, 16
+    layer = TuckerConv2d(c_in, c_out, k, padding=1)
+    x = torch.randn(n, c_in, h, w)
+    for r_out, r_in in [(64, 32), (16, 8), (4, 2)]:
+        layer.set_rank((r_out, r_in, k, k))
+        with FlopCounterMode(display=False) as counter:
+            layer(x)
+        # 1x1 with U_in^T, kxk with the core kernel, 1x1 with U_out (2 FLOPs per multiply-add); the kernel einsum
+        # core x_3 U_h x_4 U_w is counted too
+        convs = 2 * n * h * w * (c_in * r_in + r_in * r_out * k * k + r_out * c_out)
+        einsum = 2 * (r_out * r_in * k * k * k + r_out * r_in * k * k * k)
+        assert counter.get_total_flops() == convs + einsum
+
+
+def test_linear_forward_cost_scales_with_active_rank():
+    layer = TuckerLinear(300, 200)
+    x = torch.randn(8, 300)
+    for r_out, r_in in [(200, 200), (10, 20)]:
+        layer.set_rank((r_out, r_in))
+        with FlopCounterMode(display=False) as counter:
+            layer(x)
+        assert counter.get_total_flops() == 2 * 8 * (300 * r_in + r_in * r_out + r_out * 200)
+
+
+def test_parameter_counts_and_repr():
+    layer = TuckerLinear(200, 10, rank=(4, 3), max_rank=(8, 6))
+    assert layer.num_parameters() == 10 * 4 + 200 * 3 + 4 * 3 + 10
+    assert layer.dense_num_parameters() == 200 * 10 + 10
+    conv = TuckerConv2d(16, 32, 3, bias=False, rank=(8, 4, 3, 3))
+    assert conv.num_parameters() == 32 * 8 + 16 * 4 + 2 * 3 * 3 + 8 * 4 * 3 * 3
+    assert conv.dense_num_parameters() == 32 * 16 * 9
+    assert "rank=(4, 3)" in repr(layer) and "max_rank=(8, 6)" in repr(layer)
+
+
+def test_full_rank_is_capped_by_the_unfolding_rank():
+    """A 10x200 weight has rank at most 10 in both modes; conv 64x3x3x3 at most 27 in the output mode."""
+    assert TuckerLinear(200, 10).max_ranks == (10, 10)
+    assert TuckerConv2d(3, 64, 3).max_ranks == (27, 3, 3, 3)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(rank=(0, 4)), r"`rank` of mode 0 must be in \[1, 8\]"),
+    (dict(rank=(9, 4)), r"`rank` of mode 0 must be in \[1, 8\]"),
+    (dict(max_rank=(11, 4)), r"`max_rank` of mode 0 must be in \[1, 10\]"),
+    (dict(rank=(2,)), r"`rank` needs one rank per mode \(2\)"),
+])
+def test_bad_ranks_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TuckerLinear(20, 10, **({"max_rank": (8, 8)} | kwargs))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(padding_mode="mirror"), "`padding_mode` must be one of"),
+    (dict(padding="full"), "`padding` must be an int, a tuple, 'same' or 'valid'"),
+    (dict(padding="same", stride=2), "not supported for strided convolutions"),
+    (dict(stride=(1, 2, 3)), "`stride` must be an int or a tuple of 2 ints"),
+])
+def test_bad_conv_options_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TuckerConv2d(4, 4, 3, **kwargs)
+
+
+def test_grouped_conv_is_refused():
+    with pytest.raises(ValueError, match="groups=2"):
+        TuckerConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2))
