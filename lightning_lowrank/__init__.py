@@ -2,6 +2,7 @@
 
 from lightning_lowrank.conversion import ConversionReport, RankSpec, TuckerConfig, convert
 from lightning_lowrank.export import compact, to_dense
+from lightning_lowrank.integrator import IntegratorConfig, TuckerIntegrator
 from lightning_lowrank.layers import TuckerConv1d, TuckerConv2d, TuckerConv3d, TuckerLayer, TuckerLinear
 from lightning_lowrank.summary import LayerSummary, Summary, summary
 
@@ -9,6 +10,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "ConversionReport",
+    "IntegratorConfig",
     "LayerSummary",
     "RankSpec",
     "Summary",
@@ -16,6 +18,7 @@ __all__ = [
     "TuckerConv1d",
     "TuckerConv2d",
     "TuckerConv3d",
+    "TuckerIntegrator",
     "TuckerLayer",
     "TuckerLinear",
     "compact",

@@ -10,12 +10,13 @@ from typing import Literal, Union
 
 from torch import nn
 
-from lightning_lowrank.layers import TUCKER_LAYERS, Init, TuckerLayer, full_ranks
+from lightning_lowrank.layers import TUCKER_LAYERS, Init, TuckerLayer, consistent_ranks, full_ranks
 
 RankSpec = Union[int, float, Literal["full"]]
 """A rank per mode: an int in [1, n], a fraction of the mode size n in (0, 1] (rounded up), or 'full' (= n).
 
-Every rank is capped by the rank of the mode's unfolding, min(n_i, prod_{j != i} n_j), beyond which it adds nothing.
+Every rank is capped by the rank of the mode's unfolding, min(n_i, prod_{j != i} n_j), and the initial ranks by
+r_i <= prod_{j != i} r_j (a linear layer's two ranks are equal): beyond that a mode's extra directions carry nothing.
 """
 
 
@@ -94,7 +95,7 @@ class TuckerConfig:
                 raise ValueError(f"layer {layer_name!r}, mode {mode}: `rank` resolves to {rank} > `max_rank` {max_rank}")
             ranks.append(rank)
             max_ranks.append(max_rank)
-        return tuple(ranks), tuple(max_ranks)
+        return consistent_ranks(ranks), tuple(max_ranks)
 
 
 @dataclass

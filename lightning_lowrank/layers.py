@@ -33,9 +33,27 @@ def _check_ranks(name: str, ranks: Sequence[int], bounds: Sequence[int], bound_n
     return ranks
 
 
+def mode_dot(tensor: Tensor, matrix: Tensor, mode: int) -> Tensor:
+    """tensor x_mode matrix: the mode-``mode`` fibres multiplied by ``matrix`` (m x n_mode)."""
+    return torch.movedim(torch.tensordot(matrix, tensor, dims=([1], [mode])), 0, mode)
+
+
 def full_ranks(shape: Sequence[int]) -> tuple[int, ...]:
     """The largest useful rank per mode: the rank bound of the mode-i unfolding, min(n_i, prod_{j != i} n_j)."""
     return tuple(min(n, math.prod(shape) // n) for n in shape)
+
+
+def consistent_ranks(ranks: Sequence[int]) -> tuple[int, ...]:
+    """Largest ranks <= ``ranks`` with r_i <= prod_{j != i} r_j: beyond it a mode's extra directions carry nothing."""
+    ranks = list(ranks)
+    changed = True
+    while changed:
+        changed = False
+        for i, r in enumerate(ranks):
+            bound = math.prod(ranks) // r
+            if r > bound:
+                ranks[i], changed = bound, True
+    return tuple(ranks)
 
 
 def random_orthonormal(rows: int, cols: int, **factory: object) -> Tensor:
@@ -89,7 +107,10 @@ class TuckerLayer(nn.Module):
         self.shape = tuple(int(n) for n in shape)
         bounds = full_ranks(self.shape)
         max_rank = _check_ranks("max_rank", bounds if max_rank is None else max_rank, bounds, "full rank")
-        rank = _check_ranks("rank", max_rank if rank is None else rank, max_rank, "max_rank")
+        rank = _check_ranks("rank", consistent_ranks(max_rank) if rank is None else rank, max_rank, "max_rank")
+        if rank != consistent_ranks(rank):
+            raise ValueError(f"`rank` {rank} must satisfy r_i <= product of the other ranks, as "
+                             f"{consistent_ranks(rank)} does: a mode's extra directions would carry nothing")
         factory = dict(device=device, dtype=dtype)
         self.factors = nn.ParameterList(nn.Parameter(torch.empty(n, r, **factory)) for n, r in zip(self.shape, max_rank))
         self.core = nn.Parameter(torch.empty(max_rank, **factory))
@@ -162,6 +183,13 @@ class TuckerLayer(nn.Module):
         """Parameters of the dense layer this one replaces: prod_i n_i (+ bias)."""
         return math.prod(self.shape) + (0 if self.bias is None else self.bias.numel())
 
+    def galerkin_gradient(self, factors: Sequence[Tensor], x: Tensor, dy: Tensor) -> Tensor:
+        """dL/dW x_i U_i^T for orthonormal bases ``factors`` (n_i x s_i), shape (s_1, ..., s_d).
+
+        Formed from the layer's input ``x`` and output gradient ``dy`` of a backward pass, never forming dL/dW.
+        """
+        raise NotImplementedError
+
     def to_compact(self) -> nn.Module:
         """Plain torch layers computing the same map at exactly the active ranks."""
         raise NotImplementedError
@@ -206,6 +234,11 @@ class TuckerLinear(TuckerLayer):
     def forward(self, x: Tensor) -> Tensor:
         u_out, u_in = self.active_factors()
         return F.linear(F.linear(F.linear(x, u_in.T), self.active_core()), u_out, self.bias)
+
+    def galerkin_gradient(self, factors: Sequence[Tensor], x: Tensor, dy: Tensor) -> Tensor:
+        """(dy U_out)^T (x U_in), summed over all leading dims."""
+        u_out, u_in = factors
+        return (dy.reshape(-1, dy.shape[-1]) @ u_out).T @ (x.reshape(-1, x.shape[-1]) @ u_in)
 
     def to_compact(self) -> nn.Sequential:
         """Two nn.Linear, the core merged into the side of larger rank: min(r_out, r_in) * (in + out) weights."""
@@ -309,6 +342,24 @@ class _TuckerConvNd(TuckerLayer):
             x = F.pad(x, self._explicit_padding, mode=self.padding_mode)
             x = self._conv(x, self.kernel(), None, self.stride, 0, self.dilation)
         return self._conv(x, u_out.reshape(*u_out.shape, *ones), self.bias)
+
+    def galerkin_gradient(self, factors: Sequence[Tensor], x: Tensor, dy: Tensor) -> Tensor:
+        """Weight gradient of the middle convolution for inputs U_in^T x and output gradient U_out^T dy, times the
+        transposed spatial factors."""
+        u_out, u_in, *spatial = factors
+        n = len(self.kernel_size)
+        if x.dim() == n + 1:  # unbatched
+            x, dy = x.unsqueeze(0), dy.unsqueeze(0)
+        ones = (1,) * n
+        x = F.pad(self._conv(x, u_in.T.reshape(*u_in.T.shape, *ones)), self._explicit_padding,
+                  mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+        dy = self._conv(dy, u_out.T.reshape(*u_out.T.shape, *ones))
+        weight_grad = (torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight, torch.nn.grad.conv3d_weight)[n - 1]
+        grad = weight_grad(x, (u_out.shape[1], u_in.shape[1], *self.kernel_size), dy,
+                           stride=self.stride, padding=0, dilation=self.dilation)
+        for mode, u in enumerate(spatial, start=2):
+            grad = mode_dot(grad, u.T, mode)
+        return grad
 
     def _dense_layer(self, in_channels: int, out_channels: int, weight: Tensor, bias: Tensor | None,
                      **options: object) -> nn.Module:

@@ -30,3 +30,70 @@ def truncated_hosvd(weight: Tensor, ranks: tuple[int, ...]) -> Tensor:
 def assert_orthonormal(u: Tensor, atol: float = 1e-5) -> None:
     eye = torch.eye(u.shape[1], dtype=u.dtype, device=u.device)
     torch.testing.assert_close(u.T @ u, eye, atol=atol, rtol=0)
+
+
+def tucker_to_dense(core: Tensor, factors: list[Tensor]) -> Tensor:
+    out = core
+    for mode, u in enumerate(factors):
+        out = mode_product(out, u, mode)
+    return out
+
+
+def kron_all(matrices: list[Tensor]) -> Tensor:
+    out = matrices[0]
+    for m in matrices[1:]:
+        out = torch.kron(out, m)
+    return out
+
+
+def orth(matrix: Tensor) -> Tensor:
+    """Orthonormal basis of the column space (SVD, numerical rank)."""
+    u, s, _ = torch.linalg.svd(matrix, full_matrices=False)
+    return u[:, : int((s > s[0] * 1e-12).sum())]
+
+
+def bug_step(core, factors, bias, loss_fn, lr, tau, max_ranks, adapted, min_rank=1):
+    """One augmented BUG step of arXiv 2305.19059 with explicit Euler sub-steps, written out in full (float64).
+
+    K-step: Mat_i(C)^T = Q_i S_i^T, K_i = U_i S_i, V_i = (kron_{j != i} U_j) Q_i, K_i' = K_i - lr Mat_i(dL/dW) V_i,
+    U_hat_i = orth([U_i | K_i']). S-step: C_hat = C x_i U_hat_i^T U_i, C_hat' = C_hat - lr dL/dW x_i U_hat_i^T.
+    Truncation: per adapted mode the SVD of Mat_i(C_hat'), tail 2-norm <= tau ||C_hat'||_F.
+    Returns the new core, factors and bias.
+    """
+    weight = tucker_to_dense(core, factors).requires_grad_(True)
+    bias = bias.clone().requires_grad_(True)
+    grad_w, grad_b = torch.autograd.grad(loss_fn(weight, bias), (weight, bias))
+    d = core.ndim
+    new_bases = []
+    for i in range(d):
+        q, r = torch.linalg.qr(unfold(core, i).T)
+        s = r.T
+        k = factors[i] @ s
+        v = kron_all([factors[j] for j in range(d) if j != i]) @ q
+        assert torch.allclose(unfold(weight.detach(), i), k @ v.T, atol=1e-12)
+        k_new = k - lr * unfold(grad_w, i) @ v
+        basis = orth(torch.cat([factors[i], k_new], dim=1))
+        assert basis.shape[1] <= max_ranks[i], "the reference does not cap (choose max_rank >= 2r)"
+        new_bases.append(basis)
+    core_hat = core
+    grad_hat = grad_w
+    for i, u in enumerate(new_bases):
+        core_hat = mode_product(core_hat, u.T @ factors[i], i)
+        grad_hat = mode_product(grad_hat, u.T, i)
+    assert torch.allclose(tucker_to_dense(core_hat, new_bases), weight.detach(), atol=1e-12)
+    core_hat = core_hat - lr * grad_hat
+    theta = tau * core_hat.norm()
+    ps = []
+    for i in range(d):
+        p, s, _ = torch.linalg.svd(unfold(core_hat, i), full_matrices=False)
+        if adapted[i]:
+            tails = torch.stack([s[r:].norm() for r in range(len(s) + 1)])
+            rank = int(torch.nonzero(tails <= theta)[0])
+            rank = min(max(rank, min_rank), max_ranks[i])
+        else:
+            rank = factors[i].shape[1]
+        ps.append(p[:, :rank])
+    new_core = core_hat
+    for i, p in enumerate(ps):
+        new_core = mode_product(new_core, p.T, i)
+    return new_core, [u @ p for u, p in zip(new_bases, ps)], (bias - lr * grad_b).detach()

@@ -163,13 +163,13 @@ def test_linear_forward_cost_scales_with_active_rank():
 
 
 def test_parameter_counts_and_repr():
-    layer = TuckerLinear(200, 10, rank=(4, 3), max_rank=(8, 6))
-    assert layer.num_parameters() == 10 * 4 + 200 * 3 + 4 * 3 + 10
+    layer = TuckerLinear(200, 10, rank=(4, 4), max_rank=(8, 6))
+    assert layer.num_parameters() == 10 * 4 + 200 * 4 + 4 * 4 + 10
     assert layer.dense_num_parameters() == 200 * 10 + 10
     conv = TuckerConv2d(16, 32, 3, bias=False, rank=(8, 4, 3, 3))
     assert conv.num_parameters() == 32 * 8 + 16 * 4 + 2 * 3 * 3 + 8 * 4 * 3 * 3
     assert conv.dense_num_parameters() == 32 * 16 * 9
-    assert "rank=(4, 3)" in repr(layer) and "max_rank=(8, 6)" in repr(layer)
+    assert "rank=(4, 4)" in repr(layer) and "max_rank=(8, 6)" in repr(layer)
 
 
 def test_full_rank_is_capped_by_the_unfolding_rank():
@@ -198,6 +198,14 @@ def test_bad_ranks_are_refused(kwargs, message):
 def test_bad_conv_options_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TuckerConv2d(4, 4, 3, **kwargs)
+
+
+def test_inconsistent_ranks_are_refused_and_conversion_makes_them_consistent():
+    with pytest.raises(ValueError, match=r"`rank` \(3, 4\) must satisfy r_i <= product of the other ranks, as \(3, 3\)"):
+        TuckerLinear(12, 10, rank=(3, 4))
+    with pytest.raises(ValueError, match=r"as \(4, 2, 2, 1\)"):
+        TuckerConv2d(4, 6, 3, rank=(6, 2, 2, 1))
+    assert TuckerLinear(200, 10).ranks == (10, 10)
 
 
 def test_grouped_conv_is_refused():

@@ -1,0 +1,262 @@
+"""One step of the rank-adaptive Tucker integrator (augmented BUG), independent of Lightning.
+
+Around the user's optimizer step, for every Tucker layer W = C x_i U_i (arXiv 2305.19059):
+
+1. :meth:`TuckerIntegrator.augment` (after backward): every mode's basis grows to U_hat_i = [U_i | N_i], N_i spanning
+   (I - U_i U_i^T) dL/dU_i (= the span of the K-step, [K_i' | U_i]), at most 2 r_i columns. The core is zero-padded,
+   so W is exactly unchanged, and its gradient becomes the Galerkin gradient dL/dW x_i U_hat_i^T, formed from the
+   layer's input x and output gradient dy of the same pass (no second forward/backward).
+2. The optimizer steps the core and every non-basis parameter; bases have no gradient, so it skips them.
+3. :meth:`TuckerIntegrator.truncate` (after the step): per adapted mode, the SVD of the core's unfolding keeps the
+   smallest rank whose discarded singular values have 2-norm <= tau * ||C||_F, clamped to [min_rank, max_rank]
+   (non-adapted modes keep their rank); bases, core and the core's optimizer state rotate with the kept vectors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_lowrank.layers import TuckerLayer, consistent_ranks, mode_dot
+
+SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum")
+"""Optimizer state of the core that holds squared gradients; it rotates by the squared rotation (see truncate)."""
+
+
+@dataclass(frozen=True)
+class IntegratorConfig:
+    """Options of the rank-adaptive integrator.
+
+    Args:
+        tau: relative truncation tolerance in [0, 1): discarded singular values of each core unfolding have 2-norm
+            at most tau * ||core||_F.
+        min_rank: smallest rank of an adapted mode.
+        modes: ``"channels"`` adapts the output and input modes (the spatial modes keep their rank), ``"all"`` every mode.
+    """
+
+    tau: float = 0.1
+    min_rank: int = 1
+    modes: Literal["channels", "all"] = "channels"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 <= self.tau < 1:
+            raise ValueError(f"`tau` must be a number in [0, 1), got {self.tau!r}")
+        if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, int) or self.min_rank < 1:
+            raise ValueError(f"`min_rank` must be an int >= 1, got {self.min_rank!r}")
+        if self.modes not in ("channels", "all"):
+            raise ValueError(f"`modes` must be 'channels' or 'all', got {self.modes!r}")
+
+    def adapts(self, mode: int) -> bool:
+        return self.modes == "all" or mode < 2
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """QR and SVD run in float32 at least, whatever the training precision."""
+    return dtype if dtype == torch.float64 else torch.float32
+
+
+def unfold(tensor: Tensor, mode: int) -> Tensor:
+    """Mode-``mode`` unfolding, shape (n_mode, prod of the other sizes)."""
+    return torch.movedim(tensor, mode, 0).reshape(tensor.shape[mode], -1)
+
+
+class _Capture:
+    """Inputs and output gradients of one Tucker layer's training forward passes since the last step."""
+
+    def __init__(self, layer: TuckerLayer) -> None:
+        self.pairs: list[list[Tensor | None]] = []
+        self.handle: RemovableHandle = layer.register_forward_hook(self._forward_hook)
+
+    def _forward_hook(self, layer: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        if not (layer.training and torch.is_grad_enabled() and output.requires_grad):
+            return
+        pair: list[Tensor | None] = [args[0].detach(), None]
+        self.pairs.append(pair)
+
+        def keep(grad: Tensor) -> None:
+            pair[1] = grad.detach()
+
+        output.register_hook(keep)
+
+    def complete(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return ((x, dy) for x, dy in self.pairs if dy is not None)
+
+
+class TuckerIntegrator:
+    """The rank-adaptive integrator for every Tucker layer of ``module``.
+
+    Use ``augment()`` after backward and before ``optimizer.step()``, and ``truncate(optimizer)`` after it, or
+    :meth:`step` for both around a step. Forward hooks keep each layer's input and output gradient of training
+    passes until the next ``augment`` (one activation per layer; every micro-batch when gradients accumulate).
+    """
+
+    def __init__(self, module: nn.Module, config: IntegratorConfig | None = None) -> None:
+        self.config = config or IntegratorConfig()
+        self.layers = {name: m for name, m in module.named_modules() if isinstance(m, TuckerLayer)}
+        if not self.layers:
+            raise ValueError(f"{type(module).__name__} has no Tucker layers; call lightning_lowrank.convert first")
+        self._captures = {name: _Capture(layer) for name, layer in self.layers.items()}
+        self._augmented: dict[str, tuple[int, ...]] = {}  # layer name -> ranks before augmentation
+
+    def remove(self) -> None:
+        """Remove the forward hooks."""
+        for capture in self._captures.values():
+            capture.handle.remove()
+
+    def gradients_finite(self) -> bool:
+        """Whether every gradient of the Tucker layers is finite (one host sync)."""
+        grads = [p.grad for layer in self.layers.values() for p in layer.parameters() if p.grad is not None]
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+
+    @torch.no_grad()
+    def augment(self, optimizer: torch.optim.Optimizer | None = None,
+                reduce: Callable[[Tensor], Tensor] | None = None) -> bool:
+        """Augment every layer's bases and set the core's gradient to the Galerkin gradient on the augmented bases.
+
+        Args:
+            optimizer: the optimizer of the cores; Adam-type state of the new core entries is warm-started.
+            reduce: averages a hand-made gradient across processes (data parallel); identity if None.
+
+        Returns:
+            False, with nothing changed, if a gradient is not finite (the step should then be skipped).
+        """
+        if not self.gradients_finite():
+            for layer in self.layers.values():
+                layer.zero_grad(set_to_none=True)  # so that an optimizer step leaves the layers as they are
+            self.clear()
+            return False
+        for name, layer in self.layers.items():
+            old = layer.ranks
+            factors, core = [], layer.active_core().to(_compute_dtype(layer.core.dtype))
+            for mode in range(len(old)):
+                basis, r_factor = self._augmented_basis(layer, mode)
+                factors.append(basis)
+                core = mode_dot(core, r_factor, mode)
+            pairs = list(self._captures[name].complete())
+            grad = sum(layer.galerkin_gradient(factors, x, dy) for x, dy in pairs) if pairs else None
+            if grad is not None and reduce is not None:
+                grad = reduce(grad)
+            new = tuple(u.shape[1] for u in factors)
+            block = tuple(slice(r) for r in new)
+            layer.core[block] = 0
+            layer.core[tuple(slice(r) for r in old)] = core.to(layer.core.dtype)
+            for u, basis in zip(layer.factors, factors):
+                u[:, : basis.shape[1]] = basis
+                u.grad = None  # the optimizer skips bases: no momentum, no weight decay
+            if layer.core.grad is None:
+                layer.core.grad = torch.zeros_like(layer.core)
+            if grad is not None:
+                layer.core.grad[block] = grad
+                self._warm_start(optimizer, layer, old, new)
+            layer.set_rank(new)
+            self._augmented[name] = old
+        self.clear()
+        return True
+
+    @staticmethod
+    def _warm_start(optimizer: torch.optim.Optimizer | None, layer: TuckerLayer, old: tuple[int, ...],
+                    new: tuple[int, ...]) -> None:
+        """Adam-type state of the new core entries := the steady state of a constant gradient g: m = g, v = g^2.
+
+        Zero state with the optimizer's global bias correction would give a fresh entry a first step of
+        lr * sign(g) / sqrt(1 - beta2) (3.2 lr for Adam), however small its gradient, and noise directions would
+        survive truncation; this way a fresh entry steps like an established one. SGD momentum is left at zero
+        (its first step on a fresh entry is the plain gradient step).
+        """
+        state = {} if optimizer is None else optimizer.state.get(layer.core, {})
+        if "exp_avg_sq" not in state:
+            return
+        block = tuple(slice(r) for r in new)
+        fresh = torch.ones(new, dtype=torch.bool, device=layer.core.device)
+        fresh[tuple(slice(r) for r in old)] = False
+        grad = layer.core.grad[block]
+        for key, value in (("exp_avg", grad), ("exp_avg_sq", grad**2), ("max_exp_avg_sq", grad**2)):
+            if key in state:
+                state[key][block] = torch.where(fresh, value, state[key][block])
+
+    def _augmented_basis(self, layer: TuckerLayer, mode: int) -> tuple[Tensor, Tensor]:
+        """QR of [U | dL/dU]: the augmented basis Q = [Q_1 | N] and R_11 with U = Q_1 R_11.
+
+        N spans (I - U U^T) dL/dU with min(r, max_rank - r) columns. Taking Q_1 (and C x_i R_11 as the core) instead
+        of U keeps W exact and the basis orthonormal to working precision, so rounding never accumulates.
+        """
+        u = layer.factors[mode]
+        r = layer.ranks[mode]
+        extra = min(r, layer.max_ranks[mode] - r) if u.grad is not None else 0
+        columns = [u[:, :r]] if extra == 0 else [u[:, :r], u.grad[:, :extra]]
+        q, r_factor = torch.linalg.qr(torch.cat(columns, dim=1).to(_compute_dtype(u.dtype)))
+        return q.to(u.dtype), r_factor[:r, :r]
+
+    @torch.no_grad()
+    def truncate(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Truncate every augmented layer by HOSVD of its core with tolerance tau and rotate the optimizer state."""
+        for name, old_ranks in self._augmented.items():
+            layer = self.layers[name]
+            core = layer.active_core()
+            dtype = _compute_dtype(core.dtype)
+            theta = self.config.tau * torch.linalg.vector_norm(core.to(dtype))
+            keep, singular_vectors = [], []
+            for mode, r in enumerate(layer.ranks):
+                if not self.config.adapts(mode) and old_ranks[mode] == r:
+                    keep.append(r)
+                    singular_vectors.append(None)
+                    continue
+                p, s, _ = torch.linalg.svd(unfold(core.to(dtype), mode), full_matrices=False)
+                keep.append(self._rank(s, theta, layer.max_ranks[mode]) if self.config.adapts(mode) else old_ranks[mode])
+                singular_vectors.append(p.to(core.dtype))
+            rotations = [p if p is None else p[:, :r] for p, r in zip(singular_vectors, consistent_ranks(keep))]
+            states = [] if optimizer is None else [
+                (key, value) for key, value in optimizer.state.get(layer.core, {}).items()
+                if isinstance(value, Tensor) and value.shape == layer.core.shape]
+            new_core = _rotate(core, rotations, squared=False)
+            new_states = [(key, _rotate(value[tuple(slice(r) for r in layer.ranks)], rotations,
+                                        squared=key in SECOND_MOMENTS)) for key, value in states]
+            for u, p in zip(layer.factors, rotations):
+                if p is not None:
+                    u[:, : p.shape[1]] = u[:, : p.shape[0]] @ p
+            new = tuple(new_core.shape)
+            block = tuple(slice(r) for r in layer.ranks)
+            layer.core[block] = 0
+            layer.core[tuple(slice(r) for r in new)] = new_core
+            for key, value in new_states:
+                optimizer.state[layer.core][key][block] = 0
+                optimizer.state[layer.core][key][tuple(slice(r) for r in new)] = value
+            layer.set_rank(new)
+        self._augmented.clear()
+
+    def _rank(self, singular_values: Tensor, theta: Tensor, max_rank: int) -> int:
+        """Smallest r with ||s[r:]||_2 <= theta, clamped to [min_rank, max_rank] (one host sync)."""
+        tail = torch.sqrt(torch.flip(torch.cumsum(torch.flip(singular_values**2, [0]), 0), [0]))  # ||s[r:]||
+        r = int((tail > theta).sum())
+        return max(min(r, max_rank, singular_values.numel()), min(self.config.min_rank, singular_values.numel()))
+
+    def step(self, optimizer: torch.optim.Optimizer, reduce: Callable[[Tensor], Tensor] | None = None) -> bool:
+        """augment, ``optimizer.step()``, truncate; returns False (nothing changed) on non-finite gradients."""
+        if not self.augment(optimizer, reduce):
+            return False
+        optimizer.step()
+        self.truncate(optimizer)
+        return True
+
+    def clear(self) -> None:
+        """Forget the captured inputs and output gradients."""
+        for capture in self._captures.values():
+            capture.pairs.clear()
+
+
+def _rotate(tensor: Tensor, rotations: list[Tensor | None], squared: bool) -> Tensor:
+    """tensor x_i P_i^T for every mode with a rotation; with ``squared``, x_i (P_i * P_i)^T.
+
+    A second moment v (the diagonal of a diagonal covariance) maps to the diagonal of the rotated covariance,
+    (P * P)^T v, exact for permutations and sign flips.
+    """
+    for mode, p in enumerate(rotations):
+        if p is not None:
+            tensor = mode_dot(tensor, (p * p if squared else p).T, mode)
+    return tensor

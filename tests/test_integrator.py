@@ -1,0 +1,376 @@
+"""The rank-adaptive integrator against the explicit BUG step, and the paper's properties."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_lowrank import IntegratorConfig, TuckerConv2d, TuckerIntegrator, TuckerLinear
+from reference import assert_orthonormal, bug_step, mode_product, tucker_to_dense
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """The reference comparisons run in float64."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def dense_forward(layer, weight, bias, x):
+    if isinstance(layer, TuckerLinear):
+        return F.linear(x, weight, bias)
+    pad = layer._explicit_padding
+    x = F.pad(x, pad, mode="constant" if layer.padding_mode == "zeros" else layer.padding_mode)
+    return F.conv2d(x, weight, bias, layer.stride, 0, layer.dilation)
+
+
+def make_layer(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        return TuckerLinear(12, 10, rank=(4, 4), max_rank=(10, 10)), (16, 12)
+    if kind == "conv":
+        return TuckerConv2d(6, 8, 3, padding=1, rank=(3, 2, 3, 3)), (4, 6, 7, 7)
+    return TuckerConv2d(5, 8, 3, stride=2, padding=1, padding_mode="reflect", rank=(3, 2, 2, 2)), (4, 5, 9, 8)
+
+
+def TuckerLayerLike(layer, rank):
+    """A copy of ``layer`` at channel ranks ``rank`` with a scaled-up core: a low-rank teacher."""
+    teacher = copy.deepcopy(layer)
+    teacher.set_rank((rank, rank, *layer.ranks[2:]))
+    with torch.no_grad():
+        teacher.core.mul_(3)
+    return teacher.requires_grad_(False)
+
+
+def layer_state(layer):
+    return (layer.active_core().detach().clone(), [u.detach().clone() for u in layer.active_factors()],
+            layer.bias.detach().clone())
+
+
+@pytest.mark.parametrize("kind, modes, tau", [("linear", "channels", 0.05), ("conv", "channels", 0.05),
+                                             ("conv_all", "all", 0.1)])
+def test_agrees_with_the_explicit_bug_step(kind, modes, tau):
+    """Several plain-SGD steps: ranks, W, the spanned subspaces and the bias agree with the reference to 1e-8."""
+    layer, x_shape = make_layer(kind)
+    teacher = TuckerLayerLike(layer, rank=3)
+    layer.set_rank((2, 2, *layer.ranks[2:]))  # ranks grow towards the teacher's, and (conv_all) fall again
+    lr = 0.3
+    config = IntegratorConfig(tau=tau, modes=modes)
+    integrator = TuckerIntegrator(nn.Sequential(layer), config)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=lr)
+    core, factors, bias = layer_state(layer)
+    adapted = [config.adapts(i) for i in range(core.ndim)]
+    generator = torch.Generator().manual_seed(1)
+    ranks_seen = {layer.ranks}
+    for _ in range(6):
+        x = torch.randn(*x_shape, generator=generator)
+        with torch.no_grad():  # a rank-3 teacher plus noise
+            target = teacher(x) + 0.3 * torch.randn(teacher(x).shape, generator=generator)
+
+        def loss_fn(weight, b, x=x, target=target):
+            return ((dense_forward(layer, weight, b, x) - target) ** 2).mean()
+
+        core, factors, bias = bug_step(core, factors, bias, loss_fn, lr, tau, layer.max_ranks, adapted)
+        optimizer.zero_grad()
+        ((layer(x) - target) ** 2).mean().backward()
+        assert integrator.step(optimizer)
+
+        assert layer.ranks == tuple(core.shape)
+        ranks_seen.add(layer.ranks)
+        torch.testing.assert_close(layer.dense_weight(), tucker_to_dense(core, factors), rtol=0, atol=1e-8)
+        for u, ref in zip(layer.active_factors(), factors):
+            torch.testing.assert_close(u @ u.T, ref @ ref.T, rtol=0, atol=1e-8)
+            assert_orthonormal(u, atol=1e-12)
+        torch.testing.assert_close(layer.bias, bias, rtol=0, atol=1e-8)
+    assert len(ranks_seen) > 1, "the test should exercise rank changes"
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv_all"])
+def test_one_pass_galerkin_gradient_equals_a_second_pass(kind):
+    """dL/dC_hat from (x, dy) of the first pass equals core.grad of a second forward/backward at the augmented bases."""
+    layer, x_shape = make_layer(kind)
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(modes="all"))
+    x = torch.randn(*x_shape)
+    layer.zero_grad()
+    (layer(x) ** 3).sum().backward()
+    weight = layer.dense_weight().detach()
+    assert integrator.augment()
+    one_pass = layer.core.grad[tuple(slice(r) for r in layer.ranks)].clone()
+    torch.testing.assert_close(layer.dense_weight(), weight, rtol=0, atol=1e-13)  # augmentation is exact
+    layer.zero_grad()
+    integrator.remove()
+    (layer(x) ** 3).sum().backward()
+    two_pass = layer.core.grad[tuple(slice(r) for r in layer.ranks)]
+    torch.testing.assert_close(one_pass, two_pass, rtol=1e-10, atol=1e-12)
+
+
+def test_augmentation_is_exact_orthonormal_and_capped():
+    layer = TuckerConv2d(6, 8, 3, rank=(3, 4, 3, 3), max_rank=(5, 6, 3, 3))
+    integrator = TuckerIntegrator(nn.Sequential(layer))
+    weight = layer.dense_weight().detach()
+    layer(torch.randn(2, 6, 6, 6)).sum().backward()
+    assert integrator.augment()
+    assert layer.ranks == (5, 6, 3, 3)  # 2r capped by max_rank (5) and by the mode size (6)
+    torch.testing.assert_close(layer.dense_weight(), weight, rtol=0, atol=1e-13)
+    for u in layer.active_factors():
+        assert_orthonormal(u, atol=1e-12)
+    assert all(u.grad is None for u in layer.factors)
+
+
+@pytest.mark.parametrize("tau", [0.02, 0.1, 0.3])
+def test_truncation_error_bound(tau):
+    """||W_hat - W_truncated||_F <= sqrt(d) * tau * ||C_hat||_F (HOSVD), with d the number of truncated modes."""
+    layer = TuckerConv2d(10, 12, 3, rank=(6, 5, 3, 3))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=tau, modes="all"))
+    layer(torch.randn(2, 10, 8, 8)).pow(2).sum().backward()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.01)
+    integrator.augment()
+    optimizer.step()
+    before = layer.dense_weight().detach()
+    core_norm = layer.active_core().norm()
+    integrator.truncate(optimizer)
+    error = (layer.dense_weight() - before).norm()
+    assert error <= math.sqrt(4) * tau * core_norm
+    assert layer.ranks[0] < 12 or tau == 0.02
+
+
+def test_fixed_rank_step_is_the_projected_gradient_step():
+    """With no room to grow (max_rank = rank) and tau = 0: W' = W - lr dL/dW x_i U_i U_i^T."""
+    layer = TuckerLinear(9, 7, rank=(3, 3), max_rank=(3, 3))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0))
+    u_out, u_in = (u.detach().clone() for u in layer.active_factors())
+    weight = layer.dense_weight().detach().requires_grad_(True)
+    x, target = torch.randn(5, 9), torch.randn(5, 7)
+    grad = torch.autograd.grad(((F.linear(x, weight, layer.bias) - target) ** 2).sum(), weight)[0]
+    expected = weight.detach() - 0.1 * (u_out @ u_out.T) @ grad @ (u_in @ u_in.T)
+    ((layer(x) - target) ** 2).sum().backward()
+    integrator.step(torch.optim.SGD([layer.core], lr=0.1))
+    torch.testing.assert_close(layer.dense_weight(), expected, rtol=0, atol=1e-12)
+
+
+def test_tau_zero_augmented_step_projects_onto_the_augmented_bases():
+    """With tau = 0 nothing is truncated: W' = W - lr dL/dW x_i U_hat_i U_hat_i^T, U_hat_i = orth([U_i | dL/dU_i])."""
+    layer = TuckerLinear(9, 7, rank=(2, 2))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0))
+    x, target = torch.randn(5, 9), torch.randn(5, 7)
+    ((layer(x) - target) ** 2).sum().backward()
+    hats = []
+    for u in layer.factors:
+        basis = u[:, :2].detach()
+        q = torch.linalg.qr(torch.cat([basis, u.grad[:, :2]], dim=1))[0]
+        hats.append(q @ q.T)
+    weight = layer.dense_weight().detach().requires_grad_(True)
+    grad = torch.autograd.grad(((F.linear(x, weight, layer.bias) - target) ** 2).sum(), weight)[0]
+    expected = weight.detach() - 0.1 * hats[0] @ grad @ hats[1]
+    integrator.step(torch.optim.SGD([layer.core], lr=0.1))
+    assert layer.ranks == (4, 4)
+    torch.testing.assert_close(layer.dense_weight(), expected, rtol=0, atol=1e-12)
+
+
+def teacher_student(student, teacher, x_shape, steps, lr, tau):
+    integrator = TuckerIntegrator(nn.Sequential(student), IntegratorConfig(tau=tau))
+    optimizer = torch.optim.SGD(student.parameters(), lr=lr)
+    for _ in range(steps):
+        x = torch.randn(*x_shape)
+        optimizer.zero_grad()
+        ((student(x) - teacher(x)) ** 2).mean().backward()
+        integrator.step(optimizer)
+    return student
+
+
+def test_ranks_settle_at_the_teacher_ranks_linear():
+    torch.manual_seed(0)
+    teacher = TuckerLinear(24, 20, rank=(3, 3)).requires_grad_(False)
+    with torch.no_grad():
+        teacher.core.mul_(8)
+    student = TuckerLinear(24, 20)  # full rank start: (20, 20)
+    teacher_student(student, teacher, (64, 24), steps=300, lr=2.0, tau=0.05)
+    assert student.ranks == (3, 3)
+    rel = (student.dense_weight() - teacher.dense_weight()).norm() / teacher.dense_weight().norm()
+    assert rel < 0.05
+
+
+def test_ranks_settle_at_the_teacher_ranks_conv():
+    torch.manual_seed(0)
+    teacher = TuckerConv2d(8, 10, 3, padding=1, rank=(3, 2, 3, 3)).requires_grad_(False)
+    with torch.no_grad():
+        teacher.core.mul_(5)
+    student = TuckerConv2d(8, 10, 3, padding=1)  # (10, 8, 3, 3)
+    teacher_student(student, teacher, (16, 8, 6, 6), steps=300, lr=1.0, tau=0.05)
+    assert student.ranks == (3, 2, 3, 3)
+
+
+@pytest.mark.parametrize("optimizer_cls, options", [
+    (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-2)),
+    (torch.optim.Adam, dict(lr=3e-2)),
+    (torch.optim.AdamW, dict(lr=3e-2, weight_decay=0.1)),
+])
+def test_bases_change_only_through_qr_and_svd(optimizer_cls, options):
+    """After augment the bases have no gradient, so momentum and decoupled weight decay never move them."""
+    torch.manual_seed(0)
+    layer = TuckerLinear(16, 12, rank=(4, 4))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.05))
+    optimizer = optimizer_cls(layer.parameters(), **options)
+    losses = []
+    x = torch.randn(32, 16)
+    target = x @ (torch.randn(12, 3) @ torch.randn(3, 16)).T / 4
+    for _ in range(100):
+        optimizer.zero_grad()
+        loss = ((layer(x) - target) ** 2).mean()
+        losses.append(loss.item())
+        loss.backward()
+        integrator.augment()
+        bases = [u.detach().clone() for u in layer.factors]
+        optimizer.step()
+        assert all(torch.equal(u, b) for u, b in zip(layer.factors, bases))
+        integrator.truncate(optimizer)
+        for u in layer.active_factors():
+            assert_orthonormal(u, atol=1e-10)
+    assert losses[-1] < 0.3 * losses[0]
+
+
+def test_momentum_follows_the_rotation():
+    """With no truncation, the momentum expressed in weight space (m x_i U_i) is the same before and after."""
+    torch.manual_seed(0)
+    layer = TuckerLinear(10, 8, rank=(3, 3), max_rank=(3, 3))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0))
+    optimizer = torch.optim.SGD([layer.core], lr=0.1, momentum=0.9)
+    x, target = torch.randn(8, 10), torch.randn(8, 8)
+    for _ in range(3):
+        optimizer.zero_grad()
+        ((layer(x) - target) ** 2).sum().backward()
+        integrator.augment()
+        optimizer.step()
+        block = tuple(slice(r) for r in layer.ranks)
+        before = tucker_to_dense(optimizer.state[layer.core]["momentum_buffer"][block], layer.active_factors())
+        integrator.truncate(optimizer)
+        after = tucker_to_dense(optimizer.state[layer.core]["momentum_buffer"][block], layer.active_factors())
+        torch.testing.assert_close(after, before, rtol=0, atol=1e-12)
+
+
+def test_second_moments_take_the_squared_rotation():
+    """Adam's exp_avg_sq becomes diag(P^T diag(v) P), the diagonal of the rotated covariance; it stays >= 0."""
+    torch.manual_seed(0)
+    layer = TuckerLinear(10, 8, rank=(3, 3), max_rank=(3, 3))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0))
+    optimizer = torch.optim.Adam([layer.core], lr=0.01)
+    ((layer(torch.randn(4, 10))) ** 2).sum().backward()
+    integrator.augment()
+    optimizer.step()
+    v = optimizer.state[layer.core]["exp_avg_sq"].clone()
+    core = layer.active_core().detach().clone()
+    integrator.truncate(optimizer)
+    p_out = torch.linalg.svd(core, full_matrices=False)[0]
+    p_in = torch.linalg.svd(core.T, full_matrices=False)[0]
+    expected = (p_out**2).T @ v @ (p_in**2)
+    # singular vectors are defined up to sign, which the squares do not see
+    torch.testing.assert_close(optimizer.state[layer.core]["exp_avg_sq"], expected, rtol=1e-10, atol=1e-14)
+
+
+def test_fresh_core_entries_take_a_steady_state_adam_step():
+    """New entries start from m = g, v = g^2: their first update is lr * sign(g) * sqrt(1 - b2^t) / (1 - b1^t)."""
+    torch.manual_seed(0)
+    layer = TuckerLinear(10, 8, rank=(2, 2))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0))
+    lr, (b1, b2) = 0.01, (0.9, 0.999)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=lr, betas=(b1, b2), eps=1e-30)
+    x = torch.randn(16, 10)
+    for step in range(1, 4):
+        optimizer.zero_grad()
+        layer(x).pow(2).sum().backward()
+        old = layer.ranks
+        integrator.augment(optimizer)
+        before = layer.core.detach().clone()
+        grad = layer.core.grad.clone()
+        optimizer.step()
+        fresh = torch.ones(layer.ranks, dtype=torch.bool)
+        fresh[tuple(slice(r) for r in old)] = False
+        block = tuple(slice(r) for r in layer.ranks)
+        update = (layer.core - before)[block][fresh & (grad[block] != 0)]
+        if step > 1:  # at step 1 every entry is fresh for Adam itself
+            expected = -lr * torch.sign(grad[block][fresh & (grad[block] != 0)]) * (1 - b2**step) ** 0.5 / (1 - b1**step)
+            torch.testing.assert_close(update, expected, rtol=1e-10, atol=0)
+        integrator.truncate(optimizer)
+
+
+def test_non_finite_gradient_changes_nothing():
+    layer = TuckerConv2d(4, 6, 3, rank=(3, 3, 3, 3))
+    integrator = TuckerIntegrator(nn.Sequential(layer))
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(2, 4, 5, 5)
+    x[0, 0, 2, 2] = float("nan")
+    layer(x).sum().backward()
+    assert not integrator.step(optimizer)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    for u in layer.active_factors():
+        assert_orthonormal(u)
+    # the next finite step proceeds normally
+    layer(torch.randn(2, 4, 5, 5)).sum().backward()
+    assert integrator.step(optimizer)
+    assert all(torch.isfinite(p).all() for p in layer.parameters())
+
+
+def test_gradient_accumulation_sums_the_micro_batches():
+    """Two micro-batches give the same step as one batch holding both (loss summed)."""
+    def run(batches):
+        torch.manual_seed(0)
+        layer = TuckerLinear(10, 8, rank=(3, 3))
+        integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.1))
+        for x in batches:
+            layer(x).pow(2).sum().backward()
+        integrator.step(torch.optim.SGD(layer.parameters(), lr=0.01))
+        return layer
+    x = torch.randn(8, 10, generator=torch.Generator().manual_seed(3))
+    whole, split = run([x]), run([x[:5], x[5:]])
+    assert whole.ranks == split.ranks
+    torch.testing.assert_close(split.dense_weight(), whole.dense_weight(), rtol=0, atol=1e-12)
+
+
+def test_evaluation_passes_are_not_captured():
+    layer = TuckerLinear(6, 4, rank=(2, 2))
+    integrator = TuckerIntegrator(nn.Sequential(layer))
+    with torch.no_grad():
+        layer(torch.randn(3, 6))
+    layer.eval()
+    layer(torch.randn(3, 6)).sum().backward()
+    assert all(not c.pairs for c in integrator._captures.values())
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(tau=1.0), r"`tau` must be a number in \[0, 1\), got 1.0"),
+    (dict(tau=-0.1), r"`tau` must be a number in \[0, 1\)"),
+    (dict(min_rank=0), "`min_rank` must be an int >= 1, got 0"),
+    (dict(modes="spatial"), "`modes` must be 'channels' or 'all'"),
+])
+def test_bad_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        IntegratorConfig(**options)
+
+
+def test_module_without_tucker_layers():
+    with pytest.raises(ValueError, match="has no Tucker layers; call lightning_lowrank.convert first"):
+        TuckerIntegrator(nn.Linear(2, 2))
+
+
+@pytest.mark.slow
+def test_factors_stay_orthonormal_over_10000_float32_steps():
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)
+    layer = TuckerLinear(12, 10, rank=(4, 4))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.05))
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.05, momentum=0.9)
+    teacher = torch.randn(10, 12) / 4
+    for _ in range(10_000):
+        x = torch.randn(16, 12)
+        optimizer.zero_grad()
+        ((layer(x) - x @ teacher.T) ** 2).mean().backward()
+        integrator.step(optimizer)
+    for u in layer.active_factors():
+        assert_orthonormal(u, atol=1e-5)
