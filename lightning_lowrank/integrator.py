@@ -38,11 +38,16 @@ class IntegratorConfig:
             at most tau * ||core||_F.
         min_rank: smallest rank of an adapted mode.
         modes: ``"channels"`` adapts the output and input modes (the spatial modes keep their rank), ``"all"`` every mode.
+        method: ``"parallel"``: the new core blocks come from the K-step values, recovered from dL/dU (blocks with
+            two or more new modes start at zero); costs a few small matrix products per layer.
+            ``"augmented"``: the exact Galerkin gradient on the augmented bases (the paper's step), formed from each
+            layer's input and output gradient kept by forward hooks; costs about one more backward pass.
     """
 
     tau: float = 0.1
     min_rank: int = 1
     modes: Literal["channels", "all"] = "channels"
+    method: Literal["parallel", "augmented"] = "parallel"
 
     def __post_init__(self) -> None:
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 <= self.tau < 1:
@@ -51,6 +56,8 @@ class IntegratorConfig:
             raise ValueError(f"`min_rank` must be an int >= 1, got {self.min_rank!r}")
         if self.modes not in ("channels", "all"):
             raise ValueError(f"`modes` must be 'channels' or 'all', got {self.modes!r}")
+        if self.method not in ("parallel", "augmented"):
+            raise ValueError(f"`method` must be 'parallel' or 'augmented', got {self.method!r}")
 
     def adapts(self, mode: int) -> bool:
         return self.modes == "all" or mode < 2
@@ -101,13 +108,15 @@ class TuckerIntegrator:
         self.layers = {name: m for name, m in module.named_modules() if isinstance(m, TuckerLayer)}
         if not self.layers:
             raise ValueError(f"{type(module).__name__} has no Tucker layers; call lightning_lowrank.convert first")
-        self._captures = {name: _Capture(layer) for name, layer in self.layers.items()}
+        exact = self.config.method == "augmented"
+        self._captures = {name: _Capture(layer) for name, layer in self.layers.items()} if exact else {}
         self._augmented: dict[str, tuple[int, ...]] = {}  # layer name -> ranks before augmentation
 
     def remove(self) -> None:
         """Remove the forward hooks."""
         for capture in self._captures.values():
             capture.handle.remove()
+        self._captures.clear()
 
     def gradients_finite(self) -> bool:
         """Whether every gradient of the Tucker layers is finite (one host sync)."""
@@ -133,26 +142,31 @@ class TuckerIntegrator:
             return False
         for name, layer in self.layers.items():
             old = layer.ranks
-            factors, core = [], layer.active_core().to(_compute_dtype(layer.core.dtype))
-            for mode in range(len(old)):
-                basis, r_factor = self._augmented_basis(layer, mode)
-                factors.append(basis)
+            bases, r_factors, significant = zip(*(self._augmented_basis(layer, mode) for mode in range(len(old))))
+            new = tuple(u.shape[1] for u in bases)
+            core = layer.active_core().to(_compute_dtype(layer.core.dtype))
+            if name in self._captures:
+                pairs = list(self._captures[name].complete())
+                grad = sum(layer.galerkin_gradient(bases, x, dy) for x, dy in pairs) if pairs else None
+                if grad is not None and reduce is not None:
+                    grad = reduce(grad)
+            else:
+                grad = self._parallel_gradient(layer, core, bases, old)
+            for mode, r_factor in enumerate(r_factors):
                 core = mode_dot(core, r_factor, mode)
-            pairs = list(self._captures[name].complete())
-            grad = sum(layer.galerkin_gradient(factors, x, dy) for x, dy in pairs) if pairs else None
-            if grad is not None and reduce is not None:
-                grad = reduce(grad)
-            new = tuple(u.shape[1] for u in factors)
             block = tuple(slice(r) for r in new)
             layer.core[block] = 0
             layer.core[tuple(slice(r) for r in old)] = core.to(layer.core.dtype)
-            for u, basis in zip(layer.factors, factors):
+            for u, basis in zip(layer.factors, bases):
                 u[:, : basis.shape[1]] = basis
                 u.grad = None  # the optimizer skips bases: no momentum, no weight decay
             if layer.core.grad is None:
                 layer.core.grad = torch.zeros_like(layer.core)
             if grad is not None:
-                layer.core.grad[block] = grad
+                for mode, mask in enumerate(significant):
+                    keep = torch.cat([mask.new_ones(old[mode]), mask]).to(grad.dtype)
+                    grad = grad * keep.reshape(-1, *(1,) * (grad.ndim - mode - 1))
+                layer.core.grad[block] = grad.to(layer.core.dtype)
                 self._warm_start(optimizer, layer, old, new)
             layer.set_rank(new)
             self._augmented[name] = old
@@ -180,18 +194,51 @@ class TuckerIntegrator:
             if key in state:
                 state[key][block] = torch.where(fresh, value, state[key][block])
 
-    def _augmented_basis(self, layer: TuckerLayer, mode: int) -> tuple[Tensor, Tensor]:
-        """QR of [U | dL/dU]: the augmented basis Q = [Q_1 | N] and R_11 with U = Q_1 R_11.
+    def _augmented_basis(self, layer: TuckerLayer, mode: int) -> tuple[Tensor, Tensor, Tensor]:
+        """QR of [U | dL/dU]: the augmented basis Q = [Q_1 | N], R_11 with U = Q_1 R_11 (diag(R_11) > 0), and which
+        columns of N carry more than rounding noise of the gradient.
 
         N spans (I - U U^T) dL/dU with min(r, max_rank - r) columns. Taking Q_1 (and C x_i R_11 as the core) instead
-        of U keeps W exact and the basis orthonormal to working precision, so rounding never accumulates.
+        of U keeps W exact and the basis orthonormal to working precision, so rounding never accumulates; R_11 is
+        the identity up to rounding.
         """
         u = layer.factors[mode]
         r = layer.ranks[mode]
         extra = min(r, layer.max_ranks[mode] - r) if u.grad is not None else 0
         columns = [u[:, :r]] if extra == 0 else [u[:, :r], u.grad[:, :extra]]
-        q, r_factor = torch.linalg.qr(torch.cat(columns, dim=1).to(_compute_dtype(u.dtype)))
-        return q.to(u.dtype), r_factor[:r, :r]
+        dtype = _compute_dtype(u.dtype)
+        q, r_factor = torch.linalg.qr(torch.cat(columns, dim=1).to(dtype))
+        diagonal = torch.diagonal(r_factor)
+        signs = torch.where(diagonal < 0, -1.0, 1.0).to(dtype)
+        # a new direction whose share of the gradient is rounding noise is arbitrary: mark it to carry no gradient
+        floor = 100 * torch.finfo(dtype).eps * torch.linalg.vector_norm(u.grad[:, :r]) if extra else 0
+        significant = diagonal[r:].abs() > floor
+        return (q * signs).to(u.dtype), r_factor[:r, :r] * signs[:r, None], significant
+
+    @staticmethod
+    def _parallel_gradient(layer: TuckerLayer, core: Tensor, bases: tuple[Tensor, ...],
+                           old: tuple[int, ...]) -> Tensor | None:
+        """Core gradient on the augmented bases of the parallel BUG step.
+
+        Old block: dL/dC. Block with mode i new (N_i) and the others old: N_i^T dL/dK_i Q_i^T, the K-step's new
+        values divided by -lr, where Mat_i(C) = S_i Q_i^T and dL/dK_i = dL/dU_i S_i^{-T}, so
+        N_i^T dL/dU_i (M M^T)^+ M with M = Mat_i(C) (float64). Blocks with two or more new modes: zero.
+        """
+        if layer.core.grad is None:
+            return None
+        grad = core.new_zeros(tuple(u.shape[1] for u in bases))
+        grad[tuple(slice(r) for r in old)] = layer.core.grad[tuple(slice(r) for r in old)]
+        for mode, (basis, r) in enumerate(zip(bases, old)):
+            if basis.shape[1] == r:
+                continue
+            m = unfold(core, mode).double()
+            new_dirs = basis[:, r:].T.double() @ layer.factors[mode].grad[:, :r].double()
+            values = new_dirs @ torch.linalg.pinv(m @ m.T, hermitian=True, rtol=1e-12) @ m
+            other = [old[j] for j in range(len(old)) if j != mode]
+            index = [slice(rank) for rank in old]
+            index[mode] = slice(r, basis.shape[1])
+            grad[tuple(index)] = values.reshape(-1, *other).movedim(0, mode).to(grad.dtype)
+        return grad
 
     @torch.no_grad()
     def truncate(self, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -199,15 +246,14 @@ class TuckerIntegrator:
         for name, old_ranks in self._augmented.items():
             layer = self.layers[name]
             core = layer.active_core()
-            dtype = _compute_dtype(core.dtype)
-            theta = self.config.tau * torch.linalg.vector_norm(core.to(dtype))
+            theta = self.config.tau * torch.linalg.vector_norm(core.double())
             keep, singular_vectors = [], []
             for mode, r in enumerate(layer.ranks):
                 if not self.config.adapts(mode) and old_ranks[mode] == r:
                     keep.append(r)
                     singular_vectors.append(None)
                     continue
-                p, s, _ = torch.linalg.svd(unfold(core.to(dtype), mode), full_matrices=False)
+                p, s = _singular_pairs(core, mode)
                 keep.append(self._rank(s, theta, layer.max_ranks[mode]) if self.config.adapts(mode) else old_ranks[mode])
                 singular_vectors.append(p.to(core.dtype))
             rotations = [p if p is None else p[:, :r] for p, r in zip(singular_vectors, consistent_ranks(keep))]
@@ -248,6 +294,16 @@ class TuckerIntegrator:
         """Forget the captured inputs and output gradients."""
         for capture in self._captures.values():
             capture.pairs.clear()
+
+
+def _singular_pairs(tensor: Tensor, mode: int) -> tuple[Tensor, Tensor]:
+    """Left singular vectors and singular values (descending) of the mode unfolding M, by eigh of M M^T in float64.
+
+    The Gram matrix is only r x r, so this costs far less than an SVD of the r x prod(others) unfolding.
+    """
+    m = unfold(tensor, mode).double()
+    eigenvalues, eigenvectors = torch.linalg.eigh(m @ m.T)
+    return eigenvectors.flip(-1), eigenvalues.flip(-1).clamp_min(0).sqrt()
 
 
 def _rotate(tensor: Tensor, rotations: list[Tensor | None], squared: bool) -> Tensor:

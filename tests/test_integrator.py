@@ -52,15 +52,20 @@ def layer_state(layer):
             layer.bias.detach().clone())
 
 
-@pytest.mark.parametrize("kind, modes, tau", [("linear", "channels", 0.05), ("conv", "channels", 0.05),
-                                             ("conv_all", "all", 0.1)])
-def test_agrees_with_the_explicit_bug_step(kind, modes, tau):
+@pytest.mark.parametrize("kind, modes, method, tau", [
+    ("linear", "channels", "augmented", 0.05), ("conv", "channels", "augmented", 0.05),
+    ("conv_all", "all", "augmented", 0.1),
+    # the parallel step's new blocks only see the gradient inside the core's row space: ranks grow at smaller tau
+    ("linear", "channels", "parallel", 0.05), ("conv", "channels", "parallel", 0.005),
+    ("conv_all", "all", "parallel", 0.005),
+])
+def test_agrees_with_the_explicit_bug_step(kind, modes, method, tau):
     """Several plain-SGD steps: ranks, W, the spanned subspaces and the bias agree with the reference to 1e-8."""
     layer, x_shape = make_layer(kind)
     teacher = TuckerLayerLike(layer, rank=3)
     layer.set_rank((2, 2, *layer.ranks[2:]))  # ranks grow towards the teacher's, and (conv_all) fall again
     lr = 0.3
-    config = IntegratorConfig(tau=tau, modes=modes)
+    config = IntegratorConfig(tau=tau, modes=modes, method=method)
     integrator = TuckerIntegrator(nn.Sequential(layer), config)
     optimizer = torch.optim.SGD(layer.parameters(), lr=lr)
     core, factors, bias = layer_state(layer)
@@ -75,7 +80,7 @@ def test_agrees_with_the_explicit_bug_step(kind, modes, tau):
         def loss_fn(weight, b, x=x, target=target):
             return ((dense_forward(layer, weight, b, x) - target) ** 2).mean()
 
-        core, factors, bias = bug_step(core, factors, bias, loss_fn, lr, tau, layer.max_ranks, adapted)
+        core, factors, bias = bug_step(core, factors, bias, loss_fn, lr, tau, layer.max_ranks, adapted, method)
         optimizer.zero_grad()
         ((layer(x) - target) ** 2).mean().backward()
         assert integrator.step(optimizer)
@@ -94,7 +99,7 @@ def test_agrees_with_the_explicit_bug_step(kind, modes, tau):
 def test_one_pass_galerkin_gradient_equals_a_second_pass(kind):
     """dL/dC_hat from (x, dy) of the first pass equals core.grad of a second forward/backward at the augmented bases."""
     layer, x_shape = make_layer(kind)
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(modes="all"))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(modes="all", method="augmented"))
     x = torch.randn(*x_shape)
     layer.zero_grad()
     (layer(x) ** 3).sum().backward()
@@ -156,7 +161,7 @@ def test_fixed_rank_step_is_the_projected_gradient_step():
 def test_tau_zero_augmented_step_projects_onto_the_augmented_bases():
     """With tau = 0 nothing is truncated: W' = W - lr dL/dW x_i U_hat_i U_hat_i^T, U_hat_i = orth([U_i | dL/dU_i])."""
     layer = TuckerLinear(9, 7, rank=(2, 2))
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, method="augmented"))
     x, target = torch.randn(5, 9), torch.randn(5, 7)
     ((layer(x) - target) ** 2).sum().backward()
     hats = []
@@ -280,9 +285,10 @@ def test_fresh_core_entries_take_a_steady_state_adam_step():
     lr, (b1, b2) = 0.01, (0.9, 0.999)
     optimizer = torch.optim.Adam(layer.parameters(), lr=lr, betas=(b1, b2), eps=1e-30)
     x = torch.randn(16, 10)
+    target = torch.randn(16, 8)
     for step in range(1, 4):
         optimizer.zero_grad()
-        layer(x).pow(2).sum().backward()
+        (layer(x) - target).pow(2).sum().backward()
         old = layer.ranks
         integrator.augment(optimizer)
         before = layer.core.detach().clone()
@@ -296,6 +302,27 @@ def test_fresh_core_entries_take_a_steady_state_adam_step():
             expected = -lr * torch.sign(grad[block][fresh & (grad[block] != 0)]) * (1 - b2**step) ** 0.5 / (1 - b1**step)
             torch.testing.assert_close(update, expected, rtol=1e-10, atol=0)
         integrator.truncate(optimizer)
+
+
+@pytest.mark.parametrize("method", ["augmented", "parallel"])
+def test_directions_without_gradient_stay_out(method):
+    """A gradient inside span(U) leaves nothing to augment: the candidate directions are rounding noise, their core
+    gradient is exactly zero (so Adam cannot blow it up to lr-sized steps) and truncation drops them again."""
+    torch.manual_seed(0)
+    layer = TuckerLinear(10, 8, bias=False, rank=(2, 2))  # a bias would add one genuinely new output direction
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=1e-6, method=method))
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.01)
+    for _ in range(3):
+        optimizer.zero_grad()
+        # dL/dW = 2 W X^T X, so dL/dU_out = dL/dW U_in C^T = U_out (...) lies in span(U_out); dL/dU_in does not
+        layer(torch.randn(16, 10)).pow(2).sum().backward()
+        integrator.augment(optimizer)
+        assert layer.ranks == (4, 4)
+        assert torch.all(layer.core.grad[2:4, :4] == 0)  # new output directions: no gradient at all
+        assert torch.any(layer.core.grad[:2, 2:4] != 0)  # new input directions carry gradient
+        optimizer.step()
+        integrator.truncate(optimizer)
+        assert layer.ranks == (2, 2)  # the output rank stays 2, and the input rank cannot exceed it
 
 
 def test_non_finite_gradient_changes_nothing():
@@ -317,12 +344,13 @@ def test_non_finite_gradient_changes_nothing():
     assert all(torch.isfinite(p).all() for p in layer.parameters())
 
 
-def test_gradient_accumulation_sums_the_micro_batches():
+@pytest.mark.parametrize("method", ["augmented", "parallel"])
+def test_gradient_accumulation_sums_the_micro_batches(method):
     """Two micro-batches give the same step as one batch holding both (loss summed)."""
     def run(batches):
         torch.manual_seed(0)
         layer = TuckerLinear(10, 8, rank=(3, 3))
-        integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.1))
+        integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.1, method=method))
         for x in batches:
             layer(x).pow(2).sum().backward()
         integrator.step(torch.optim.SGD(layer.parameters(), lr=0.01))
@@ -335,7 +363,7 @@ def test_gradient_accumulation_sums_the_micro_batches():
 
 def test_evaluation_passes_are_not_captured():
     layer = TuckerLinear(6, 4, rank=(2, 2))
-    integrator = TuckerIntegrator(nn.Sequential(layer))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(method="augmented"))
     with torch.no_grad():
         layer(torch.randn(3, 6))
     layer.eval()
@@ -348,6 +376,7 @@ def test_evaluation_passes_are_not_captured():
     (dict(tau=-0.1), r"`tau` must be a number in \[0, 1\)"),
     (dict(min_rank=0), "`min_rank` must be an int >= 1, got 0"),
     (dict(modes="spatial"), "`modes` must be 'channels' or 'all'"),
+    (dict(method="exact"), "`method` must be 'parallel' or 'augmented'"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(ValueError, match=message):
