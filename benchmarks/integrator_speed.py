@@ -2,10 +2,10 @@
 
     python benchmarks/integrator_speed.py [--steps 30] [--batch 32]
 
-For each model (LeNet5 and a VGG-style network, 32x32 inputs, random data): convert at half the channel ranks, run
-the integrator (SGD, tau=0.1) and time its steps, then time the same model at the ranks the integrator reached,
-trained without it (plain SGD on cores and factors: forward, backward, optimizer step). The breakdown shows where
-the integrator's time goes.
+For each model (LeNet5 and a VGG-style network, 32x32 inputs, random data) and each integrator variant (method,
+interval): convert at half the channel ranks, run the integrator (SGD, tau=0.1) and time its steps, then time the
+same model at the ranks it reached trained without it (plain SGD on cores and factors: forward, backward,
+optimizer step). The breakdown shows where the integrator's time goes.
 """
 
 from __future__ import annotations
@@ -65,9 +65,9 @@ def run(model: nn.Module, batches, integrator: ll.TuckerIntegrator | None, clock
         if integrator is None:
             clock("optimizer step", optimizer.step)
         else:
-            clock("augment", integrator.augment, optimizer)
+            clock("before step", integrator.before_step, optimizer)
             clock("optimizer step", optimizer.step)
-            clock("truncate", integrator.truncate, optimizer)
+            clock("after step", integrator.after_step, optimizer)
 
 
 def main() -> None:
@@ -79,29 +79,30 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"{args.steps} timed steps after {args.warmup} warm-up steps; ms per step")
+    variants = [("parallel", 1), ("augmented", 1), ("parallel", 10), ("augmented", 10)]
+    print(f"{'model':<10} {'method':<10} {'interval':>8} {'fixed ms':>9} {'integr. ms':>10} {'ratio':>6}  breakdown (ms)")
     for name, build in (("LeNet5", lenet5), ("VGG-style", vgg)):
-        model = build()
-        ll.convert(model, rank=0.5, keep_first_last=True)
         batches = [(torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,)))
                    for _ in range(args.warmup + args.steps)]
-        integrator = ll.TuckerIntegrator(model, ll.IntegratorConfig(tau=0.1))
-        run(model, batches[: args.warmup], integrator, Clock())
-        adaptive = Clock()
-        run(model, batches[args.warmup:], integrator, adaptive)
-        integrator.remove()
-        fixed_model = copy.deepcopy(model)
-        run(fixed_model, batches[: args.warmup], None, Clock())
-        fixed = Clock()
-        run(fixed_model, batches[args.warmup:], None, fixed)
-        adaptive_ms = sum(adaptive.total.values()) / args.steps * 1e3
-        fixed_ms = sum(fixed.total.values()) / args.steps * 1e3
-        print(f"\n{name}: compression {ll.summary(model).compression_rate:.1%} at the ranks reached "
-              f"{[layer.ranks[:2] for layer in integrator.layers.values()]}")
-        print(f"  fixed-rank step  {fixed_ms:8.1f}   " + ", ".join(
-            f"{k} {v / args.steps * 1e3:.1f}" for k, v in fixed.total.items()))
-        print(f"  integrator step  {adaptive_ms:8.1f}   " + ", ".join(
-            f"{k} {v / args.steps * 1e3:.1f}" for k, v in adaptive.total.items()))
-        print(f"  ratio integrator / fixed rank: {adaptive_ms / fixed_ms:.2f}")
+        torch.manual_seed(0)
+        start = build()
+        ll.convert(start, rank=0.5, keep_first_last=True)
+        for method, interval in variants:
+            model = copy.deepcopy(start)
+            integrator = ll.TuckerIntegrator(model, ll.IntegratorConfig(tau=0.1, method=method, interval=interval))
+            run(model, batches[: args.warmup], integrator, Clock())
+            adaptive = Clock()
+            run(model, batches[args.warmup:], integrator, adaptive)
+            integrator.remove()
+            fixed_model = copy.deepcopy(model)  # the ranks the integrator reached
+            run(fixed_model, batches[: args.warmup], None, Clock())
+            fixed = Clock()
+            run(fixed_model, batches[args.warmup:], None, fixed)
+            adaptive_ms = sum(adaptive.total.values()) / args.steps * 1e3
+            fixed_ms = sum(fixed.total.values()) / args.steps * 1e3
+            breakdown = ", ".join(f"{k} {v / args.steps * 1e3:.1f}" for k, v in adaptive.total.items())
+            print(f"{name:<10} {method:<10} {interval:>8} {fixed_ms:9.1f} {adaptive_ms:10.1f} "
+                  f"{adaptive_ms / fixed_ms:6.2f}  {breakdown}")
 
 
 if __name__ == "__main__":

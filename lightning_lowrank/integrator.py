@@ -42,12 +42,15 @@ class IntegratorConfig:
             two or more new modes start at zero); costs a few small matrix products per layer.
             ``"augmented"``: the exact Galerkin gradient on the augmented bases (the paper's step), formed from each
             layer's input and output gradient kept by forward hooks; costs about one more backward pass.
+        interval: augment and truncate every ``interval`` optimizer steps; the steps in between train the cores
+            with the bases held fixed (the bases get no gradient).
     """
 
     tau: float = 0.1
     min_rank: int = 1
     modes: Literal["channels", "all"] = "channels"
     method: Literal["parallel", "augmented"] = "parallel"
+    interval: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 <= self.tau < 1:
@@ -58,6 +61,8 @@ class IntegratorConfig:
             raise ValueError(f"`modes` must be 'channels' or 'all', got {self.modes!r}")
         if self.method not in ("parallel", "augmented"):
             raise ValueError(f"`method` must be 'parallel' or 'augmented', got {self.method!r}")
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
+            raise ValueError(f"`interval` must be an int >= 1, got {self.interval!r}")
 
     def adapts(self, mode: int) -> bool:
         return self.modes == "all" or mode < 2
@@ -78,10 +83,11 @@ class _Capture:
 
     def __init__(self, layer: TuckerLayer) -> None:
         self.pairs: list[list[Tensor | None]] = []
+        self.active = True
         self.handle: RemovableHandle = layer.register_forward_hook(self._forward_hook)
 
     def _forward_hook(self, layer: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-        if not (layer.training and torch.is_grad_enabled() and output.requires_grad):
+        if not (self.active and layer.training and torch.is_grad_enabled() and output.requires_grad):
             return
         pair: list[Tensor | None] = [args[0].detach(), None]
         self.pairs.append(pair)
@@ -98,9 +104,11 @@ class _Capture:
 class TuckerIntegrator:
     """The rank-adaptive integrator for every Tucker layer of ``module``.
 
-    Use ``augment()`` after backward and before ``optimizer.step()``, and ``truncate(optimizer)`` after it, or
-    :meth:`step` for both around a step. Forward hooks keep each layer's input and output gradient of training
-    passes until the next ``augment`` (one activation per layer; every micro-batch when gradients accumulate).
+    Call ``before_step(optimizer)`` after backward and, if it returns True, ``optimizer.step()``, then
+    ``after_step(optimizer)``; or :meth:`step` for all three. Every ``interval`` steps they augment and truncate
+    (:meth:`augment`, :meth:`truncate`); in between they only keep the optimizer off the bases. With
+    ``method="augmented"``, forward hooks keep each layer's input and output gradient of the training passes before
+    an augmenting step (one activation per layer; every micro-batch when gradients accumulate).
     """
 
     def __init__(self, module: nn.Module, config: IntegratorConfig | None = None) -> None:
@@ -111,6 +119,32 @@ class TuckerIntegrator:
         exact = self.config.method == "augmented"
         self._captures = {name: _Capture(layer) for name, layer in self.layers.items()} if exact else {}
         self._augmented: dict[str, tuple[int, ...]] = {}  # layer name -> ranks before augmentation
+        self.steps = 0  # optimizer steps taken
+
+    @property
+    def due(self) -> bool:
+        """Whether the next optimizer step augments and truncates."""
+        return self.steps % self.config.interval == 0
+
+    def before_step(self, optimizer: torch.optim.Optimizer | None = None,
+                    reduce: Callable[[Tensor], Tensor] | None = None) -> bool:
+        """Augment if due, else take the bases off the optimizer; False (nothing changed) on non-finite gradients."""
+        if self.due:
+            return self.augment(optimizer, reduce)
+        if not self.gradients_finite():
+            self._drop_gradients()
+            return False
+        for layer in self.layers.values():
+            for u in layer.factors:
+                u.grad = None
+        return True
+
+    def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Truncate what :meth:`augment` grew and count the step."""
+        self.truncate(optimizer)
+        self.steps += 1
+        for capture in self._captures.values():
+            capture.active = self.due
 
     def remove(self) -> None:
         """Remove the forward hooks."""
@@ -136,9 +170,7 @@ class TuckerIntegrator:
             False, with nothing changed, if a gradient is not finite (the step should then be skipped).
         """
         if not self.gradients_finite():
-            for layer in self.layers.values():
-                layer.zero_grad(set_to_none=True)  # so that an optimizer step leaves the layers as they are
-            self.clear()
+            self._drop_gradients()
             return False
         for name, layer in self.layers.items():
             old = layer.ranks
@@ -246,7 +278,7 @@ class TuckerIntegrator:
         for name, old_ranks in self._augmented.items():
             layer = self.layers[name]
             core = layer.active_core()
-            theta = self.config.tau * torch.linalg.vector_norm(core.double())
+            theta = self.config.tau * torch.linalg.vector_norm(core.to(_compute_dtype(core.dtype)))
             keep, singular_vectors = [], []
             for mode, r in enumerate(layer.ranks):
                 if not self.config.adapts(mode) and old_ranks[mode] == r:
@@ -276,6 +308,12 @@ class TuckerIntegrator:
             layer.set_rank(new)
         self._augmented.clear()
 
+    def _drop_gradients(self) -> None:
+        """Set every gradient of the layers to None, so that an optimizer step leaves them as they are."""
+        for layer in self.layers.values():
+            layer.zero_grad(set_to_none=True)
+        self.clear()
+
     def _rank(self, singular_values: Tensor, theta: Tensor, max_rank: int) -> int:
         """Smallest r with ||s[r:]||_2 <= theta, clamped to [min_rank, max_rank] (one host sync)."""
         tail = torch.sqrt(torch.flip(torch.cumsum(torch.flip(singular_values**2, [0]), 0), [0]))  # ||s[r:]||
@@ -283,11 +321,11 @@ class TuckerIntegrator:
         return max(min(r, max_rank, singular_values.numel()), min(self.config.min_rank, singular_values.numel()))
 
     def step(self, optimizer: torch.optim.Optimizer, reduce: Callable[[Tensor], Tensor] | None = None) -> bool:
-        """augment, ``optimizer.step()``, truncate; returns False (nothing changed) on non-finite gradients."""
-        if not self.augment(optimizer, reduce):
+        """before_step, ``optimizer.step()``, after_step; False (nothing changed) on non-finite gradients."""
+        if not self.before_step(optimizer, reduce):
             return False
         optimizer.step()
-        self.truncate(optimizer)
+        self.after_step(optimizer)
         return True
 
     def clear(self) -> None:
@@ -297,11 +335,12 @@ class TuckerIntegrator:
 
 
 def _singular_pairs(tensor: Tensor, mode: int) -> tuple[Tensor, Tensor]:
-    """Left singular vectors and singular values (descending) of the mode unfolding M, by eigh of M M^T in float64.
+    """Left singular vectors and singular values (descending) of the mode unfolding M, by eigh of M M^T.
 
-    The Gram matrix is only r x r, so this costs far less than an SVD of the r x prod(others) unfolding.
+    The Gram matrix is only r x r, so this costs far less than an SVD of the r x prod(others) unfolding. In float32
+    singular values are resolved down to about 3e-4 s_max, far below any useful truncation tolerance.
     """
-    m = unfold(tensor, mode).double()
+    m = unfold(tensor, mode).to(_compute_dtype(tensor.dtype))
     eigenvalues, eigenvectors = torch.linalg.eigh(m @ m.T)
     return eigenvectors.flip(-1), eigenvalues.flip(-1).clamp_min(0).sqrt()
 

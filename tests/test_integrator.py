@@ -361,6 +361,30 @@ def test_gradient_accumulation_sums_the_micro_batches(method):
     torch.testing.assert_close(split.dense_weight(), whole.dense_weight(), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["augmented", "parallel"])
+def test_interval_holds_bases_between_integrator_steps(method):
+    """With interval=3, steps 0, 3, 6 augment and truncate; in between only the core moves, even under AdamW."""
+    torch.manual_seed(0)
+    layer = TuckerLinear(16, 12, rank=(4, 4))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.05, method=method, interval=3))
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1)
+    x = torch.randn(32, 16)
+    target = x @ (torch.randn(12, 3) @ torch.randn(3, 16)).T / 4
+    for step in range(8):
+        optimizer.zero_grad()
+        ((layer(x) - target) ** 2).mean().backward()
+        bases, ranks, core = [u.detach().clone() for u in layer.factors], layer.ranks, layer.core.detach().clone()
+        captured = sum(len(c.pairs) for c in integrator._captures.values())
+        assert captured == (1 if method == "augmented" and step % 3 == 0 else 0)
+        assert integrator.step(optimizer)
+        if step % 3:
+            assert all(torch.equal(u, b) for u, b in zip(layer.factors, bases)) and layer.ranks == ranks
+            assert not torch.equal(layer.core, core)
+        for u in layer.active_factors():
+            assert_orthonormal(u, atol=1e-10)
+    assert integrator.steps == 8
+
+
 def test_evaluation_passes_are_not_captured():
     layer = TuckerLinear(6, 4, rank=(2, 2))
     integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(method="augmented"))
@@ -377,6 +401,7 @@ def test_evaluation_passes_are_not_captured():
     (dict(min_rank=0), "`min_rank` must be an int >= 1, got 0"),
     (dict(modes="spatial"), "`modes` must be 'channels' or 'all'"),
     (dict(method="exact"), "`method` must be 'parallel' or 'augmented'"),
+    (dict(interval=0), "`interval` must be an int >= 1, got 0"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(ValueError, match=message):
