@@ -1,5 +1,7 @@
 """Train neural networks directly in compressed low-rank (Tucker) form inside PyTorch Lightning."""
 
+from lightning_lowrank.callback import TuckerCallback
+from lightning_lowrank.checkpoint import load_checkpoint
 from lightning_lowrank.conversion import ConversionReport, RankSpec, TuckerConfig, convert
 from lightning_lowrank.export import compact, to_dense
 from lightning_lowrank.integrator import IntegratorConfig, TuckerIntegrator
@@ -14,6 +16,7 @@ __all__ = [
     "LayerSummary",
     "RankSpec",
     "Summary",
+    "TuckerCallback",
     "TuckerConfig",
     "TuckerConv1d",
     "TuckerConv2d",
@@ -23,6 +26,7 @@ __all__ = [
     "TuckerLinear",
     "compact",
     "convert",
+    "load_checkpoint",
     "summary",
     "to_dense",
 ]

@@ -14,8 +14,7 @@ Around the user's optimizer step, for every Tucker layer W = C x_i U_i (arXiv 23
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -102,41 +101,73 @@ class _Capture:
 
 
 class TuckerIntegrator:
-    """The rank-adaptive integrator for every Tucker layer of ``module``.
+    """The rank-adaptive integrator for Tucker layers.
 
     Call ``before_step(optimizer)`` after backward and, if it returns True, ``optimizer.step()``, then
     ``after_step(optimizer)``; or :meth:`step` for all three. Every ``interval`` steps they augment and truncate
-    (:meth:`augment`, :meth:`truncate`); in between they only keep the optimizer off the bases. With
-    ``method="augmented"``, forward hooks keep each layer's input and output gradient of the training passes before
-    an augmenting step (one activation per layer; every micro-batch when gradients accumulate).
+    (:meth:`augment`, :meth:`truncate`); in between, and for good after :meth:`freeze`, they only keep the optimizer
+    off the bases. With ``method="augmented"``, forward hooks keep each layer's input and output gradient of the
+    training passes before an augmenting step (one activation per layer; every micro-batch when gradients accumulate).
+
+    Args:
+        module: a module holding Tucker layers, or a mapping of names to the layers to integrate.
+        config: the integrator's options.
+        reduce: averages a hand-made gradient across data-parallel processes (``method="augmented"``); None: identity.
+        broadcast: makes the rank decision (a 1-D integer tensor) the same on every process, for example by
+            broadcasting it from the first one; None: identity.
     """
 
-    def __init__(self, module: nn.Module, config: IntegratorConfig | None = None) -> None:
+    def __init__(self, module: nn.Module | Mapping[str, TuckerLayer], config: IntegratorConfig | None = None,
+                 reduce: Callable[[Tensor], Tensor] | None = None,
+                 broadcast: Callable[[Tensor], Tensor] | None = None) -> None:
         self.config = config or IntegratorConfig()
-        self.layers = {name: m for name, m in module.named_modules() if isinstance(m, TuckerLayer)}
+        named = module.named_modules() if isinstance(module, nn.Module) else module.items()
+        self.layers = {name: m for name, m in named if isinstance(m, TuckerLayer)}
         if not self.layers:
             raise ValueError(f"{type(module).__name__} has no Tucker layers; call lightning_lowrank.convert first")
+        self.reduce, self.broadcast = reduce, broadcast
         exact = self.config.method == "augmented"
         self._captures = {name: _Capture(layer) for name, layer in self.layers.items()} if exact else {}
         self._augmented: dict[str, tuple[int, ...]] = {}  # layer name -> ranks before augmentation
         self.steps = 0  # optimizer steps taken
+        self.frozen = False
 
     @property
     def due(self) -> bool:
         """Whether the next optimizer step augments and truncates."""
-        return self.steps % self.config.interval == 0
+        return not self.frozen and self.steps % self.config.interval == 0
 
-    def before_step(self, optimizer: torch.optim.Optimizer | None = None,
-                    reduce: Callable[[Tensor], Tensor] | None = None) -> bool:
-        """Augment if due, else take the bases off the optimizer; False (nothing changed) on non-finite gradients."""
-        if self.due:
-            return self.augment(optimizer, reduce)
+    def freeze(self) -> None:
+        """Fix ranks and bases from now on; later steps train the cores (and every non-basis parameter) only."""
+        self.frozen = True
+        for capture in self._captures.values():
+            capture.active = False
+        self.clear()
+
+    def state_dict(self) -> dict[str, int | bool]:
+        return {"steps": self.steps, "frozen": self.frozen}
+
+    def load_state_dict(self, state: Mapping[str, int | bool]) -> None:
+        self.steps = int(state["steps"])
+        if state["frozen"]:
+            self.freeze()
+        for capture in self._captures.values():
+            capture.active = self.due
+
+    def before_step(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Augment if due, else take the bases off the optimizer; False (gradients dropped) if one is not finite."""
+        if self._augmented:  # an augmenting step whose optimizer step never came: finish it first
+            self.truncate(optimizer)
         if not self.gradients_finite():
             self._drop_gradients()
             return False
+        if self.due:
+            self.augment(optimizer)
+            return True
         for layer in self.layers.values():
             for u in layer.factors:
                 u.grad = None
+            _mask_outside_block(layer)
         return True
 
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -158,20 +189,12 @@ class TuckerIntegrator:
         return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
 
     @torch.no_grad()
-    def augment(self, optimizer: torch.optim.Optimizer | None = None,
-                reduce: Callable[[Tensor], Tensor] | None = None) -> bool:
+    def augment(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Augment every layer's bases and set the core's gradient to the Galerkin gradient on the augmented bases.
 
         Args:
             optimizer: the optimizer of the cores; Adam-type state of the new core entries is warm-started.
-            reduce: averages a hand-made gradient across processes (data parallel); identity if None.
-
-        Returns:
-            False, with nothing changed, if a gradient is not finite (the step should then be skipped).
         """
-        if not self.gradients_finite():
-            self._drop_gradients()
-            return False
         for name, layer in self.layers.items():
             old = layer.ranks
             bases, r_factors, significant = zip(*(self._augmented_basis(layer, mode) for mode in range(len(old))))
@@ -180,30 +203,27 @@ class TuckerIntegrator:
             if name in self._captures:
                 pairs = list(self._captures[name].complete())
                 grad = sum(layer.galerkin_gradient(bases, x, dy) for x, dy in pairs) if pairs else None
-                if grad is not None and reduce is not None:
-                    grad = reduce(grad)
+                if grad is not None and self.reduce is not None:
+                    grad = self.reduce(grad)
             else:
                 grad = self._parallel_gradient(layer, core, bases, old)
             for mode, r_factor in enumerate(r_factors):
                 core = mode_dot(core, r_factor, mode)
             block = tuple(slice(r) for r in new)
-            layer.core[block] = 0
             layer.core[tuple(slice(r) for r in old)] = core.to(layer.core.dtype)
+            layer.set_rank(new)  # the new entries of the core are 0: W is unchanged
             for u, basis in zip(layer.factors, bases):
                 u[:, : basis.shape[1]] = basis
                 u.grad = None  # the optimizer skips bases: no momentum, no weight decay
-            if layer.core.grad is None:
-                layer.core.grad = torch.zeros_like(layer.core)
+            layer.core.grad = torch.zeros_like(layer.core)
             if grad is not None:
                 for mode, mask in enumerate(significant):
                     keep = torch.cat([mask.new_ones(old[mode]), mask]).to(grad.dtype)
                     grad = grad * keep.reshape(-1, *(1,) * (grad.ndim - mode - 1))
                 layer.core.grad[block] = grad.to(layer.core.dtype)
                 self._warm_start(optimizer, layer, old, new)
-            layer.set_rank(new)
             self._augmented[name] = old
         self.clear()
-        return True
 
     @staticmethod
     def _warm_start(optimizer: torch.optim.Optimizer | None, layer: TuckerLayer, old: tuple[int, ...],
@@ -274,39 +294,61 @@ class TuckerIntegrator:
 
     @torch.no_grad()
     def truncate(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Truncate every augmented layer by HOSVD of its core with tolerance tau and rotate the optimizer state."""
+        """Truncate every augmented layer by HOSVD of its core with tolerance tau and rotate the optimizer state.
+
+        The ranks of all layers are decided together: one host sync, and one ``broadcast`` across processes.
+        """
+        plans = []  # per layer: name, singular vectors per mode (None: keep the mode as it is), rank candidates
         for name, old_ranks in self._augmented.items():
             layer = self.layers[name]
             core = layer.active_core()
             theta = self.config.tau * torch.linalg.vector_norm(core.to(_compute_dtype(core.dtype)))
-            keep, singular_vectors = [], []
+            vectors, candidates = [], []
             for mode, r in enumerate(layer.ranks):
                 if not self.config.adapts(mode) and old_ranks[mode] == r:
-                    keep.append(r)
-                    singular_vectors.append(None)
+                    vectors.append(None)
+                    candidates.append(torch.tensor(r, device=core.device))
                     continue
                 p, s = _singular_pairs(core, mode)
-                keep.append(self._rank(s, theta, layer.max_ranks[mode]) if self.config.adapts(mode) else old_ranks[mode])
-                singular_vectors.append(p.to(core.dtype))
-            rotations = [p if p is None else p[:, :r] for p, r in zip(singular_vectors, consistent_ranks(keep))]
-            states = [] if optimizer is None else [
-                (key, value) for key, value in optimizer.state.get(layer.core, {}).items()
-                if isinstance(value, Tensor) and value.shape == layer.core.shape]
-            new_core = _rotate(core, rotations, squared=False)
-            new_states = [(key, _rotate(value[tuple(slice(r) for r in layer.ranks)], rotations,
-                                        squared=key in SECOND_MOMENTS)) for key, value in states]
-            for u, p in zip(layer.factors, rotations):
-                if p is not None:
-                    u[:, : p.shape[1]] = u[:, : p.shape[0]] @ p
-            new = tuple(new_core.shape)
-            block = tuple(slice(r) for r in layer.ranks)
-            layer.core[block] = 0
-            layer.core[tuple(slice(r) for r in new)] = new_core
-            for key, value in new_states:
-                optimizer.state[layer.core][key][block] = 0
-                optimizer.state[layer.core][key][tuple(slice(r) for r in new)] = value
-            layer.set_rank(new)
+                vectors.append(p.to(core.dtype))
+                adapted = self.config.adapts(mode)
+                candidates.append(_tail_rank(s, theta) if adapted else torch.tensor(old_ranks[mode], device=core.device))
+            plans.append((name, vectors, candidates))
+        if not plans:
+            return
+        decided = torch.stack([c for _, _, candidates in plans for c in candidates])
+        if self.broadcast is not None:
+            decided = self.broadcast(decided)
+        decided = iter(decided.tolist())
+        for name, vectors, _ in plans:
+            layer = self.layers[name]
+            keep = [self._clamp(next(decided), size, layer.max_ranks[mode]) if self.config.adapts(mode) else next(decided)
+                    for mode, size in enumerate(layer.ranks)]
+            self._rotate_layer(layer, [p if p is None else p[:, :r] for p, r in zip(vectors, consistent_ranks(keep))],
+                               optimizer)
         self._augmented.clear()
+
+    @staticmethod
+    def _rotate_layer(layer: TuckerLayer, rotations: list[Tensor | None], optimizer: torch.optim.Optimizer | None) -> None:
+        """U_i <- U_i P_i, C <- C x_i P_i^T for every mode with a rotation P_i (orthonormal columns); the core's
+        optimizer state rotates alike (second moments by P_i * P_i)."""
+        core = layer.active_core()
+        block = tuple(slice(r) for r in layer.ranks)
+        state = {} if optimizer is None else optimizer.state.get(layer.core, {})
+        moments = {key: value for key, value in state.items()
+                   if isinstance(value, Tensor) and value.shape == layer.core.shape}
+        new_core = _rotate(core, rotations, squared=False)
+        new_moments = {key: _rotate(value[block], rotations, squared=key in SECOND_MOMENTS)
+                       for key, value in moments.items()}
+        for u, p in zip(layer.factors, rotations):
+            if p is not None:
+                u[:, : p.shape[1]] = u[:, : p.shape[0]] @ p
+        new_block = tuple(slice(r) for r in new_core.shape)
+        layer.core[new_block] = new_core
+        layer.set_rank(new_core.shape)
+        for key, value in new_moments.items():
+            moments[key].zero_()
+            moments[key][new_block] = value
 
     def _drop_gradients(self) -> None:
         """Set every gradient of the layers to None, so that an optimizer step leaves them as they are."""
@@ -314,15 +356,13 @@ class TuckerIntegrator:
             layer.zero_grad(set_to_none=True)
         self.clear()
 
-    def _rank(self, singular_values: Tensor, theta: Tensor, max_rank: int) -> int:
-        """Smallest r with ||s[r:]||_2 <= theta, clamped to [min_rank, max_rank] (one host sync)."""
-        tail = torch.sqrt(torch.flip(torch.cumsum(torch.flip(singular_values**2, [0]), 0), [0]))  # ||s[r:]||
-        r = int((tail > theta).sum())
-        return max(min(r, max_rank, singular_values.numel()), min(self.config.min_rank, singular_values.numel()))
+    def _clamp(self, rank: int, size: int, max_rank: int) -> int:
+        """``rank`` clamped to [min_rank, max_rank] and to the ``size`` of the augmented mode."""
+        return max(min(rank, max_rank, size), min(self.config.min_rank, size))
 
-    def step(self, optimizer: torch.optim.Optimizer, reduce: Callable[[Tensor], Tensor] | None = None) -> bool:
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
         """before_step, ``optimizer.step()``, after_step; False (nothing changed) on non-finite gradients."""
-        if not self.before_step(optimizer, reduce):
+        if not self.before_step(optimizer):
             return False
         optimizer.step()
         self.after_step(optimizer)
@@ -332,6 +372,21 @@ class TuckerIntegrator:
         """Forget the captured inputs and output gradients."""
         for capture in self._captures.values():
             capture.pairs.clear()
+
+
+def _tail_rank(singular_values: Tensor, theta: Tensor) -> Tensor:
+    """Smallest r with ||s[r:]||_2 <= theta, for descending singular values s (a 0-d tensor: no host sync)."""
+    tail = torch.sqrt(torch.flip(torch.cumsum(torch.flip(singular_values**2, [0]), 0), [0]))  # ||s[r:]||
+    return (tail > theta).sum()
+
+
+def _mask_outside_block(layer: TuckerLayer) -> None:
+    """Zero the core's gradient outside the active block (a compiled forward computes at the storage ranks)."""
+    if layer.core.grad is not None:
+        grad = torch.zeros_like(layer.core.grad)
+        block = tuple(slice(r) for r in layer.ranks)
+        grad[block] = layer.core.grad[block]
+        layer.core.grad = grad
 
 
 def _singular_pairs(tensor: Tensor, mode: int) -> tuple[Tensor, Tensor]:

@@ -133,11 +133,20 @@ class TuckerLayer(nn.Module):
             nn.init.uniform_(self.core, -bound, bound)
             if self.bias is not None:
                 nn.init.uniform_(self.bias, -bound, bound)
+        self.set_rank(self.ranks)
 
+    @torch.no_grad()
     def set_rank(self, ranks: Sequence[int]) -> None:
-        """Set the active rank of every mode (each in [1, max_rank])."""
+        """Set the active rank of every mode (each in [1, max_rank]); core entries outside the active block become 0.
+
+        So the weight is the same whatever rank at least the active one the forward uses: raising a rank extends
+        the core by zeros (W unchanged), and a compiled forward can use the storage ranks.
+        """
         self.ranks = _check_ranks("rank", ranks, self.max_ranks, "max_rank")
         self.rank.copy_(torch.tensor(self.ranks, dtype=torch.long), non_blocking=True)
+        active = self.core[tuple(slice(r) for r in self.ranks)].clone()
+        self.core.zero_()
+        self.core[tuple(slice(r) for r in self.ranks)] = active
 
     @staticmethod
     def _sync_ranks(module: TuckerLayer, incompatible_keys: object) -> None:
@@ -152,6 +161,7 @@ class TuckerLayer(nn.Module):
         self.core.copy_(core)
         for u, new in zip(self.factors, factors):
             u.copy_(new)
+        self.set_rank(self.ranks)
 
     def _copy_from(self, layer: nn.Linear | DenseConv, init: Init) -> None:
         """Take weight (decomposed), bias and train/eval mode from the dense ``layer``."""
@@ -169,6 +179,13 @@ class TuckerLayer(nn.Module):
         """The core at the active ranks, shape (r_1, ..., r_d)."""
         return self.core[tuple(slice(r) for r in self.ranks)]
 
+    def _forward_factors(self) -> tuple[list[Tensor], Tensor]:
+        """Factors and core the forward computes with: the active ones in eager mode (cost follows the rank); the
+        stored ones under torch.compile, whose graph then never depends on a rank (the core is 0 outside the block)."""
+        if torch.compiler.is_compiling():
+            return list(self.factors), self.core
+        return self.active_factors(), self.active_core()
+
     def dense_weight(self) -> Tensor:
         """W = core x_1 U_1 ... x_d U_d, shape ``self.shape`` (for export and tests; the forward never forms it)."""
         with tl.backend_context("pytorch"):
@@ -182,6 +199,10 @@ class TuckerLayer(nn.Module):
     def dense_num_parameters(self) -> int:
         """Parameters of the dense layer this one replaces: prod_i n_i (+ bias)."""
         return math.prod(self.shape) + (0 if self.bias is None else self.bias.numel())
+
+    def arguments(self) -> dict[str, object]:
+        """Constructor arguments that rebuild this layer's structure (sizes, options, ranks), for checkpoints."""
+        raise NotImplementedError
 
     def galerkin_gradient(self, factors: Sequence[Tensor], x: Tensor, dy: Tensor) -> Tensor:
         """dL/dW x_i U_i^T for orthonormal bases ``factors`` (n_i x s_i), shape (s_1, ..., s_d).
@@ -232,8 +253,12 @@ class TuckerLinear(TuckerLayer):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        u_out, u_in = self.active_factors()
-        return F.linear(F.linear(F.linear(x, u_in.T), self.active_core()), u_out, self.bias)
+        (u_out, u_in), core = self._forward_factors()
+        return F.linear(F.linear(F.linear(x, u_in.T), core), u_out, self.bias)
+
+    def arguments(self) -> dict[str, object]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "rank": self.ranks, "max_rank": self.max_ranks}
 
     def galerkin_gradient(self, factors: Sequence[Tensor], x: Tensor, dy: Tensor) -> Tensor:
         """(dy U_out)^T (x U_in), summed over all leading dims."""
@@ -330,17 +355,21 @@ class _TuckerConvNd(TuckerLayer):
     def kernel(self) -> Tensor:
         """The middle convolution's kernel, core x_3 U_k1 ..., shape (r_out, r_in, k_1, ...)."""
         _, _, *spatial = self.active_factors()
-        return torch.einsum(self._kernel_equation, self.active_core(), *spatial)
+        return self._kernel(self.active_core(), spatial)
+
+    def _kernel(self, core: Tensor, spatial: Sequence[Tensor]) -> Tensor:
+        return torch.einsum(self._kernel_equation, core, *spatial)
 
     def forward(self, x: Tensor) -> Tensor:
-        u_out, u_in, *_ = self.active_factors()
+        (u_out, u_in, *spatial), core = self._forward_factors()
+        kernel = self._kernel(core, spatial)
         ones = (1,) * len(self.kernel_size)
         x = self._conv(x, u_in.T.reshape(*u_in.T.shape, *ones))
         if self.padding_mode == "zeros":
-            x = self._conv(x, self.kernel(), None, self.stride, self.padding, self.dilation)
+            x = self._conv(x, kernel, None, self.stride, self.padding, self.dilation)
         else:
             x = F.pad(x, self._explicit_padding, mode=self.padding_mode)
-            x = self._conv(x, self.kernel(), None, self.stride, 0, self.dilation)
+            x = self._conv(x, kernel, None, self.stride, 0, self.dilation)
         return self._conv(x, u_out.reshape(*u_out.shape, *ones), self.bias)
 
     def galerkin_gradient(self, factors: Sequence[Tensor], x: Tensor, dy: Tensor) -> Tensor:
@@ -372,7 +401,12 @@ class _TuckerConvNd(TuckerLayer):
         return conv.train(self.training)
 
     def _options(self) -> dict[str, object]:
-        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, padding_mode=self.padding_mode)
+        return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation,
+                "padding_mode": self.padding_mode}
+
+    def arguments(self) -> dict[str, object]:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels, "kernel_size": self.kernel_size,
+                **self._options(), "bias": self.bias is not None, "rank": self.ranks, "max_rank": self.max_ranks}
 
     def to_compact(self) -> nn.Sequential:
         """Three convolutions: 1x1 (C_in -> r_in), kxk (r_in -> r_out) with the spatial factors merged, 1x1 (r_out -> C_out)."""

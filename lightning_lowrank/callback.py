@@ -1,0 +1,207 @@
+"""Lightning glue: convert at setup, run the integrator around every optimizer step, log ranks, checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_lowrank.checkpoint import CHECKPOINT_KEY, layer_structure
+from lightning_lowrank.conversion import RankSpec, TuckerConfig, convert
+from lightning_lowrank.integrator import IntegratorConfig, TuckerIntegrator
+from lightning_lowrank.layers import TuckerLayer
+from lightning_lowrank.summary import summary
+
+try:  # lightning >= 2.5
+    from lightning.pytorch.callbacks import WeightAveraging
+    _AVERAGING: tuple[type[Callback], ...] = (StochasticWeightAveraging, WeightAveraging)
+except ImportError:
+    _AVERAGING = (StochasticWeightAveraging,)
+
+
+class TuckerCallback(Callback):
+    """Train a LightningModule's Conv/Linear layers in Tucker form with the rank-adaptive integrator.
+
+    At ``setup`` (fit, validate, test, predict; idempotent) the selected layers become Tucker layers, so the strategy
+    wraps and the optimizer sees the factorized model. Around every real optimizer step the integrator augments the
+    bases, lets the optimizer step the cores, and truncates with tolerance ``tau``. Logged through
+    ``pl_module.log``: ``lowrank/compression_rate`` (progress bar), ``lowrank/params`` and
+    ``lowrank/<layer>/rank_<mode>`` for every adapted mode, at every logging step and at epoch end.
+
+    A module that builds its layers in ``configure_model`` calls :func:`lightning_lowrank.convert` there; the callback
+    then finds them converted. Place it before StochasticWeightAveraging/WeightAveraging (they copy the model at their
+    own setup), and freeze the ranks before averaging starts.
+
+    Args:
+        tau: relative truncation tolerance in [0, 1).
+        rank, max_rank, kernel_rank, include, exclude, min_size, keep_first_last, init, layer_types: which layers
+            are converted and at which initial and maximum ranks (:class:`~lightning_lowrank.TuckerConfig`).
+        min_rank, modes, method, interval: the integrator's options (:class:`~lightning_lowrank.IntegratorConfig`).
+        freeze_after_steps, freeze_after_epochs: from this optimizer step or epoch on, ranks and bases stay fixed
+            and only the cores (and the other parameters) train.
+    """
+
+    def __init__(
+        self,
+        tau: float = 0.1,
+        rank: RankSpec = "full",
+        max_rank: RankSpec = "full",
+        min_rank: int = 1,
+        kernel_rank: RankSpec = "full",
+        modes: Literal["channels", "all"] = "channels",
+        method: Literal["parallel", "augmented"] = "parallel",
+        interval: int = 1,
+        freeze_after_steps: int | None = None,
+        freeze_after_epochs: int | None = None,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        min_size: int = 0,
+        keep_first_last: bool = False,
+        init: Literal["hosvd", "random"] = "hosvd",
+        layer_types: Sequence[type[nn.Module]] | None = None,
+    ) -> None:
+        conversion = {} if layer_types is None else {"layer_types": tuple(layer_types)}
+        self.conversion = TuckerConfig(rank=rank, max_rank=max_rank, kernel_rank=kernel_rank, include=tuple(include),
+                                       exclude=tuple(exclude), min_size=min_size, keep_first_last=keep_first_last,
+                                       init=init, **conversion)
+        self.integration = IntegratorConfig(tau=tau, min_rank=min_rank, modes=modes, method=method, interval=interval)
+        if isinstance(max_rank, int) and not isinstance(max_rank, bool) and min_rank > max_rank:
+            raise ValueError(f"`min_rank` ({min_rank}) must not exceed `max_rank` ({max_rank})")
+        for name, value in (("freeze_after_steps", freeze_after_steps), ("freeze_after_epochs", freeze_after_epochs)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"`{name}` must be None or an int >= 0, got {value!r}")
+        self.freeze_after_steps, self.freeze_after_epochs = freeze_after_steps, freeze_after_epochs
+        self.integrators: dict[torch.optim.Optimizer, TuckerIntegrator] = {}
+        self.skipped_steps = 0  # optimizer steps skipped because of non-finite gradients
+        self._handles: list[RemovableHandle] = []
+        self._loaded_state: dict[str, Any] | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _check_strategy(trainer.strategy)
+        averaging = [type(c).__name__ for c in trainer.callbacks[: trainer.callbacks.index(self)]
+                     if isinstance(c, _AVERAGING)]
+        if averaging:
+            raise ValueError(f"TuckerCallback must come before {averaging[0]} in `Trainer(callbacks=...)`: that "
+                             "callback copies the model at its setup, before the layers are converted")
+        if any(type(m) in self.conversion.layer_types or isinstance(m, TuckerLayer) for m in pl_module.modules()):
+            report = convert(pl_module, self.conversion)
+            if report.converted:
+                rank_zero_info(f"TuckerCallback: {report}")
+        # else the module builds its layers in `configure_model` and converts them there (checked at fit start)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        layers = {name: m for name, m in pl_module.named_modules() if isinstance(m, TuckerLayer)}
+        if not layers:
+            raise ValueError(f"{type(pl_module).__name__} has no Tucker layers at fit start: if it builds its layers in "
+                             "`configure_model`, call `lightning_lowrank.convert` there")
+        self.integrators = {}
+        reduce = broadcast = None
+        if trainer.world_size > 1:
+            def reduce(tensor: Tensor) -> Tensor:
+                return trainer.strategy.reduce(tensor, reduce_op="mean")
+
+            def broadcast(tensor: Tensor) -> Tensor:
+                return trainer.strategy.broadcast(tensor, src=0)
+
+        for optimizer, members in _layers_by_optimizer(layers, trainer.optimizers).items():
+            integrator = TuckerIntegrator(members, self.integration, reduce, broadcast)
+            self.integrators[optimizer] = integrator
+            self._handles.append(optimizer.register_step_post_hook(
+                lambda opt, args, kwargs, integrator=integrator: integrator.after_step(opt)))
+        if self._loaded_state is not None:
+            for integrator, state in zip(self.integrators.values(), self._loaded_state["integrators"]):
+                integrator.load_state_dict(state)
+            self.skipped_steps = self._loaded_state["skipped_steps"]
+            self._loaded_state = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if (self.freeze_after_steps is not None and trainer.global_step >= self.freeze_after_steps
+                or self.freeze_after_epochs is not None and trainer.current_epoch >= self.freeze_after_epochs):
+            for integrator in self.integrators.values():
+                if not integrator.frozen:
+                    integrator.freeze()
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        integrator = self.integrators.get(optimizer)
+        if integrator is None or integrator.before_step(optimizer):
+            return
+        for group in optimizer.param_groups:  # the whole step becomes a no-op: nothing is lost
+            for p in group["params"]:
+                p.grad = None
+        self.skipped_steps += 1
+        rank_zero_warn(f"TuckerCallback: non-finite gradient at global step {trainer.global_step}; the optimizer "
+                       f"step is skipped ({self.skipped_steps} so far)")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._log(pl_module, on_step=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(pl_module, on_step=False)
+
+    def _log(self, pl_module: pl.LightningModule, on_step: bool) -> None:
+        """Compression, parameters and the rank of every adapted mode (Python numbers: no device sync)."""
+        report = summary(pl_module)
+        options = {"on_step": on_step, "on_epoch": not on_step, "batch_size": 1}
+        pl_module.log("lowrank/compression_rate", report.compression_rate, prog_bar=True, **options)
+        pl_module.log("lowrank/params", float(report.params), **options)
+        for integrator in self.integrators.values():
+            for name, layer in integrator.layers.items():
+                for mode, (mode_name, rank) in enumerate(zip(layer.mode_names, layer.ranks)):
+                    if self.integration.adapts(mode):
+                        pl_module.log(f"lowrank/{name}/rank_{mode_name}", float(rank), **options)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = layer_structure(pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"integrators": [integrator.state_dict() for integrator in self.integrators.values()],
+                "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded_state = state_dict  # applied at fit start, once the integrators exist
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for integrator in self.integrators.values():
+            integrator.remove()  # the integrators stay readable (steps, layers) until the next fit
+
+
+def _check_strategy(strategy: pl.strategies.Strategy) -> None:
+    """Single device and DDP (any launcher) are supported; sharded strategies cannot hold fixed-shape factors."""
+    if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        raise ValueError(f"TuckerCallback supports single-device and DDP strategies, not {type(strategy).__name__}: "
+                         "sharded parameters (FSDP, DeepSpeed, model parallel) would split the factors the "
+                         "integrator orthonormalizes")
+
+
+def _layers_by_optimizer(layers: dict[str, TuckerLayer], optimizers: Sequence[torch.optim.Optimizer]
+                         ) -> dict[torch.optim.Optimizer, dict[str, TuckerLayer]]:
+    """The Tucker layers whose core each optimizer steps; a layer's factors must be in that optimizer or none."""
+    owner = {id(p): optimizer for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
+    grouped: dict[torch.optim.Optimizer, dict[str, TuckerLayer]] = {}
+    for name, layer in layers.items():
+        optimizer = owner.get(id(layer.core))
+        elsewhere = {owner[id(u)] for u in layer.factors if id(u) in owner} - {optimizer}
+        if elsewhere:
+            raise ValueError(f"the factors of Tucker layer {name!r} are in another optimizer than its core: put a "
+                             "layer's parameters in one optimizer (`layer.parameters()`)")
+        if optimizer is None:
+            rank_zero_warn(f"TuckerCallback: no optimizer steps the core of {name!r}; its rank stays fixed")
+            continue
+        grouped.setdefault(optimizer, {})[name] = layer
+    return grouped

@@ -1,0 +1,59 @@
+"""What a checkpoint carries to rebuild Tucker layers, and loading it without the callback."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_lowrank.export import compact
+from lightning_lowrank.layers import TUCKER_LAYERS, TuckerLayer
+
+CHECKPOINT_KEY = "lightning_lowrank"
+"""The checkpoint entry holding ``{"layers": {qualified name: {"type": class name, "arguments": {...}}}}``."""
+
+
+def layer_structure(module: nn.Module) -> dict[str, Any]:
+    """The type and constructor arguments (sizes, options, ranks) of every Tucker layer of ``module``."""
+    return {"layers": {name: {"type": type(m).__name__, "arguments": m.arguments()}
+                       for name, m in module.named_modules() if isinstance(m, TuckerLayer)}}
+
+
+def rebuild(module: nn.Module, structure: dict[str, Any]) -> nn.Module:
+    """Put Tucker layers of the given ``structure`` into ``module`` in place (on its device and dtype); returns it."""
+    classes = {cls.__name__: cls for cls in TUCKER_LAYERS.values()}
+    for name, entry in structure["layers"].items():
+        try:
+            current = module.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the checkpoint has a Tucker layer {name!r} that {type(module).__name__} lacks") from None
+        reference = next(current.parameters(), None)
+        factory = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
+        module.set_submodule(name, classes[entry["type"]](**entry["arguments"], **factory))
+    return module
+
+
+def load_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], model: nn.Module | type[nn.Module],
+                    compact_layers: bool = True, map_location: str | torch.device | None = "cpu",
+                    weights_only: bool = True) -> nn.Module:
+    """Load a checkpoint written with :class:`~lightning_lowrank.TuckerCallback`, no callback needed.
+
+    Args:
+        checkpoint: a path (as saved by Lightning) or the loaded checkpoint dictionary.
+        model: the module the checkpoint's ``state_dict`` belongs to (its layers still dense), or a LightningModule
+            class, built from the checkpoint's hyper-parameters.
+        compact_layers: return plain torch layers at the learned ranks (:func:`~lightning_lowrank.compact`), else
+            the Tucker layers.
+        map_location, weights_only: as in :func:`torch.load`.
+    """
+    if not isinstance(checkpoint, dict):
+        checkpoint = torch.load(checkpoint, map_location=map_location, weights_only=weights_only)
+    if CHECKPOINT_KEY not in checkpoint:
+        raise ValueError(f"the checkpoint has no {CHECKPOINT_KEY!r} entry: it was not written with TuckerCallback")
+    if isinstance(model, type):
+        model = model(**checkpoint.get("hyper_parameters", {}))
+    rebuild(model, checkpoint[CHECKPOINT_KEY])
+    model.load_state_dict(checkpoint["state_dict"])
+    return compact(model) if compact_layers else model

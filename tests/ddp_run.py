@@ -1,0 +1,38 @@
+"""Two CPU processes (gloo) train a Student with TuckerCallback; each saves its rank history and final state.
+
+    python tests/ddp_run.py OUT_DIR      (run by test_callback.py::test_ddp_processes_end_every_step_identical)
+"""
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning_models import Student
+
+import lightning_lowrank as ll
+
+
+class RankHistory(pl.Callback):
+    def __init__(self):
+        self.ranks = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.ranks.append([r for m in pl_module.modules() if isinstance(m, ll.TuckerLayer) for r in m.ranks])
+
+
+def main(out: Path) -> None:
+    torch.manual_seed(0)  # the same initial model everywhere (DDP also broadcasts it)
+    history = RankHistory()
+    callback = ll.TuckerCallback(tau=0.3)
+    trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=3, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[callback, history])
+    model = Student(lr=0.02, batch_size=16)
+    trainer.fit(model)
+    torch.save({"steps": trainer.global_step, "ranks": history.ranks, "state_dict": model.state_dict()},
+               out / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

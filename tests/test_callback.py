@@ -1,0 +1,461 @@
+"""TuckerCallback end to end with a Trainer: conversion, integration, metrics, checkpoints, strategies, composition."""
+
+import csv
+import math
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import (EarlyStopping, LearningRateMonitor, ModelCheckpoint,
+                                         StochasticWeightAveraging)
+from lightning.pytorch.loggers import CSVLogger
+from lightning_models import Student
+from reference import assert_orthonormal
+from torch import nn
+
+import lightning_lowrank as ll
+
+HERE = Path(__file__).parent
+
+
+def trainer(**options):
+    defaults = dict(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
+    return pl.Trainer(**{**defaults, **options})
+
+
+def tucker_layers(module):
+    return {name: m for name, m in module.named_modules() if isinstance(m, ll.TuckerLayer)}
+
+
+def assert_healthy(module, atol=1e-5):
+    for layer in tucker_layers(module).values():
+        for u in layer.active_factors():
+            assert_orthonormal(u.detach().double(), atol=atol)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def read_metrics(log_dir):
+    with open(Path(log_dir) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(autouse=True)
+def quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+        yield
+
+
+def test_ranks_fall_and_metrics_reach_the_csv_logger(tmp_path):
+    """From full rank on a rank-2 teacher, the linear ranks fall to 2 and every metric is a CSV column."""
+    torch.manual_seed(0)
+    model = Student(lr=0.02)
+    fit = trainer(max_epochs=10, callbacks=[ll.TuckerCallback(tau=0.3)], logger=CSVLogger(tmp_path, name="run"))
+    fit.fit(model)
+    rows = read_metrics(fit.logger.log_dir)
+    names = {"lowrank/compression_rate", "lowrank/params", "lowrank/net.0/rank_out", "lowrank/net.0/rank_in",
+             "lowrank/net.3/rank_out", "lowrank/net.3/rank_in", "lowrank/net.4/rank_out", "lowrank/net.4/rank_in"}
+    assert names <= set(rows[0])
+    assert not any("rank_h" in column for column in rows[0])  # spatial modes are not adapted by default
+    steps = [row for row in rows if row["lowrank/net.3/rank_out"]]
+    assert len(steps) >= fit.global_step  # every step, plus every epoch end
+    ranks = [int(float(row["lowrank/net.3/rank_out"])) for row in steps]
+    assert model.net[3].max_ranks == (16, 16) and ranks[-1] == 2, ranks  # from full rank (16) to the teacher's
+    rates = [float(row["lowrank/compression_rate"]) for row in steps]
+    report = ll.summary(model)
+    assert rates[-1] == pytest.approx(report.compression_rate) and rates[-1] > 0.8
+    assert float(steps[-1]["lowrank/params"]) == report.params
+    assert_healthy(model)
+    # the learned model is the dense model of the compact export
+    x = torch.randn(5, 3, 6, 6)
+    torch.testing.assert_close(ll.compact(model)(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_conversion_is_idempotent_across_stages():
+    model = Student()
+    callback = ll.TuckerCallback(tau=0.2)
+    fit = trainer(max_epochs=1, callbacks=[callback])
+    fit.fit(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fit.validate(model, verbose=False)
+    fit.test(model, verbose=False)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    """Checkpoint after epoch 1, resume to epoch 3: ranks, parameters and optimizer state as if never stopped."""
+    def run(epochs, ckpt_path=None):
+        torch.manual_seed(0)
+        model = Student(lr=0.01, optimizer="adam")
+        checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+        fit = trainer(max_epochs=epochs, enable_checkpointing=True,
+                      callbacks=[ll.TuckerCallback(tau=0.2, interval=3), checkpoint])
+        fit.fit(model, ckpt_path=ckpt_path)
+        return model, fit
+
+    straight, straight_trainer = run(3)
+    run(1)
+    resumed, resumed_trainer = run(3, ckpt_path=tmp_path / "last.ckpt")
+    assert resumed_trainer.global_step == straight_trainer.global_step == 24
+    assert [m.ranks for m in tucker_layers(resumed).values()] == [m.ranks for m in tucker_layers(straight).values()]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert (a.double() - b.double()).abs().max() <= 1e-6, name
+    states = [fit.optimizers[0].state_dict()["state"] for fit in (straight_trainer, resumed_trainer)]
+    for index, state in states[0].items():
+        for key, value in state.items():
+            assert (value.double() - states[1][index][key].double()).abs().max() <= 1e-6
+
+
+FRESH_PROCESS = """
+import sys, torch, lightning.pytorch as pl
+sys.path.insert(0, {tests!r})
+import lightning_lowrank as ll
+from lightning_models import Student
+checkpoint, expected = sys.argv[1], torch.load(sys.argv[2])
+x = expected["x"]
+compact = ll.load_checkpoint(checkpoint, Student).eval()          # no callback, plain torch layers
+assert not any(isinstance(m, ll.TuckerLayer) for m in compact.modules())
+torch.testing.assert_close(compact(x), expected["y"], rtol=1e-5, atol=1e-6)
+tucker = ll.load_checkpoint(checkpoint, Student(), compact_layers=False)
+assert [m.ranks for m in tucker.modules() if isinstance(m, ll.TuckerLayer)] == expected["ranks"]
+trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[ll.TuckerCallback()])
+result = trainer.test(Student(), ckpt_path=checkpoint, verbose=False)[0]
+assert abs(result["test_loss"] - expected["test_loss"]) < 1e-5, (result, expected["test_loss"])
+print("fresh process OK")
+"""
+
+
+def test_checkpoint_loads_in_a_fresh_process(tmp_path):
+    torch.manual_seed(0)
+    model = Student(lr=0.02)
+    fit = trainer(max_epochs=3, callbacks=[ll.TuckerCallback(tau=0.3)], default_root_dir=tmp_path)
+    fit.fit(model)
+    fit.save_checkpoint(tmp_path / "model.ckpt")
+    x = torch.randn(7, 3, 6, 6)
+    model.eval()
+    test_loss = fit.test(model, verbose=False)[0]["test_loss"]
+    torch.save({"x": x, "y": model(x).detach(), "test_loss": test_loss,
+                "ranks": [m.ranks for m in tucker_layers(model).values()]}, tmp_path / "expected.pt")
+    script = tmp_path / "fresh.py"
+    script.write_text(FRESH_PROCESS.format(tests=str(HERE)))
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "model.ckpt"), str(tmp_path / "expected.pt")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fresh process OK" in result.stdout
+
+
+class ConfiguredStudent(Student):
+    """Builds its layers in configure_model and converts them there."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        del self.net
+        self.net = None
+
+    def configure_model(self):
+        if self.net is None:
+            self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                                     nn.Linear(8 * 36, 16), nn.Linear(16, 4))
+            ll.convert(self.net)
+
+
+def test_module_converting_in_configure_model_loads_with_load_from_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = ConfiguredStudent(lr=0.02)
+    fit = trainer(max_epochs=2, callbacks=[ll.TuckerCallback(tau=0.3)])
+    fit.fit(model)
+    assert model.net[0].ranks != model.net[0].max_ranks or model.net[3].ranks != model.net[3].max_ranks
+    fit.save_checkpoint(tmp_path / "model.ckpt")
+    loaded = ConfiguredStudent.load_from_checkpoint(tmp_path / "model.ckpt")
+    x = torch.randn(3, 3, 6, 6)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert [m.ranks for m in tucker_layers(loaded).values()] == [m.ranks for m in tucker_layers(model).values()]
+
+
+class CountingStudent(Student):
+    """Counts optimizer steps and checks gradients are finite at each step."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.optimizer_steps = 0
+
+    def optimizer_step(self, *args, **kwargs):
+        self.optimizer_steps += 1
+        super().optimizer_step(*args, **kwargs)
+
+
+def integrator_of(callback):
+    (integrator,) = callback.integrators.values()
+    return integrator
+
+
+def test_gradient_accumulation_runs_the_integrator_on_real_steps_only():
+    model = CountingStudent(lr=0.02)
+    callback = ll.TuckerCallback(tau=0.3)
+    fit = trainer(max_epochs=2, accumulate_grad_batches=4, callbacks=[callback])
+    callback_steps = []
+    fit.fit(model)
+    callback_steps.append(integrator_of(callback).steps if callback.integrators else None)
+    assert fit.global_step == 4  # 8 batches per epoch / 4
+    assert_healthy(model)
+
+
+def test_gradient_clipping_clips_the_galerkin_gradient():
+    """With SGD (no momentum) and clipping by norm, every core moves by at most lr * clip per step."""
+    class Recording(Student):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+        def on_before_optimizer_step(self, optimizer):  # runs after the callback's hook, before clipping
+            self.seen = getattr(self, "seen", [])
+
+    model = Recording(lr=0.5)
+    norms = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            norms.append(math.sqrt(sum(float(m.core.grad.norm() ** 2) for m in tucker_layers(pl_module).values()
+                                       if m.core.grad is not None)))
+
+    fit = trainer(max_epochs=1, gradient_clip_val=0.01, gradient_clip_algorithm="norm",
+                  callbacks=[ll.TuckerCallback(tau=0.2), Probe()])
+    fit.fit(model)
+    assert norms and max(norms) <= 0.01 * (1 + 1e-4)
+    assert_healthy(model)
+
+
+def test_bf16_mixed_on_cpu():
+    torch.manual_seed(0)
+    model = Student(lr=0.02)
+    callback = ll.TuckerCallback(tau=0.3)
+    fit = trainer(max_epochs=3, precision="bf16-mixed", callbacks=[callback])
+    fit.fit(model)
+    assert integrator_of(callback).steps == fit.global_step == 24
+    assert ll.summary(model).compression_rate > 0.2  # at full rank it is -0.06: ranks fell
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert_healthy(model)
+
+
+def test_scheduler_and_composition_with_lightning_callbacks(tmp_path):
+    """A StepLR scheduler, ModelCheckpoint and EarlyStopping on lowrank metrics, LearningRateMonitor, all at once."""
+    class Scheduled(Student):
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+            return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)]
+
+    torch.manual_seed(0)
+    model = Scheduled(lr=0.02)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="lowrank/compression_rate", mode="max")
+    stopping = EarlyStopping(monitor="lowrank/compression_rate", mode="max", patience=100)
+    fit = trainer(max_epochs=3, enable_checkpointing=True, logger=CSVLogger(tmp_path, name="run"),
+                  callbacks=[ll.TuckerCallback(tau=0.3), checkpoint, stopping, LearningRateMonitor()])
+    fit.fit(model)
+    assert fit.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.02 * 0.5**3)
+    assert checkpoint.best_model_score == pytest.approx(ll.summary(model).compression_rate, abs=0.2)
+    assert "lowrank/compression_rate" in fit.callback_metrics and stopping.best_score > 0
+    assert "lr-SGD" in read_metrics(fit.logger.log_dir)[0]
+    assert_healthy(model)
+
+
+class TwoOptimizers(Student):
+    """Manual optimization: one optimizer for the convolution, one for the linear layers."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        conv_opt, linear_opt = self.optimizers()
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        conv_opt.zero_grad()
+        linear_opt.zero_grad()
+        self.manual_backward(loss)
+        conv_opt.step()
+        linear_opt.step()
+        return loss
+
+    def configure_optimizers(self):
+        return (torch.optim.SGD(self.net[0].parameters(), lr=self.hparams.lr),
+                torch.optim.Adam([p for m in self.net[1:] for p in m.parameters()], lr=0.01))
+
+
+def test_two_optimizers_with_manual_optimization():
+    torch.manual_seed(0)
+    model = TwoOptimizers(lr=0.02)
+    callback = ll.TuckerCallback(tau=0.3)
+    fit = trainer(max_epochs=3, callbacks=[callback])
+    fit.fit(model)
+    assert len(callback.integrators) == 2
+    assert sorted(len(i.layers) for i in callback.integrators.values()) == [1, 2]
+    assert all(i.steps == 24 for i in callback.integrators.values())
+    assert model.net[3].ranks < model.net[3].max_ranks
+    assert_healthy(model)
+
+
+def test_factors_in_another_optimizer_than_the_core_are_refused():
+    class Split(TwoOptimizers):
+        def configure_optimizers(self):
+            layer = self.net[3]
+            return (torch.optim.SGD(list(layer.factors), lr=0.1),
+                    torch.optim.SGD([p for n, p in self.named_parameters() if ".factors." not in n or "net.3" not in n],
+                                    lr=0.1))
+
+    with pytest.raises(ValueError, match="factors of Tucker layer 'net.3' are in another optimizer"):
+        trainer(max_epochs=1, callbacks=[ll.TuckerCallback()]).fit(Split())
+
+
+def test_torch_compile_does_not_recompile_when_ranks_change():
+    compiles = []
+
+    def counting_backend(graph, example_inputs):
+        compiles.append(len(graph.graph.nodes))
+        return graph.forward
+
+    class Compiled(Student):
+        def configure_model(self):
+            if not isinstance(self.net, torch._dynamo.eval_frame.OptimizedModule):
+                self.net = torch.compile(self.net, backend=counting_backend)
+
+    torch.manual_seed(0)
+    model = Compiled(lr=0.02)
+    callback = ll.TuckerCallback(tau=0.3)
+    fit = trainer(max_epochs=3, callbacks=[callback], num_sanity_val_steps=0, limit_val_batches=0)
+    fit.fit(model)
+    ranks = [m.ranks for m in tucker_layers(model).values()]
+    assert ranks != [m.max_ranks for m in tucker_layers(model).values()]  # ranks changed during training
+    assert len(compiles) <= 2, compiles  # forward graph (and at most one more), not one per rank change
+    x = torch.randn(4, 3, 6, 6)
+    eager = ll.compact(model.net._orig_mod)
+    torch.testing.assert_close(model.net(x), eager(x), rtol=1e-5, atol=1e-6)
+    assert_healthy(model)
+
+
+def test_lightning_cli_configures_the_callback():
+    from lightning.pytorch.cli import LightningCLI
+
+    cli = LightningCLI(Student, run=False, args=[
+        "--trainer.accelerator=cpu", "--trainer.logger=false",
+        "--trainer.callbacks+=lightning_lowrank.TuckerCallback", "--trainer.callbacks.tau=0.25",
+        "--trainer.callbacks.interval=2"])
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, ll.TuckerCallback)]
+    assert callback.integration.tau == 0.25 and callback.integration.interval == 2
+
+
+def test_a_nan_gradient_skips_the_step_and_harms_nothing():
+    class Poisoned(Student):
+        def on_after_backward(self):
+            if self.global_step == 3:
+                self.net[3].core.grad[0, 0] = float("nan")
+                self.snapshot = {k: v.clone() for k, v in self.state_dict().items()}
+
+    torch.manual_seed(0)
+    model = Poisoned(lr=0.02)
+    callback = ll.TuckerCallback(tau=0.3)
+    after = {}
+
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 3:
+                after.update({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    with pytest.warns(UserWarning, match="non-finite gradient at global step 3"):
+        trainer(max_epochs=1, callbacks=[callback, Probe()]).fit(model)
+    assert callback.skipped_steps == 1
+    assert all(torch.equal(after[k], v) for k, v in model.snapshot.items())  # the poisoned step changed nothing
+    assert_healthy(model)
+
+
+def test_placed_before_swa_it_works_and_after_it_is_refused():
+    torch.manual_seed(0)
+    model = Student(lr=0.02)
+    fit = trainer(max_epochs=3, callbacks=[ll.TuckerCallback(tau=0.3, freeze_after_epochs=1),
+                                           StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=2)])
+    fit.fit(model)
+    assert_healthy(model)
+    with pytest.raises(ValueError, match="TuckerCallback must come before StochasticWeightAveraging"):
+        trainer(callbacks=[StochasticWeightAveraging(swa_lrs=0.01), ll.TuckerCallback()]).fit(Student())
+
+
+def test_freeze_after_steps_fixes_ranks_and_bases():
+    torch.manual_seed(0)
+    model = Student(lr=0.02)
+    frozen = {}
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 5:
+                frozen.update({n: (m.ranks, [u.clone() for u in m.active_factors()])
+                               for n, m in tucker_layers(pl_module).items()})
+
+    fit = trainer(max_epochs=2, callbacks=[ll.TuckerCallback(tau=0.3, freeze_after_steps=5), Probe()])
+    fit.fit(model)
+    for name, layer in tucker_layers(model).items():
+        ranks, factors = frozen[name]
+        assert layer.ranks == ranks
+        assert all(torch.equal(u, v) for u, v in zip(layer.active_factors(), factors))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"tau": 1.0}, r"`tau` must be a number in \[0, 1\)"),
+    ({"tau": -0.1}, r"`tau` must be a number in \[0, 1\)"),
+    ({"min_rank": 0}, r"`min_rank` must be an int >= 1"),
+    ({"min_rank": 5, "rank": 2, "max_rank": 3}, r"`min_rank` \(5\) must not exceed `max_rank` \(3\)"),
+    ({"rank": -2}, r"`rank` must be an int >= 1"),
+    ({"rank": 8, "max_rank": 4}, r"`rank` \(8\) must not exceed `max_rank` \(4\)"),
+    ({"interval": 0}, r"`interval` must be an int >= 1"),
+    ({"interval": 1.5}, r"`interval` must be an int >= 1"),
+    ({"freeze_after_steps": -1}, r"`freeze_after_steps` must be None or an int >= 0"),
+    ({"method": "exact"}, r"`method` must be 'parallel' or 'augmented'"),
+])
+def test_bad_options_are_refused_at_construction(options, message):
+    with pytest.raises(ValueError, match=message):
+        ll.TuckerCallback(**options)
+
+
+def test_bad_setup_is_refused_before_any_weight_changes():
+    model = Student()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="`include` pattern 'features.*' matches no module"):
+        trainer(callbacks=[ll.TuckerCallback(include=["features.*"])]).fit(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not tucker_layers(model)
+
+    class Empty(Student):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.LazyLinear(4))
+
+    with pytest.raises(ValueError, match="has no Tucker layers at fit start"):
+        trainer(callbacks=[ll.TuckerCallback()]).fit(Empty())
+
+
+def test_sharded_strategies_are_refused():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    callback = ll.TuckerCallback()
+    fsdp = SimpleNamespace(strategy=FSDPStrategy(), callbacks=[callback])  # FSDP needs a GPU to build a Trainer
+    with pytest.raises(ValueError, match="supports single-device and DDP strategies, not FSDPStrategy"):
+        callback.setup(fsdp, Student(), "fit")
+
+
+@pytest.mark.slow
+def test_ddp_processes_end_every_step_identical(tmp_path):
+    result = subprocess.run([sys.executable, str(HERE / "ddp_run.py"), str(tmp_path)], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert states[0]["steps"] == states[1]["steps"] > 0
+    assert states[0]["ranks"] == states[1]["ranks"]  # identical rank history, step by step
+    assert len(set(map(tuple, states[0]["ranks"]))) > 1  # ranks did change
+    for key, value in states[0]["state_dict"].items():
+        assert torch.equal(value, states[1]["state_dict"][key]), key
