@@ -211,3 +211,20 @@ def test_inconsistent_ranks_are_refused_and_conversion_makes_them_consistent():
 def test_grouped_conv_is_refused():
     with pytest.raises(ValueError, match="groups=2"):
         TuckerConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2))
+
+
+def test_raising_a_rank_extends_the_core_by_zeros():
+    """Lowering then raising a rank gives the truncated weight (W unchanged by the raise); storage outside the active
+    block holds zeros, so a forward at the storage ranks (what torch.compile runs) equals the active-rank forward."""
+    torch.manual_seed(0)
+    layer = TuckerConv2d(6, 8, 3, padding=1)
+    layer.set_rank((3, 2, 3, 3))
+    truncated = layer.dense_weight().detach().clone()
+    layer.set_rank((6, 5, 3, 3))
+    torch.testing.assert_close(layer.dense_weight(), truncated, rtol=0, atol=1e-6)
+    outside = layer.core.detach().clone()
+    outside[:3, :2] = 0
+    assert torch.count_nonzero(outside) == 0
+    x = torch.randn(2, 6, 5, 5)
+    storage = torch.nn.functional.conv2d(x, truncated, layer.bias, padding=1)
+    torch.testing.assert_close(torch.compile(layer, backend="eager")(x), storage, rtol=1e-5, atol=1e-5)
