@@ -12,8 +12,8 @@ install:
 data:
 	bash scripts/fetch_data.sh data
 
-demo:
-	$(PYTHON) examples/quickstart.py
+demo: data
+	$(PYTHON) examples/lenet5_mnist.py
 
 test:
 	$(PYTHON) -m pytest -q

@@ -19,25 +19,7 @@ import torch
 from torch import nn
 
 import lightning_lowrank as ll
-
-
-def lenet5() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 20, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(50 * 5 * 5, 500), nn.ReLU(), nn.Linear(500, 10),
-    )
-
-
-def vgg(widths=(64, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")) -> nn.Module:
-    layers, channels = [], 3
-    for width in widths:
-        if width == "M":
-            layers.append(nn.MaxPool2d(2))
-        else:
-            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
-            channels = width
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * 2 * 2, 512), nn.ReLU(), nn.Linear(512, 10))
+from lightning_lowrank.models import lenet5, vgg
 
 
 class Clock:
@@ -81,7 +63,7 @@ def main() -> None:
           f"{args.steps} timed steps after {args.warmup} warm-up steps; ms per step")
     variants = [("parallel", 1), ("augmented", 1), ("parallel", 10), ("augmented", 10)]
     print(f"{'model':<10} {'method':<10} {'interval':>8} {'fixed ms':>9} {'integr. ms':>10} {'ratio':>6}  breakdown (ms)")
-    for name, build in (("LeNet5", lenet5), ("VGG-style", vgg)):
+    for name, build in (("LeNet5", lambda: lenet5(3, image_size=32)), ("VGG-style", vgg)):
         batches = [(torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,)))
                    for _ in range(args.warmup + args.steps)]
         torch.manual_seed(0)

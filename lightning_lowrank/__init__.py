@@ -2,10 +2,22 @@
 
 from lightning_lowrank.callback import TuckerCallback
 from lightning_lowrank.checkpoint import load_checkpoint
-from lightning_lowrank.conversion import ConversionReport, RankSpec, TuckerConfig, convert
+from lightning_lowrank.conversion import (
+    ConversionReport,
+    RankSpec,
+    TuckerConfig,
+    convert,
+)
 from lightning_lowrank.export import compact, to_dense
 from lightning_lowrank.integrator import IntegratorConfig, TuckerIntegrator
-from lightning_lowrank.layers import TuckerConv1d, TuckerConv2d, TuckerConv3d, TuckerLayer, TuckerLinear
+from lightning_lowrank.layers import (
+    TuckerConv1d,
+    TuckerConv2d,
+    TuckerConv3d,
+    TuckerLayer,
+    TuckerLinear,
+)
+from lightning_lowrank.plot import plot_ranks, rank_curves
 from lightning_lowrank.summary import LayerSummary, Summary, summary
 
 __version__ = "0.1.0.dev0"
@@ -27,6 +39,8 @@ __all__ = [
     "compact",
     "convert",
     "load_checkpoint",
+    "plot_ranks",
+    "rank_curves",
     "summary",
     "to_dense",
 ]

@@ -59,3 +59,39 @@ def test_real_data_sets(name):
     assert len(train) == 60000 and len(test) == 10000
     assert set(train.tensors[1].unique().tolist()) == set(range(10))
     assert 0.1 < train.tensors[0].mean() < 0.35
+
+
+def test_load_mnist_pads_and_repeats_channels(tmp_path):
+    images = np.random.default_rng(1).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / "train-images-idx3-ubyte", images, 0x08)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(3, dtype=np.uint8), 0x08)
+    x, _ = load_mnist(tmp_path, image_size=32, channels=3).tensors
+    assert x.shape == (3, 3, 32, 32)
+    expected = torch.zeros(3, 32, 32)
+    expected[:, 2:30, 2:30] = torch.from_numpy(images).float() / 255
+    for c in range(3):
+        assert torch.equal(x[:, c], expected)
+    for kwargs, match in (({"image_size": 27}, "`image_size` must be an int >= 28"),
+                          ({"channels": 0}, "`channels` must be an int >= 1")):
+        with pytest.raises(ValueError, match=match):
+            load_mnist(tmp_path, **kwargs)
+
+
+def test_data_module_splits_and_batches(tmp_path):
+    from lightning_lowrank.data import MNISTDataModule
+
+    rng = np.random.default_rng(2)
+    for prefix, n in (("train", 10), ("t10k", 4)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), 0x08)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", np.arange(n, dtype=np.uint8) % 10, 0x08)
+    data = MNISTDataModule(tmp_path, batch_size=4, val_size=3)
+    data.setup("fit")
+    data.setup("test")
+    assert len(data.train_set) == 7 and len(data.val_set) == 3 and len(data.test_set) == 4
+    assert data.val_set.tensors[1].tolist() == [7, 8, 9]  # the last training images validate
+    x, y = next(iter(data.train_dataloader()))
+    assert x.shape == (4, 1, 28, 28) and y.dtype == torch.int64
+    for kwargs, match in (({"batch_size": 0}, "`batch_size` must be an int >= 1"),
+                          ({"val_size": 60000}, r"`val_size` must be an int in \[0, 60000\)")):
+        with pytest.raises(ValueError, match=match):
+            MNISTDataModule(tmp_path, **kwargs)

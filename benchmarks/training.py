@@ -1,0 +1,51 @@
+"""Shared by the real-data benchmarks: fit a classifier, time its training epochs, test it."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import torch
+
+import lightning_lowrank as ll
+
+
+class EpochTimer(pl.Callback):
+    """Wall time of every training epoch (without validation and testing) and the number of optimizer steps."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+@dataclass
+class Result:
+    test_acc: float
+    compression_rate: float
+    ranks: str
+    epoch_seconds: float
+    step_ms: float
+
+
+def fit_and_test(model: pl.LightningModule, data: pl.LightningDataModule, epochs: int,
+                 callbacks: list[pl.Callback] = ()) -> Result:
+    """Train for ``epochs`` (no validation), test; median epoch time and time per optimizer step."""
+    timer = EpochTimer()
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=[*callbacks, timer], limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.fit(model, data)
+        accuracy = trainer.test(model, data, verbose=False)[0]["test_acc"]
+    report = ll.summary(model)
+    ranks = " ".join(f"{'/'.join(map(str, layer.ranks[:2]))}" for layer in report.layers)
+    epoch = float(torch.tensor(timer.seconds).median())
+    return Result(accuracy, report.compression_rate, ranks or "dense", epoch,
+                  epoch / (trainer.global_step / epochs) * 1e3)

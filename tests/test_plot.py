@@ -1,0 +1,78 @@
+"""Rank curves read back from CSV and TensorBoard logs of a real run, against the ranks the layers had."""
+
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning_models import Student
+
+import lightning_lowrank as ll
+
+
+class RecordRanks(pl.Callback):
+    """The layers' own ranks after every training batch: the reference the logs are checked against."""
+
+    def __init__(self):
+        self.history = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.history.append({name: m.ranks for name, m in pl_module.named_modules() if isinstance(m, ll.TuckerLayer)})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("logs")
+    torch.manual_seed(0)
+    record = RecordRanks()
+    trainer = pl.Trainer(max_epochs=3, logger=[CSVLogger(root / "csv"), TensorBoardLogger(root / "tb")],
+                         callbacks=[ll.TuckerCallback(tau=0.3), record], log_every_n_steps=1,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.fit(Student(lr=0.02))
+    return trainer, record.history
+
+
+@pytest.mark.parametrize("logger", [0, 1], ids=["csv", "tensorboard"])
+def test_rank_curves_are_the_layer_ranks_at_every_step(run, logger):
+    trainer, history = run
+    curves = ll.rank_curves(trainer.loggers[logger].log_dir)
+    expected = {f"{layer}/rank_{mode}": [float(ranks[layer][i]) for ranks in history]
+                for layer in history[0] for i, mode in enumerate(("out", "in"))}
+    assert set(curves) == set(expected)
+    for name, (steps, ranks) in curves.items():
+        assert steps == list(range(len(history))), name
+        assert ranks == expected[name], name
+    assert expected["net.3/rank_out"][0] > expected["net.3/rank_out"][-1]  # the curves do move
+
+
+@pytest.mark.parametrize("logger", [0, 1], ids=["csv", "tensorboard"])
+def test_plot_ranks_writes_a_png_with_one_line_per_mode(run, logger, tmp_path):
+    trainer, history = run
+    figure = ll.plot_ranks(trainer.loggers[logger].log_dir, tmp_path / "ranks.png")
+    assert (tmp_path / "ranks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = {line.get_label(): list(line.get_ydata()) for line in figure.axes[0].lines}
+    assert len(lines) == 2 * len(history[0])  # out and in of every layer
+    assert lines["net.4/rank_in"] == [float(ranks["net.4"][1]) for ranks in history]
+
+
+def test_default_png_lands_next_to_the_log(run):
+    trainer, _ = run
+    ll.plot_ranks(trainer.loggers[0].log_dir)
+    assert (Path(trainer.loggers[0].log_dir) / "rank_curves.png").stat().st_size > 1000
+
+
+def test_unreadable_logs_are_clear_errors(run, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no metrics.csv or TensorBoard event file"):
+        ll.rank_curves(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "metrics.csv").write_text("epoch,step,train_loss\n0,0,1.0\n")
+    with pytest.raises(ValueError, match="no `lowrank/<layer>/rank_<mode>` metrics"):
+        ll.rank_curves(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "metrics.csv").write_text("epoch,step\n")
+    with pytest.raises(ValueError, match="2 logs under"):
+        ll.rank_curves(tmp_path)
