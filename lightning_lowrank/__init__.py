@@ -8,6 +8,7 @@ from lightning_lowrank.conversion import (
     TuckerConfig,
     convert,
 )
+from lightning_lowrank.deep_linear import DeepLinear
 from lightning_lowrank.export import compact, to_dense
 from lightning_lowrank.integrator import IntegratorConfig, TuckerIntegrator
 from lightning_lowrank.layers import (
@@ -24,6 +25,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "ConversionReport",
+    "DeepLinear",
     "IntegratorConfig",
     "LayerSummary",
     "RankSpec",
