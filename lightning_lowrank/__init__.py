@@ -1,6 +1,6 @@
 """Train neural networks directly in compressed low-rank (Tucker) form inside PyTorch Lightning."""
 
-from lightning_lowrank.callback import TuckerCallback
+from lightning_lowrank.callback import DeepLinearCallback, TuckerCallback
 from lightning_lowrank.checkpoint import load_checkpoint
 from lightning_lowrank.conversion import (
     ConversionReport,
@@ -26,6 +26,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "ConversionReport",
     "DeepLinear",
+    "DeepLinearCallback",
     "IntegratorConfig",
     "LayerSummary",
     "RankSpec",

@@ -8,13 +8,18 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    SingleDeviceStrategy,
+)
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_lowrank.checkpoint import CHECKPOINT_KEY, layer_structure
 from lightning_lowrank.conversion import RankSpec, TuckerConfig, convert
+from lightning_lowrank.deep_linear import DeepLinear, DeepLinearConfig, overparameterize
 from lightning_lowrank.integrator import IntegratorConfig, TuckerIntegrator
 from lightning_lowrank.layers import TuckerLayer
 from lightning_lowrank.summary import summary
@@ -26,7 +31,27 @@ except ImportError:
     _AVERAGING = (StochasticWeightAveraging,)
 
 
-class TuckerCallback(Callback):
+class _LowRankMetrics(Callback):
+    """Logs ``lowrank/<name>`` for every entry of :meth:`metrics` through ``pl_module.log``, at every logging step
+    and at epoch end, so every logger, ModelCheckpoint and EarlyStopping see them; compression on the progress bar."""
+
+    def metrics(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        raise NotImplementedError
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._log(pl_module, on_step=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(pl_module, on_step=False)
+
+    def _log(self, pl_module: pl.LightningModule, on_step: bool) -> None:
+        for name, value in self.metrics(pl_module).items():
+            pl_module.log(f"lowrank/{name}", value, prog_bar=name == "compression_rate", on_step=on_step,
+                          on_epoch=not on_step, batch_size=1)
+
+
+class TuckerCallback(_LowRankMetrics):
     """Train a LightningModule's Conv/Linear layers in Tucker form with the rank-adaptive integrator.
 
     At ``setup`` (fit, validate, test, predict; idempotent) the selected layers become Tucker layers, so the strategy
@@ -84,7 +109,7 @@ class TuckerCallback(Callback):
         self._loaded_state: dict[str, Any] | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _check_strategy(trainer.strategy)
+        _check_strategy(self, trainer.strategy)
         averaging = [type(c).__name__ for c in trainer.callbacks[: trainer.callbacks.index(self)]
                      if isinstance(c, _AVERAGING)]
         if averaging:
@@ -141,24 +166,16 @@ class TuckerCallback(Callback):
         rank_zero_warn(f"TuckerCallback: non-finite gradient at global step {trainer.global_step}; the optimizer "
                        f"step is skipped ({self.skipped_steps} so far)")
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        self._log(pl_module, on_step=True)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log(pl_module, on_step=False)
-
-    def _log(self, pl_module: pl.LightningModule, on_step: bool) -> None:
+    def metrics(self, pl_module: pl.LightningModule) -> dict[str, float]:
         """Compression, parameters and the rank of every adapted mode (Python numbers: no device sync)."""
         report = summary(pl_module)
-        options = {"on_step": on_step, "on_epoch": not on_step, "batch_size": 1}
-        pl_module.log("lowrank/compression_rate", report.compression_rate, prog_bar=True, **options)
-        pl_module.log("lowrank/params", float(report.params), **options)
+        metrics = {"compression_rate": report.compression_rate, "params": float(report.params)}
         for integrator in self.integrators.values():
             for name, layer in integrator.layers.items():
                 for mode, (mode_name, rank) in enumerate(zip(layer.mode_names, layer.ranks)):
                     if self.integration.adapts(mode):
-                        pl_module.log(f"lowrank/{name}/rank_{mode_name}", float(rank), **options)
+                        metrics[f"{name}/rank_{mode_name}"] = float(rank)
+        return metrics
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -181,12 +198,78 @@ class TuckerCallback(Callback):
             integrator.remove()  # the integrators stay readable (steps, layers) until the next fit
 
 
-def _check_strategy(strategy: pl.strategies.Strategy) -> None:
-    """Single device and DDP (any launcher) are supported; sharded strategies cannot hold fixed-shape factors."""
+class DeepLinearCallback(_LowRankMetrics):
+    """Train chosen Linear layers of a LightningModule as deep linear blocks, compressed to width 2r.
+
+    At ``setup`` (idempotent) the selected ``nn.Linear`` layers become :class:`~lightning_lowrank.DeepLinear`
+    blocks (:func:`~lightning_lowrank.deep_linear.overparameterize`): compressed to the top-2r singular subspaces of
+    their weights, or wide. During fit every optimizer step moves the outer factors ``alpha`` times as far as the
+    optimizer would (their update is scaled by ``alpha``: the same as an ``alpha`` times larger learning rate for
+    SGD, momentum, Adam and AdamW, whose updates are proportional to the learning rate), so configure the optimizer
+    on ``self.parameters()`` as usual. Logged like :class:`TuckerCallback`: ``lowrank/compression_rate`` (1 -
+    parameters of the blocks / parameters of the same blocks wide), ``lowrank/params`` and
+    ``lowrank/<layer>/width``.
+
+    Args: the fields of :class:`~lightning_lowrank.deep_linear.DeepLinearConfig`.
+    """
+
+    def __init__(self, depth: int = 3, rank: int | None = None, compressed: bool = True, init_scale: float = 1e-2,
+                 alpha: float = 5.0, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> None:
+        self.config = DeepLinearConfig(depth, rank, compressed, init_scale, alpha, tuple(include), tuple(exclude))
+        self._handles: list[RemovableHandle] = []
+        self._before: dict[nn.Parameter, Tensor] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _check_strategy(self, trainer.strategy)
+        if any(type(m) is nn.Linear for m in pl_module.modules()) or not self._blocks(pl_module):
+            report = overparameterize(pl_module, self.config)
+            if report.converted:
+                rank_zero_info(f"DeepLinearCallback: {report}")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.config.alpha == 1:
+            return
+        outer = {id(p): p for block in self._blocks(pl_module).values() for p in block.outer_factors}
+        for optimizer in trainer.optimizers:
+            mine = [p for group in optimizer.param_groups for p in group["params"] if id(p) in outer]
+            if mine:
+                self._handles.append(optimizer.register_step_pre_hook(
+                    lambda opt, args, kwargs, mine=mine: self._before.update({p: p.detach().clone() for p in mine})))
+                self._handles.append(optimizer.register_step_post_hook(
+                    lambda opt, args, kwargs, mine=mine: self._scale_updates(mine)))
+
+    @torch.no_grad()
+    def _scale_updates(self, parameters: list[nn.Parameter]) -> None:
+        """p <- p_before + alpha (p - p_before), in place."""
+        for p in parameters:
+            p.lerp_(self._before.pop(p), 1 - self.config.alpha)
+
+    def metrics(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Compression against the wide blocks, parameters of the model, and the width of every block."""
+        blocks = self._blocks(pl_module)
+        params = sum(block.num_parameters() for block in blocks.values())
+        wide = sum(block.num_parameters(max(block.in_features, block.out_features)) for block in blocks.values())
+        metrics = {"compression_rate": 1 - params / wide,
+                   "params": float(sum(p.numel() for p in pl_module.parameters()))}
+        return metrics | {f"{name}/width": float(block.width) for name, block in blocks.items()}
+
+    @staticmethod
+    def _blocks(pl_module: pl.LightningModule) -> dict[str, DeepLinear]:
+        return {name: m for name, m in pl_module.named_modules() if isinstance(m, DeepLinear)}
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+
+
+def _check_strategy(callback: Callback, strategy: pl.strategies.Strategy) -> None:
+    """Single device and DDP (any launcher) are supported; sharded strategies would split the factors."""
     if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-        raise ValueError(f"TuckerCallback supports single-device and DDP strategies, not {type(strategy).__name__}: "
-                         "sharded parameters (FSDP, DeepSpeed, model parallel) would split the factors the "
-                         "integrator orthonormalizes")
+        raise ValueError(f"{type(callback).__name__} supports single-device and DDP strategies, not "
+                         f"{type(strategy).__name__}: sharded parameters (FSDP, DeepSpeed, model parallel) would "
+                         "split the factors it keeps whole (orthonormal bases, outer factors)")
 
 
 def _layers_by_optimizer(layers: dict[str, TuckerLayer], optimizers: Sequence[torch.optim.Optimizer]

@@ -10,7 +10,13 @@ from typing import Literal, Union
 
 from torch import nn
 
-from lightning_lowrank.layers import TUCKER_LAYERS, Init, TuckerLayer, consistent_ranks, full_ranks
+from lightning_lowrank.layers import (
+    TUCKER_LAYERS,
+    Init,
+    TuckerLayer,
+    consistent_ranks,
+    full_ranks,
+)
 
 RankSpec = Union[int, float, Literal["full"]]
 """A rank per mode: an int in [1, n], a fraction of the mode size n in (0, 1] (rounded up), or 'full' (= n).
@@ -126,11 +132,7 @@ def convert(module: nn.Module, config: TuckerConfig | None = None, **options: ob
         config = TuckerConfig(**options)
     elif options:
         raise TypeError("pass either `config` or keyword options, not both")
-    names = [name for name, _ in module.named_modules()]
-    for option in ("include", "exclude"):
-        for pattern in getattr(config, option):
-            if not any(fnmatchcase(name, pattern) for name in names):
-                raise ValueError(f"`{option}` pattern {pattern!r} matches no module; names look like {names[1:6]}")
+    check_patterns(module, config.include, config.exclude)
 
     candidates = [(name, m) for name, m in module.named_modules()
                   if type(m) in config.layer_types or isinstance(m, TuckerLayer)]
@@ -152,16 +154,33 @@ def convert(module: nn.Module, config: TuckerConfig | None = None, **options: ob
     return report
 
 
+def check_patterns(module: nn.Module, include: tuple[str, ...], exclude: tuple[str, ...]) -> None:
+    """Raise if a glob pattern of ``include`` or ``exclude`` matches no module name of ``module``."""
+    names = [name for name, _ in module.named_modules()]
+    for option, patterns in (("include", include), ("exclude", exclude)):
+        for pattern in patterns:
+            if not any(fnmatchcase(name, pattern) for name in names):
+                raise ValueError(f"`{option}` pattern {pattern!r} matches no module; names look like {names[1:6]}")
+
+
+def pattern_reason(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> str | None:
+    """Why the module ``name`` is not selected by the patterns (the root cannot be replaced), or None."""
+    if not name:
+        return "the root module cannot be replaced in place; convert its parent"
+    if include and not any(fnmatchcase(name, p) for p in include):
+        return "not matched by `include`"
+    if any(fnmatchcase(name, p) for p in exclude):
+        return "matched by `exclude`"
+    return None
+
+
 def _skip_reason(name: str, layer: nn.Module, config: TuckerConfig, ends: set[str]) -> str | None:
     """Why ``layer`` stays as it is (empty string: already converted), or None to convert it."""
     if isinstance(layer, TuckerLayer):
         return ""
-    if not name:
-        return "the root module cannot be replaced in place; convert its parent"
-    if config.include and not any(fnmatchcase(name, p) for p in config.include):
-        return "not matched by `include`"
-    if any(fnmatchcase(name, p) for p in config.exclude):
-        return "matched by `exclude`"
+    reason = pattern_reason(name, config.include, config.exclude)
+    if reason:
+        return reason
     if name in ends:
         return "first or last layer (`keep_first_last`)"
     if layer.weight.numel() < config.min_size:

@@ -40,7 +40,9 @@ def _read_csv(path: Path) -> dict[str, dict[int, float]]:
 
 def _read_tensorboard(directory: Path) -> dict[str, dict[int, float]]:
     try:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        from tensorboard.backend.event_processing.event_accumulator import (
+            EventAccumulator,
+        )
     except ImportError as error:
         raise ImportError("reading TensorBoard logs needs tensorboard: pip install tensorboard") from error
     events = EventAccumulator(str(directory), size_guidance={"scalars": 0})  # 0: keep every point

@@ -10,8 +10,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import (EarlyStopping, LearningRateMonitor, ModelCheckpoint,
-                                         StochasticWeightAveraging)
+from lightning.pytorch.callbacks import (
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    StochasticWeightAveraging,
+)
 from lightning.pytorch.loggers import CSVLogger
 from lightning_models import Student
 from reference import assert_orthonormal

@@ -10,10 +10,10 @@ import warnings
 
 import pytest
 import torch
+from reference import assert_orthonormal, truncated_hosvd
 from torch import nn
 
 import lightning_lowrank as ll
-from reference import assert_orthonormal, truncated_hosvd
 
 
 def small_cnn(dtype=torch.float32) -> nn.Sequential:

@@ -8,10 +8,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import assert_orthonormal, bug_step, tucker_to_dense
 from torch import nn
 
-from lightning_lowrank import IntegratorConfig, TuckerConv2d, TuckerIntegrator, TuckerLinear
-from reference import assert_orthonormal, bug_step, tucker_to_dense
+from lightning_lowrank import (
+    IntegratorConfig,
+    TuckerConv2d,
+    TuckerIntegrator,
+    TuckerLinear,
+)
+
 
 @pytest.fixture(autouse=True)
 def _float64():

@@ -6,11 +6,11 @@ import itertools
 
 import pytest
 import torch
+from reference import assert_orthonormal, truncated_hosvd
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_lowrank import TuckerConv1d, TuckerConv2d, TuckerConv3d, TuckerLinear
-from reference import assert_orthonormal, truncated_hosvd
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 DTYPES = [torch.float32, torch.float64]
