@@ -40,21 +40,32 @@ def vgg(in_channels: int = 3, num_classes: int = 10, image_size: int = 32,
                          nn.Linear(512, num_classes))
 
 
+def mlp(in_features: int = 784, num_classes: int = 10, hidden: int = 1024) -> nn.Sequential:
+    """An MLP with a hidden-to-hidden linear layer before the classifier (index 3: the block that
+    :class:`~lightning_lowrank.DeepLinearCallback` overparameterizes in the paper's classifier experiment)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                         nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
 class ImageClassifier(pl.LightningModule):
-    """Cross-entropy training of ``lenet5`` or ``vgg`` with SGD; logs ``train_loss``, ``val_acc``, ``test_acc``.
+    """Cross-entropy training of ``lenet5``, ``vgg`` or ``mlp`` with SGD; logs ``train_loss``, ``val_acc``,
+    ``test_acc``.
 
     Input: (N, in_channels, image_size, image_size); output: (N, num_classes) logits.
     """
 
-    def __init__(self, arch: Literal["lenet5", "vgg"] = "lenet5", in_channels: int = 1, image_size: int = 28,
+    def __init__(self, arch: Literal["lenet5", "vgg", "mlp"] = "lenet5", in_channels: int = 1, image_size: int = 28,
                  num_classes: int = 10, lr: float = 0.05, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
         super().__init__()
-        if arch not in ("lenet5", "vgg"):
-            raise ValueError(f"`arch` must be 'lenet5' or 'vgg', got {arch!r}")
+        if arch not in ("lenet5", "vgg", "mlp"):
+            raise ValueError(f"`arch` must be 'lenet5', 'vgg' or 'mlp', got {arch!r}")
         if lr <= 0:
             raise ValueError(f"`lr` must be > 0, got {lr}")
         self.save_hyperparameters()
-        self.net = (lenet5 if arch == "lenet5" else vgg)(in_channels, num_classes, image_size)
+        if arch == "mlp":
+            self.net = mlp(in_channels * image_size * image_size, num_classes)
+        else:
+            self.net = (lenet5 if arch == "lenet5" else vgg)(in_channels, num_classes, image_size)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 

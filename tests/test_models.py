@@ -22,7 +22,14 @@ def test_vgg_shapes():
 
 
 def test_classifier_rejects_bad_options():
-    with pytest.raises(ValueError, match="`arch` must be 'lenet5' or 'vgg'"):
+    with pytest.raises(ValueError, match="`arch` must be 'lenet5', 'vgg' or 'mlp'"):
         ImageClassifier("resnet")
     with pytest.raises(ValueError, match="`lr` must be > 0"):
         ImageClassifier(lr=0)
+
+
+def test_mlp_block_before_the_classifier():
+    net = ImageClassifier("mlp").net
+    assert [tuple(m.weight.shape) for m in net if isinstance(m, nn.Linear)] == [(1024, 784), (1024, 1024), (10, 1024)]
+    assert net[3].weight.shape == (1024, 1024)
+    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
