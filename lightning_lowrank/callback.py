@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_lowrank.checkpoint import CHECKPOINT_KEY, layer_structure
+from lightning_lowrank.checkpoint import CHECKPOINT_KEY, split_state
 from lightning_lowrank.conversion import RankSpec, TuckerConfig, convert
 from lightning_lowrank.deep_linear import DeepLinear, DeepLinearConfig, overparameterize
 from lightning_lowrank.integrator import IntegratorConfig, TuckerIntegrator
@@ -179,7 +179,18 @@ class TuckerCallback(_LowRankMetrics):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = layer_structure(pl_module)
+        """The ``state_dict`` gets the merged dense weights (so ``Module.load_from_checkpoint`` builds the trained
+        dense model); the exact factorization goes under ``checkpoint["lightning_lowrank"]``."""
+        checkpoint[CHECKPOINT_KEY] = split_state(pl_module, checkpoint["state_dict"])
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Lightning has loaded the merged weights (decomposed by the layers); restore the exact factorization."""
+        if CHECKPOINT_KEY in checkpoint:
+            result = pl_module.load_state_dict(checkpoint[CHECKPOINT_KEY]["state_dict"], strict=False)
+            if result.unexpected_keys:
+                raise ValueError(f"the checkpoint has Tucker state the model lacks: {result.unexpected_keys[:5]}; "
+                                 "convert the same layers (same `include`/`exclude`) as the run that saved it")
 
     def state_dict(self) -> dict[str, Any]:
         return {"integrators": [integrator.state_dict() for integrator in self.integrators.values()],

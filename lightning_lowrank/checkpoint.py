@@ -12,13 +12,32 @@ from lightning_lowrank.export import compact
 from lightning_lowrank.layers import TUCKER_LAYERS, TuckerLayer
 
 CHECKPOINT_KEY = "lightning_lowrank"
-"""The checkpoint entry holding ``{"layers": {qualified name: {"type": class name, "arguments": {...}}}}``."""
+"""The checkpoint entry ``{"layers": {name: {"type": class name, "arguments": {...}}}, "state_dict": {...}}``: the
+Tucker layers' structure and exact state, while the checkpoint's ``state_dict`` holds their merged dense weights."""
 
 
 def layer_structure(module: nn.Module) -> dict[str, Any]:
     """The type and constructor arguments (sizes, options, ranks) of every Tucker layer of ``module``."""
     return {"layers": {name: {"type": type(m).__name__, "arguments": m.arguments()}
                        for name, m in module.named_modules() if isinstance(m, TuckerLayer)}}
+
+
+def split_state(module: nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Move the Tucker layers' entries (core, factors, rank) out of ``state_dict`` (in place), put each layer's
+    merged weight W in their stead, and return the checkpoint entry with the moved state.
+
+    So ``state_dict`` is the one of the model with dense layers (``Module.load_from_checkpoint`` loads it), and
+    the entry restores the exact factorization.
+    """
+    tucker_state = {}
+    for name, layer in module.named_modules():
+        if isinstance(layer, TuckerLayer):
+            prefix = f"{name}." if name else ""
+            for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):].split(".")[0] in
+                        ("core", "factors", "rank")]:
+                tucker_state[key] = state_dict.pop(key)
+            state_dict[prefix + "weight"] = layer.dense_weight().detach()
+    return {**layer_structure(module), "state_dict": tucker_state}
 
 
 def rebuild(module: nn.Module, structure: dict[str, Any]) -> nn.Module:
@@ -54,6 +73,8 @@ def load_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], model: nn.Mo
         raise ValueError(f"the checkpoint has no {CHECKPOINT_KEY!r} entry: it was not written with TuckerCallback")
     if isinstance(model, type):
         model = model(**checkpoint.get("hyper_parameters", {}))
-    rebuild(model, checkpoint[CHECKPOINT_KEY])
-    model.load_state_dict(checkpoint["state_dict"])
+    entry = checkpoint[CHECKPOINT_KEY]
+    rebuild(model, entry)
+    merged = {f"{name}.weight" if name else "weight" for name in entry["layers"]}
+    model.load_state_dict({k: v for k, v in checkpoint["state_dict"].items() if k not in merged} | entry["state_dict"])
     return compact(model) if compact_layers else model

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import tensorly as tl
 import torch
@@ -162,6 +162,31 @@ class TuckerLayer(nn.Module):
         for u, new in zip(self.factors, factors):
             u.copy_(new)
         self.set_rank(self.ranks)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Also load the state of the dense layer this one replaces (``weight``, ``bias``): the weight is decomposed
+        (HOSVD at the storage ranks) and the active ranks become its numerical ranks, so W is kept exactly."""
+        weight = state_dict.get(prefix + "weight")
+        if weight is not None and prefix + "core" not in state_dict and tuple(weight.shape) == self.shape:
+            del state_dict[prefix + "weight"]
+            state_dict.update(self._tucker_entries(weight, prefix))
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def _tucker_entries(self, weight: Tensor, prefix: str) -> dict[str, Tensor]:
+        """State entries (core, factors, rank) of the dense ``weight``; a mode's rank counts the singular values of
+        its unfolding above the numerical tolerance of ``torch.linalg.matrix_rank`` (size * eps * largest)."""
+        core, factors = tucker_decomposition(weight, self.max_ranks, "hosvd")
+        eps = torch.finfo(weight.dtype).eps if weight.is_floating_point() else torch.finfo(core.dtype).eps
+        ranks = []
+        for mode, n in enumerate(self.max_ranks):
+            s = torch.linalg.svdvals(core.double().movedim(mode, 0).reshape(n, -1))
+            ranks.append(max(1, int((s > max(self.shape) * eps * s[0]).sum())))
+        ranks = consistent_ranks(ranks)
+        active = core[tuple(slice(r) for r in ranks)].clone()
+        core.zero_()
+        core[tuple(slice(r) for r in ranks)] = active
+        return {prefix + "core": core, prefix + "rank": torch.tensor(ranks, dtype=torch.long),
+                **{f"{prefix}factors.{i}": u for i, u in enumerate(factors)}}
 
     def _copy_from(self, layer: nn.Linear | DenseConv, init: Init) -> None:
         """Take weight (decomposed), bias and train/eval mode from the dense ``layer``."""

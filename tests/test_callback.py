@@ -129,6 +129,9 @@ assert not any(isinstance(m, ll.TuckerLayer) for m in compact.modules())
 torch.testing.assert_close(compact(x), expected["y"], rtol=1e-5, atol=1e-6)
 tucker = ll.load_checkpoint(checkpoint, Student(), compact_layers=False)
 assert [m.ranks for m in tucker.modules() if isinstance(m, ll.TuckerLayer)] == expected["ranks"]
+dense = Student.load_from_checkpoint(checkpoint).eval()          # plain Lightning: the merged dense weights
+assert not any(isinstance(m, ll.TuckerLayer) for m in dense.modules())
+torch.testing.assert_close(dense(x), expected["y"], rtol=1e-5, atol=1e-6)
 trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[ll.TuckerCallback()])
 result = trainer.test(Student(), ckpt_path=checkpoint, verbose=False)[0]
 assert abs(result["test_loss"] - expected["test_loss"]) < 1e-5, (result, expected["test_loss"])

@@ -228,3 +228,20 @@ def test_raising_a_rank_extends_the_core_by_zeros():
     x = torch.randn(2, 6, 5, 5)
     storage = torch.nn.functional.conv2d(x, truncated, layer.bias, padding=1)
     torch.testing.assert_close(torch.compile(layer, backend="eager")(x), storage, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dense, tucker, true_ranks", [
+    (nn.Linear(20, 12), TuckerLinear(20, 12), (3, 3)),
+    (nn.Conv2d(6, 8, 3, padding=1), TuckerConv2d(6, 8, 3, padding=1), (2, 6, 3, 3)),
+])
+def test_a_dense_layers_state_loads_at_its_numerical_ranks(dense, tucker, true_ranks):
+    """The merged weights of a checkpoint load into a Tucker layer: W kept, ranks = the weight's Tucker ranks."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        rank, (rows, cols) = true_ranks[0], dense.weight.flatten(1).shape
+        dense.weight.copy_((torch.randn(rows, rank) @ torch.randn(rank, cols)).reshape(dense.weight.shape))
+    assert not tucker.load_state_dict(dense.state_dict()).missing_keys  # strict by default: every entry matched
+    assert tucker.ranks == true_ranks
+    x = torch.randn(2, 6, 5, 5) if isinstance(dense, nn.Conv2d) else torch.randn(4, 20)
+    torch.testing.assert_close(tucker(x), dense(x), rtol=1e-4, atol=1e-5)
+    assert_orthonormal(tucker.factors[0].detach().double(), atol=1e-5)
