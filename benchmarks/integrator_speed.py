@@ -1,9 +1,10 @@
 """Time per training step of the rank-adaptive integrator against fixed-rank training, as ratios from one run.
 
-    python benchmarks/integrator_speed.py [--steps 30] [--batch 32]
+    python benchmarks/integrator_speed.py [--steps 30] [--batch 32] [--ranks 0.5 0.1]
 
-For each model (LeNet5 and a VGG-style network, 32x32 inputs, random data) and each integrator variant (method,
-interval): convert at half the channel ranks, run the integrator (SGD, tau=0.1) and time its steps, then time the
+For each model (LeNet5 and a VGG-style network, 32x32 inputs, random data), each starting rank (a fraction of the
+channels: 0.5 is the integrator's worst case, QR and eigen-decompositions of size up to the full channel count; 0.1
+is the regime of >= 90% compression) and each integrator variant (method, interval): convert at that rank, run the integrator (SGD, tau=0.1) and time its steps, then time the
 same model at the ranks it reached trained without it (plain SGD on cores and factors: forward, backward,
 optimizer step). The breakdown shows where the integrator's time goes.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import time
 from collections import defaultdict
 
@@ -57,18 +59,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--ranks", type=float, nargs="+", default=[0.5, 0.1])
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"{args.steps} timed steps after {args.warmup} warm-up steps; ms per step")
     variants = [("parallel", 1), ("augmented", 1), ("parallel", 10), ("augmented", 10)]
-    print(f"{'model':<10} {'method':<10} {'interval':>8} {'fixed ms':>9} {'integr. ms':>10} {'ratio':>6}  breakdown (ms)")
-    for name, build in (("LeNet5", lambda: lenet5(3, image_size=32)), ("VGG-style", vgg)):
+    print(f"{'model':<10} {'rank':>5} {'method':<10} {'interval':>8} {'fixed ms':>9} {'integr. ms':>10} {'ratio':>6}  breakdown (ms)")
+    models = (("LeNet5", lambda: lenet5(3, image_size=32)), ("VGG-style", vgg))
+    for (name, build), rank in itertools.product(models, args.ranks):
         batches = [(torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,)))
                    for _ in range(args.warmup + args.steps)]
         torch.manual_seed(0)
         start = build()
-        ll.convert(start, rank=0.5, keep_first_last=True)
+        ll.convert(start, rank=rank, keep_first_last=True)
         for method, interval in variants:
             model = copy.deepcopy(start)
             integrator = ll.TuckerIntegrator(model, ll.IntegratorConfig(tau=0.1, method=method, interval=interval))
@@ -83,7 +87,7 @@ def main() -> None:
             adaptive_ms = sum(adaptive.total.values()) / args.steps * 1e3
             fixed_ms = sum(fixed.total.values()) / args.steps * 1e3
             breakdown = ", ".join(f"{k} {v / args.steps * 1e3:.1f}" for k, v in adaptive.total.items())
-            print(f"{name:<10} {method:<10} {interval:>8} {fixed_ms:9.1f} {adaptive_ms:10.1f} "
+            print(f"{name:<10} {rank:>5} {method:<10} {interval:>8} {fixed_ms:9.1f} {adaptive_ms:10.1f} "
                   f"{adaptive_ms / fixed_ms:6.2f}  {breakdown}")
 
 
