@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_lowrank.layers import TuckerLayer, consistent_ranks, mode_dot
+from lightning_lowrank.layers import TuckerLayer, consistent_ranks, mode_dot, zero_outside
 
 SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum")
 """Optimizer state of the core that holds squared gradients; it rotates by the squared rotation (see truncate)."""
@@ -184,9 +184,14 @@ class TuckerIntegrator:
         self._captures.clear()
 
     def gradients_finite(self) -> bool:
-        """Whether every gradient of the Tucker layers is finite (one host sync)."""
-        grads = [p.grad for layer in self.layers.values() for p in layer.parameters() if p.grad is not None]
-        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+        """Whether every gradient of the Tucker layers is finite (one host sync).
+
+        Checked on the sums of the gradients (accumulated in float32 at least): a NaN or inf entry makes its sum
+        non-finite, and one reduction per gradient reads memory once, where ``isfinite`` writes a mask of its size.
+        """
+        sums = [p.grad.sum(dtype=torch.promote_types(p.grad.dtype, torch.float32))
+                for layer in self.layers.values() for p in layer.parameters() if p.grad is not None]
+        return bool(torch.isfinite(torch.stack(sums)).all()) if sums else True
 
     @torch.no_grad()
     def augment(self, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -208,14 +213,19 @@ class TuckerIntegrator:
             else:
                 grad = self._parallel_gradient(layer, core, bases, old)
             for mode, r_factor in enumerate(r_factors):
-                core = mode_dot(core, r_factor, mode)
+                if r_factor is not None:
+                    core = mode_dot(core, r_factor, mode)
             block = tuple(slice(r) for r in new)
             layer.core[tuple(slice(r) for r in old)] = core.to(layer.core.dtype)
             layer.set_rank(new)  # the new entries of the core are 0: W is unchanged
-            for u, basis in zip(layer.factors, bases):
-                u[:, : basis.shape[1]] = basis
+            for u, basis, r_factor in zip(layer.factors, bases, r_factors):
+                if r_factor is not None:
+                    u[:, : basis.shape[1]] = basis
                 u.grad = None  # the optimizer skips bases: no momentum, no weight decay
-            layer.core.grad = torch.zeros_like(layer.core)
+            if layer.core.grad is None:
+                layer.core.grad = torch.zeros_like(layer.core)
+            else:
+                layer.core.grad.zero_()
             if grad is not None:
                 for mode, mask in enumerate(significant):
                     keep = torch.cat([mask.new_ones(old[mode]), mask]).to(grad.dtype)
@@ -246,17 +256,20 @@ class TuckerIntegrator:
             if key in state:
                 state[key][block] = torch.where(fresh, value, state[key][block])
 
-    def _augmented_basis(self, layer: TuckerLayer, mode: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _augmented_basis(self, layer: TuckerLayer, mode: int) -> tuple[Tensor, Tensor | None, Tensor]:
         """QR of [U | dL/dU]: the augmented basis Q = [Q_1 | N], R_11 with U = Q_1 R_11 (diag(R_11) > 0), and which
         columns of N carry more than rounding noise of the gradient.
 
         N spans (I - U U^T) dL/dU with min(r, max_rank - r) columns. Taking Q_1 (and C x_i R_11 as the core) instead
         of U keeps W exact and the basis orthonormal to working precision, so rounding never accumulates; R_11 is
-        the identity up to rounding.
+        the identity up to rounding. A mode that neither adapts nor has room to grow is never rotated: U as it is,
+        R_11 None.
         """
         u = layer.factors[mode]
         r = layer.ranks[mode]
         extra = min(r, layer.max_ranks[mode] - r) if u.grad is not None else 0
+        if extra == 0 and not self.config.adapts(mode):
+            return u[:, :r], None, u.new_zeros(0, dtype=torch.bool)
         columns = [u[:, :r]] if extra == 0 else [u[:, :r], u.grad[:, :extra]]
         dtype = _compute_dtype(u.dtype)
         q, r_factor = torch.linalg.qr(torch.cat(columns, dim=1).to(dtype))
@@ -383,10 +396,7 @@ def _tail_rank(singular_values: Tensor, theta: Tensor) -> Tensor:
 def _mask_outside_block(layer: TuckerLayer) -> None:
     """Zero the core's gradient outside the active block (a compiled forward computes at the storage ranks)."""
     if layer.core.grad is not None:
-        grad = torch.zeros_like(layer.core.grad)
-        block = tuple(slice(r) for r in layer.ranks)
-        grad[block] = layer.core.grad[block]
-        layer.core.grad = grad
+        zero_outside(layer.core.grad, layer.ranks)
 
 
 def _singular_pairs(tensor: Tensor, mode: int) -> tuple[Tensor, Tensor]:

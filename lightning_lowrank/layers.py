@@ -56,6 +56,17 @@ def consistent_ranks(ranks: Sequence[int]) -> tuple[int, ...]:
     return tuple(ranks)
 
 
+def zero_outside(tensor: Tensor, ranks: Sequence[int], extent: Sequence[int] | None = None) -> None:
+    """In place: zero the entries of ``tensor`` outside its leading block of shape ``ranks``, within the leading block
+    ``extent`` (default: the whole tensor; beyond ``extent`` the caller knows the entries are 0 already)."""
+    extent = tensor.shape if extent is None else extent
+    for mode, r in enumerate(ranks):
+        if r < extent[mode]:
+            index = [slice(n) for n in extent]
+            index[mode] = slice(r, extent[mode])
+            tensor[tuple(index)] = 0
+
+
 def random_orthonormal(rows: int, cols: int, **factory: object) -> Tensor:
     """A (rows x cols) matrix with orthonormal columns, Haar-distributed (QR of a Gaussian matrix)."""
     q, r = torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64))
@@ -133,24 +144,27 @@ class TuckerLayer(nn.Module):
             nn.init.uniform_(self.core, -bound, bound)
             if self.bias is not None:
                 nn.init.uniform_(self.bias, -bound, bound)
-        self.set_rank(self.ranks)
+            zero_outside(self.core, self.ranks)
 
     @torch.no_grad()
     def set_rank(self, ranks: Sequence[int]) -> None:
         """Set the active rank of every mode (each in [1, max_rank]); core entries outside the active block become 0.
 
         So the weight is the same whatever rank at least the active one the forward uses: raising a rank extends
-        the core by zeros (W unchanged), and a compiled forward can use the storage ranks.
+        the core by zeros (W unchanged), and a compiled forward can use the storage ranks. The core is 0 outside the
+        active block at all times (initialisation, loading and the integrator keep it so), so only the part of the
+        previous block outside the new one is cleared: the cost follows the ranks, not the storage.
         """
+        old = self.ranks
         self.ranks = _check_ranks("rank", ranks, self.max_ranks, "max_rank")
         self.rank.copy_(torch.tensor(self.ranks, dtype=torch.long), non_blocking=True)
-        active = self.core[tuple(slice(r) for r in self.ranks)].clone()
-        self.core.zero_()
-        self.core[tuple(slice(r) for r in self.ranks)] = active
+        zero_outside(self.core, self.ranks, extent=[max(a, b) for a, b in zip(old, self.ranks)])
 
     @staticmethod
     def _sync_ranks(module: TuckerLayer, incompatible_keys: object) -> None:
         module.ranks = tuple(module.rank.tolist())
+        with torch.no_grad():
+            zero_outside(module.core, module.ranks)
 
     @torch.no_grad()
     def load_weight(self, weight: Tensor, init: Init = "hosvd") -> None:
@@ -161,7 +175,7 @@ class TuckerLayer(nn.Module):
         self.core.copy_(core)
         for u, new in zip(self.factors, factors):
             u.copy_(new)
-        self.set_rank(self.ranks)
+        zero_outside(self.core, self.ranks)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         """Also load the state of the dense layer this one replaces (``weight``, ``bias``): the weight is decomposed
@@ -182,9 +196,7 @@ class TuckerLayer(nn.Module):
             s = torch.linalg.svdvals(core.double().movedim(mode, 0).reshape(n, -1))
             ranks.append(max(1, int((s > max(self.shape) * eps * s[0]).sum())))
         ranks = consistent_ranks(ranks)
-        active = core[tuple(slice(r) for r in ranks)].clone()
-        core.zero_()
-        core[tuple(slice(r) for r in ranks)] = active
+        zero_outside(core, ranks)
         return {prefix + "core": core, prefix + "rank": torch.tensor(ranks, dtype=torch.long),
                 **{f"{prefix}factors.{i}": u for i, u in enumerate(factors)}}
 

@@ -332,14 +332,18 @@ def test_directions_without_gradient_stay_out(method):
         assert layer.ranks == (2, 2)  # the output rank stays 2, and the input rank cannot exceed it
 
 
-def test_non_finite_gradient_changes_nothing():
+@pytest.mark.parametrize("poison", ["nan input", "inf in one factor gradient"])
+def test_non_finite_gradient_changes_nothing(poison):
     layer = TuckerConv2d(4, 6, 3, rank=(3, 3, 3, 3))
     integrator = TuckerIntegrator(nn.Sequential(layer))
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
     state = {k: v.clone() for k, v in layer.state_dict().items()}
     x = torch.randn(2, 4, 5, 5)
-    x[0, 0, 2, 2] = float("nan")
+    if poison == "nan input":
+        x[0, 0, 2, 2] = float("nan")
     layer(x).sum().backward()
+    if poison != "nan input":
+        layer.factors[1].grad[3, 1] = float("inf")
     assert not integrator.step(optimizer)
     for key, value in layer.state_dict().items():
         assert torch.equal(value, state[key]), key
@@ -390,6 +394,36 @@ def test_interval_holds_bases_between_integrator_steps(method):
         for u in layer.active_factors():
             assert_orthonormal(u, atol=1e-10)
     assert integrator.steps == 8
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.01),
+    lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+])
+def test_core_stays_zero_outside_the_active_block(make_optimizer):
+    """What a storage-rank (compiled) forward relies on: through rank changes, steps in between augmentations and
+    optimizer state, every core entry outside the active block stays exactly 0, and the storage-rank weight equals
+    the active one."""
+    torch.manual_seed(0)
+    layer = TuckerConv2d(6, 8, 3, padding=1, rank=(2, 2, 3, 3))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=1e-4, interval=2))
+    optimizer = make_optimizer(layer.parameters())
+    x = torch.randn(16, 6, 5, 5)
+    target = torch.randn(16, 8, 5, 5)
+    history = set()
+    for _ in range(12):
+        optimizer.zero_grad()
+        # the storage-rank forward (what torch.compile runs): the core's gradient is not 0 outside the block
+        weight = tucker_to_dense(layer.core, list(layer.factors))
+        ((F.conv2d(x, weight, layer.bias, padding=1) - target) ** 2).mean().backward()
+        assert integrator.step(optimizer)
+        history.add(layer.ranks)
+        outside = layer.core.detach().clone()
+        outside[tuple(slice(r) for r in layer.ranks)] = 0
+        assert torch.count_nonzero(outside) == 0
+        torch.testing.assert_close(tucker_to_dense(layer.core, list(layer.factors)), layer.dense_weight(),
+                                   rtol=0, atol=1e-12)
+    assert len(history) > 1  # ranks did change
 
 
 def test_evaluation_passes_are_not_captured():
