@@ -4,9 +4,9 @@
 
 For each model (LeNet5 and a VGG-style network, 32x32 inputs, random data), each starting rank (a fraction of the
 channels: 0.5 is the integrator's worst case, QR and eigen-decompositions of size up to the full channel count; 0.1
-is the regime of >= 90% compression) and each integrator variant (method, interval): convert at that rank, run the integrator (SGD, tau=0.1) and time its steps, then time the
-same model at the ranks it reached trained without it (plain SGD on cores and factors: forward, backward,
-optimizer step). The breakdown shows where the integrator's time goes.
+is the regime of >= 90% compression) and each integrator variant (method, interval): convert at that rank, run the
+integrator (SGD, tau=0.1) and time its steps, then time the same model at the ranks it reached trained without it
+(plain SGD on cores and factors: forward, backward, optimizer step). The breakdown shows where the integrator's time goes.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"{args.steps} timed steps after {args.warmup} warm-up steps; ms per step")
     variants = [("parallel", 1), ("augmented", 1), ("parallel", 10), ("augmented", 10)]
-    print(f"{'model':<10} {'rank':>5} {'method':<10} {'interval':>8} {'fixed ms':>9} {'integr. ms':>10} {'ratio':>6}  breakdown (ms)")
+    print(f"{'model':<10} {'rank':>5} {'method':<10} {'interval':>8} {'fixed ms':>9} {'integr. ms':>10} {'ratio':>6}  "
+          "breakdown (ms)")
     models = (("LeNet5", lambda: lenet5(3, image_size=32)), ("VGG-style", vgg))
     for (name, build), rank in itertools.product(models, args.ranks):
         batches = [(torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,)))
