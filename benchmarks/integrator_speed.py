@@ -6,7 +6,8 @@ For each model (LeNet5 and a VGG-style network, 32x32 inputs, random data), each
 channels: 0.5 is the integrator's worst case, QR and eigen-decompositions of size up to the full channel count; 0.1
 is the regime of >= 90% compression) and each integrator variant (method, interval): convert at that rank, run the
 integrator (SGD, tau=0.1) and time its steps, then time the same model at the ranks it reached trained without it
-(plain SGD on cores and factors: forward, backward, optimizer step). The breakdown shows where the integrator's time goes.
+(plain SGD on cores and factors: forward, backward, optimizer step). The breakdown shows where the integrator's
+time goes.
 """
 
 from __future__ import annotations
