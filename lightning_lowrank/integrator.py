@@ -228,6 +228,8 @@ class TuckerIntegrator:
                 layer.core.grad.zero_()
             if grad is not None:
                 for mode, mask in enumerate(significant):
+                    if mask.numel() == 0:  # no new directions in this mode
+                        continue
                     keep = torch.cat([mask.new_ones(old[mode]), mask]).to(grad.dtype)
                     grad = grad * keep.reshape(-1, *(1,) * (grad.ndim - mode - 1))
                 layer.core.grad[block] = grad.to(layer.core.dtype)
