@@ -32,6 +32,11 @@ class Result:
     ranks: str
     epoch_seconds: float
     step_ms: float
+    diverged: bool  # a parameter is NaN or inf after training
+
+    @property
+    def accuracy(self) -> str:
+        return "diverged" if self.diverged else f"{self.test_acc:.2%}"
 
 
 def fit_and_test(model: pl.LightningModule, data: pl.LightningDataModule, epochs: int,
@@ -47,5 +52,6 @@ def fit_and_test(model: pl.LightningModule, data: pl.LightningDataModule, epochs
     report = ll.summary(model)
     ranks = " ".join(f"{'/'.join(map(str, layer.ranks[:2]))}" for layer in report.layers)
     epoch = float(torch.tensor(timer.seconds).median())
+    diverged = not all(bool(torch.isfinite(p).all()) for p in model.parameters())
     return Result(accuracy, report.compression_rate, ranks or "dense", epoch,
-                  epoch / (trainer.global_step / epochs) * 1e3)
+                  epoch / (trainer.global_step / epochs) * 1e3, diverged)

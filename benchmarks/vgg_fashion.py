@@ -78,7 +78,7 @@ def main() -> None:
     print(f"{'training':<26} {'test acc':>9} {'compression':>11} {'ms/step':>8} {'vs dense':>8}  "
           "ranks (out/in per layer)")
     dense = fit_and_test(classifier(), data, args.epochs)
-    print(f"{'dense':<26} {dense.test_acc:9.2%} {0:11.1%} {dense.step_ms:8.1f} {1:8.2f}  -", flush=True)
+    print(f"{'dense':<26} {dense.accuracy:>9} {0:11.1%} {dense.step_ms:8.1f} {1:8.2f}  -", flush=True)
 
     for interval in args.intervals:
         adaptive_model = classifier()
@@ -88,7 +88,7 @@ def main() -> None:
         fixed_model.net = fixed_rank(adaptive_model.net)
         fixed = fit_and_test(fixed_model, data, args.epochs)
         for name, result in ((f"TuckerCallback, interval {interval}", adaptive), ("fixed rank (same ranks)", fixed)):
-            print(f"{name:<26} {result.test_acc:9.2%} {adaptive.compression_rate:11.1%} {result.step_ms:8.1f} "
+            print(f"{name:<26} {result.accuracy:>9} {adaptive.compression_rate:11.1%} {result.step_ms:8.1f} "
                   f"{result.step_ms / dense.step_ms:8.2f}  {adaptive.ranks}", flush=True)
 
 
