@@ -10,6 +10,9 @@ Around the user's optimizer step, for every Tucker layer W = C x_i U_i (arXiv 23
 3. :meth:`TuckerIntegrator.truncate` (after the step): per adapted mode, the SVD of the core's unfolding keeps the
    smallest rank whose discarded singular values have 2-norm <= tau * ||C||_F, clamped to [min_rank, max_rank]
    (non-adapted modes keep their rank); bases, core and the core's optimizer state rotate with the kept vectors.
+
+With ``interval`` k > 1 this happens every k-th step; the steps in between move the cores only and add their dL/dU_i
+to a sum that replaces dL/dU_i in the next augmentation, so the bases still see every batch.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ class IntegratorConfig:
             ``"augmented"``: the exact Galerkin gradient on the augmented bases (the paper's step), formed from each
             layer's input and output gradient kept by forward hooks; costs about one more backward pass.
         interval: augment and truncate every ``interval`` optimizer steps; the steps in between train the cores
-            with the bases held fixed (the bases get no gradient).
+            with the bases held fixed (the optimizer never sees a basis gradient) and sum each basis gradient dL/dU,
+            so the next augmentation (and, with ``"parallel"``, its new core blocks) sees every batch of the interval.
     """
 
     tau: float = 0.1
@@ -129,6 +133,7 @@ class TuckerIntegrator:
         exact = self.config.method == "augmented"
         self._captures = {name: _Capture(layer) for name, layer in self.layers.items()} if exact else {}
         self._augmented: dict[str, tuple[int, ...]] = {}  # layer name -> ranks before augmentation
+        self._basis_grads: dict[tuple[str, int], Tensor] = {}  # dL/dU summed over the steps since the last augmentation
         self.steps = 0  # optimizer steps taken
         self.frozen = False
 
@@ -142,13 +147,21 @@ class TuckerIntegrator:
         self.frozen = True
         for capture in self._captures.values():
             capture.active = False
+        self._basis_grads.clear()
         self.clear()
 
-    def state_dict(self) -> dict[str, int | bool]:
-        return {"steps": self.steps, "frozen": self.frozen}
+    def state_dict(self) -> dict[str, object]:
+        """Step count, whether frozen, and the basis gradients summed since the last augmentation."""
+        return {"steps": self.steps, "frozen": self.frozen,
+                "basis_grads": {f"{name}:{mode}": grad for (name, mode), grad in self._basis_grads.items()}}
 
-    def load_state_dict(self, state: Mapping[str, int | bool]) -> None:
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
         self.steps = int(state["steps"])
+        self._basis_grads.clear()
+        for key, grad in state.get("basis_grads", {}).items():
+            name, mode = key.rsplit(":", 1)
+            u = self.layers[name].factors[int(mode)]
+            self._basis_grads[name, int(mode)] = grad.to(u.device, u.dtype)
         if state["frozen"]:
             self.freeze()
         for capture in self._captures.values():
@@ -164,11 +177,21 @@ class TuckerIntegrator:
         if self.due:
             self.augment(optimizer)
             return True
-        for layer in self.layers.values():
-            for u in layer.factors:
+        for name, layer in self.layers.items():
+            for mode, u in enumerate(layer.factors):
+                if u.grad is not None:
+                    self._accumulate(name, mode, u.grad[:, : layer.ranks[mode]])
                 u.grad = None
             _mask_outside_block(layer)
         return True
+
+    def _accumulate(self, name: str, mode: int, grad: Tensor) -> None:
+        """Add a basis gradient dL/dU (n x r, the active columns) to the sum the next augmentation uses."""
+        key = (name, mode)
+        if key in self._basis_grads:
+            self._basis_grads[key].add_(grad)
+        else:
+            self._basis_grads[key] = grad.clone()
 
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Truncate what :meth:`augment` grew and count the step."""
@@ -200,6 +223,12 @@ class TuckerIntegrator:
         Args:
             optimizer: the optimizer of the cores; Adam-type state of the new core entries is warm-started.
         """
+        for (name, mode), grad in self._basis_grads.items():  # the gradients of the steps since the last one
+            u = self.layers[name].factors[mode]
+            if u.grad is None:
+                u.grad = torch.zeros_like(u)
+            u.grad[:, : grad.shape[1]] += grad
+        self._basis_grads.clear()
         for name, layer in self.layers.items():
             old = layer.ranks
             bases, r_factors, significant = zip(*(self._augmented_basis(layer, mode) for mode in range(len(old))))

@@ -396,6 +396,77 @@ def test_interval_holds_bases_between_integrator_steps(method):
     assert integrator.steps == 8
 
 
+def interval_problem(layer_seed=0):
+    """A TuckerLinear (initialised from ``layer_seed``) and the backward pass of a fixed rank-5 regression."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 16)
+    target = x @ (torch.randn(12, 5) @ torch.randn(5, 16)).T / 4
+    torch.manual_seed(layer_seed)
+    layer = TuckerLinear(16, 12, rank=(3, 3))
+    return layer, lambda: ((layer(x) - target) ** 2).mean().backward()
+
+
+@pytest.mark.parametrize("method", ["augmented", "parallel"])
+def test_interval_augments_with_the_basis_gradients_of_every_step(method):
+    """interval=3: the due step's augmentation spans [U | sum_t dL/dU_t] over the 3 steps since the last one, and its
+    core gradient is the one-step gradient with dL/dU replaced by that sum (an interval-1 integrator given the sum)."""
+    layer, backward = interval_problem()
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.05, method=method, interval=3))
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.05)
+    summed = [0, 0]
+    for step in range(4):
+        optimizer.zero_grad()
+        backward()
+        if step:
+            summed = [s + u.grad[:, :r].clone() for s, u, r in zip(summed, layer.factors, layer.ranks)]
+        if step < 3:
+            assert integrator.step(optimizer)
+    # the same layer state at interval 1, given the summed gradient by hand
+    single = copy.deepcopy(layer)
+    single.core.grad = layer.core.grad.clone()
+    for u, s in zip(single.factors, summed):
+        u.grad = torch.zeros_like(u)
+        u.grad[:, : s.shape[1]] = s
+    bases = [u[:, :r].clone() for u, r in zip(layer.factors, layer.ranks)]
+    reference = TuckerIntegrator(nn.Sequential(single), IntegratorConfig(tau=0.05, method=method))
+    if method == "augmented":  # the layer's input and output gradient of this step
+        reference._captures["0"].pairs = list(integrator._captures["0"].pairs)
+    reference.before_step(None)
+    assert integrator.before_step(optimizer) and layer.ranks == single.ranks
+    for u, basis, s, r in zip(layer.factors, bases, summed, layer.ranks):
+        q = torch.linalg.qr(torch.cat([basis, s], dim=1))[0]
+        torch.testing.assert_close(u[:, :r] @ u[:, :r].T, q @ q.T, rtol=0, atol=1e-10)
+    torch.testing.assert_close(layer.core.grad, single.core.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer.core, single.core, rtol=0, atol=1e-12)
+
+
+def test_integrator_state_resumes_in_the_middle_of_an_interval():
+    """Saved after step 4 of interval 3 (one basis gradient summed) and loaded into a fresh copy, the next steps
+    equal an uninterrupted run."""
+    layer, backward = interval_problem()
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.05, interval=3))
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(5):
+        optimizer.zero_grad()
+        backward()
+        integrator.step(optimizer)
+    saved = copy.deepcopy((layer.state_dict(), optimizer.state_dict(), integrator.state_dict()))
+    other, other_backward = interval_problem(layer_seed=1)
+    other.load_state_dict(saved[0])
+    other_optimizer = torch.optim.SGD(other.parameters(), lr=0.05, momentum=0.9)
+    other_optimizer.load_state_dict(saved[1])
+    other_integrator = TuckerIntegrator(nn.Sequential(other), IntegratorConfig(tau=0.05, interval=3))
+    other_integrator.load_state_dict(saved[2])
+    for _ in range(3):
+        for opt, run, integ in ((optimizer, backward, integrator), (other_optimizer, other_backward, other_integrator)):
+            opt.zero_grad()
+            run()
+            integ.step(opt)
+    assert other.ranks == layer.ranks
+    for a, b in zip(layer.state_dict().values(), other.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("make_optimizer", [
     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.01),
     lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
