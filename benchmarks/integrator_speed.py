@@ -1,13 +1,14 @@
 """Time per training step of the rank-adaptive integrator against fixed-rank training, as ratios from one run.
 
-    python benchmarks/integrator_speed.py [--steps 30] [--batch 32] [--ranks 0.5 0.1]
+    python benchmarks/integrator_speed.py [--steps 30] [--batches 32 128] [--ranks 0.5 0.1] [--intervals 1 5 10]
 
-For each model (LeNet5 and a VGG-style network, 32x32 inputs, random data), each starting rank (a fraction of the
-channels: 0.5 is the integrator's worst case, QR and eigen-decompositions of size up to the full channel count; 0.1
-is the regime of >= 90% compression) and each integrator variant (method, interval): convert at that rank, run the
-integrator (SGD, tau=0.1) and time its steps, then time the same model at the ranks it reached trained without it
-(plain SGD on cores and factors: forward, backward, optimizer step). The breakdown shows where the integrator's
-time goes.
+For each model (LeNet5 and a VGG-style network, 32x32 inputs, random data), batch size, starting rank (a fraction
+of the channels: 0.5 is the integrator's worst case, QR and eigen-decompositions of size up to the full channel
+count; 0.1 is the regime of >= 90% compression) and integrator variant (method, interval): convert at that rank, run
+the integrator (SGD, tau=0.1) for the warm-up steps, then time its steps alternating with steps of the same model at
+the ranks it reached trained without it (plain SGD on cores and factors: forward, backward, optimizer step). The
+breakdown shows where the integrator's time goes. Its cost is per step, independent of the batch size; forward and
+backward grow with it.
 """
 
 from __future__ import annotations
@@ -42,35 +43,37 @@ def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(model(x), y)
 
 
-def run(model: nn.Module, batches, integrator: ll.TuckerIntegrator | None, clock: Clock) -> None:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    for x, y in batches:
-        optimizer.zero_grad()
-        clock("forward+backward", lambda: loss_fn(model, x, y).backward())
-        if integrator is None:
-            clock("optimizer step", optimizer.step)
-        else:
-            clock("before step", integrator.before_step, optimizer)
-            clock("optimizer step", optimizer.step)
-            clock("after step", integrator.after_step, optimizer)
+def step(model: nn.Module, optimizer: torch.optim.Optimizer, integrator: ll.TuckerIntegrator | None,
+         x: torch.Tensor, y: torch.Tensor, clock: Clock) -> None:
+    """One training step; without an integrator, a plain optimizer step on cores and factors."""
+    optimizer.zero_grad()
+    clock("forward+backward", lambda: loss_fn(model, x, y).backward())
+    if integrator is None:
+        clock("optimizer step", optimizer.step)
+    else:
+        clock("before step", integrator.before_step, optimizer)
+        clock("optimizer step", optimizer.step)
+        clock("after step", integrator.after_step, optimizer)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batches", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--ranks", type=float, nargs="+", default=[0.5, 0.1])
+    parser.add_argument("--methods", nargs="+", default=["parallel", "augmented"], choices=["parallel", "augmented"])
+    parser.add_argument("--intervals", type=int, nargs="+", default=[1, 5, 10])
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.steps} timed steps after {args.warmup} warm-up steps; ms per step")
-    variants = [("parallel", 1), ("augmented", 1), ("parallel", 10), ("augmented", 10)]
-    print(f"{'model':<10} {'rank':>5} {'method':<10} {'interval':>8} {'fixed ms':>9} {'integr. ms':>10} {'ratio':>6}  "
-          "breakdown (ms)")
+    variants = list(itertools.product(args.methods, args.intervals))
+    print(f"{'model':<10} {'batch':>5} {'rank':>5} {'method':<10} {'interval':>8} {'fixed ms':>9} {'integr. ms':>10} "
+          f"{'ratio':>6}  breakdown (ms)")
     models = (("LeNet5", lambda: lenet5(3, image_size=32)), ("VGG-style", vgg))
-    for (name, build), rank in itertools.product(models, args.ranks):
-        batches = [(torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,)))
+    for (name, build), batch, rank in itertools.product(models, args.batches, args.ranks):
+        batches = [(torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,)))
                    for _ in range(args.warmup + args.steps)]
         torch.manual_seed(0)
         start = build()
@@ -78,18 +81,22 @@ def main() -> None:
         for method, interval in variants:
             model = copy.deepcopy(start)
             integrator = ll.TuckerIntegrator(model, ll.IntegratorConfig(tau=0.1, method=method, interval=interval))
-            run(model, batches[: args.warmup], integrator, Clock())
-            adaptive = Clock()
-            run(model, batches[args.warmup:], integrator, adaptive)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+            for x, y in batches[: args.warmup]:
+                step(model, optimizer, integrator, x, y, Clock())
+            fixed_model = copy.deepcopy(model)  # the ranks the integrator reached in the warm-up
+            fixed_optimizer = torch.optim.SGD(fixed_model.parameters(), lr=0.01)
+            for x, y in batches[: args.warmup]:
+                step(fixed_model, fixed_optimizer, None, x, y, Clock())
+            adaptive, fixed = Clock(), Clock()
+            for x, y in batches[args.warmup:]:  # alternating, so that both see the same machine
+                step(model, optimizer, integrator, x, y, adaptive)
+                step(fixed_model, fixed_optimizer, None, x, y, fixed)
             integrator.remove()
-            fixed_model = copy.deepcopy(model)  # the ranks the integrator reached
-            run(fixed_model, batches[: args.warmup], None, Clock())
-            fixed = Clock()
-            run(fixed_model, batches[args.warmup:], None, fixed)
             adaptive_ms = sum(adaptive.total.values()) / args.steps * 1e3
             fixed_ms = sum(fixed.total.values()) / args.steps * 1e3
             breakdown = ", ".join(f"{k} {v / args.steps * 1e3:.1f}" for k, v in adaptive.total.items())
-            print(f"{name:<10} {rank:>5} {method:<10} {interval:>8} {fixed_ms:9.1f} {adaptive_ms:10.1f} "
+            print(f"{name:<10} {batch:>5} {rank:>5} {method:<10} {interval:>8} {fixed_ms:9.1f} {adaptive_ms:10.1f} "
                   f"{adaptive_ms / fixed_ms:6.2f}  {breakdown}")
 
 

@@ -47,13 +47,15 @@ class IntegratorConfig:
         interval: augment and truncate every ``interval`` optimizer steps; the steps in between train the cores
             with the bases held fixed (the optimizer never sees a basis gradient) and sum each basis gradient dL/dU,
             so the next augmentation (and, with ``"parallel"``, its new core blocks) sees every batch of the interval.
+            1 is the paper's method; the default 5 reached the same accuracy on LeNet5/MNIST at about a fifth of the
+            integrator's cost (README "Results").
     """
 
     tau: float = 0.1
     min_rank: int = 1
     modes: Literal["channels", "all"] = "channels"
     method: Literal["parallel", "augmented"] = "parallel"
-    interval: int = 1
+    interval: int = 5
 
     def __post_init__(self) -> None:
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 <= self.tau < 1:

@@ -72,7 +72,7 @@ def test_agrees_with_the_explicit_bug_step(kind, modes, method, tau):
     teacher = TuckerLayerLike(layer, rank=3)
     layer.set_rank((2, 2, *layer.ranks[2:]))  # ranks grow towards the teacher's, and (conv_all) fall again
     lr = 0.3
-    config = IntegratorConfig(tau=tau, modes=modes, method=method)
+    config = IntegratorConfig(tau=tau, modes=modes, method=method, interval=1)  # the paper's step, every step
     integrator = TuckerIntegrator(nn.Sequential(layer), config)
     optimizer = torch.optim.SGD(layer.parameters(), lr=lr)
     core, factors, bias = layer_state(layer)
@@ -530,7 +530,7 @@ def test_factors_stay_orthonormal_over_10000_float32_steps():
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(0)
     layer = TuckerLinear(12, 10, rank=(4, 4))
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.05))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.05, interval=1))  # 10,000 rotations
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.05, momentum=0.9)
     teacher = torch.randn(10, 12) / 4
     for _ in range(10_000):
