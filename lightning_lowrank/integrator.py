@@ -181,7 +181,7 @@ class TuckerIntegrator:
             return True
         for name, layer in self.layers.items():
             for mode, u in enumerate(layer.factors):
-                if u.grad is not None:
+                if u.grad is not None and not self.frozen:
                     self._accumulate(name, mode, u.grad[:, : layer.ranks[mode]])
                 u.grad = None
             _mask_outside_block(layer)

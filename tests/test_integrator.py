@@ -440,6 +440,24 @@ def test_interval_augments_with_the_basis_gradients_of_every_step(method):
     torch.testing.assert_close(layer.core, single.core, rtol=0, atol=1e-12)
 
 
+def test_frozen_integrator_moves_only_the_core_and_keeps_no_basis_gradients():
+    layer, backward = interval_problem()
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.05, interval=3))
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.05)
+    for step in range(8):
+        if step == 5:  # one basis gradient summed since the augmentation at step 3
+            assert len(integrator.state_dict()["basis_grads"]) == 2
+            integrator.freeze()
+        bases, ranks, core = [u.detach().clone() for u in layer.factors], layer.ranks, layer.core.detach().clone()
+        optimizer.zero_grad()
+        backward()
+        assert integrator.step(optimizer)
+        if integrator.frozen:
+            assert all(torch.equal(u, b) for u, b in zip(layer.factors, bases)) and layer.ranks == ranks
+            assert not torch.equal(layer.core, core)
+            assert integrator.state_dict()["basis_grads"] == {}
+
+
 def test_integrator_state_resumes_in_the_middle_of_an_interval():
     """Saved after step 4 of interval 3 (one basis gradient summed) and loaded into a fresh copy, the next steps
     equal an uninterrupted run."""
