@@ -39,7 +39,8 @@ class IntegratorConfig:
         tau: relative truncation tolerance in [0, 1): discarded singular values of each core unfolding have 2-norm
             at most tau * ||core||_F.
         min_rank: smallest rank of an adapted mode.
-        modes: ``"channels"`` adapts the output and input modes (the spatial modes keep their rank), ``"all"`` every mode.
+        modes: ``"channels"`` adapts the output and input modes (the spatial modes keep their rank), ``"all"`` every
+            mode.
         method: ``"parallel"``: the new core blocks come from the K-step values, recovered from dL/dU (blocks with
             two or more new modes start at zero); costs a few small matrix products per layer.
             ``"augmented"``: the exact Galerkin gradient on the augmented bases (the paper's step), formed from each
@@ -358,7 +359,8 @@ class TuckerIntegrator:
                 p, s = _singular_pairs(core, mode)
                 vectors.append(p.to(core.dtype))
                 adapted = self.config.adapts(mode)
-                candidates.append(_tail_rank(s, theta) if adapted else torch.tensor(old_ranks[mode], device=core.device))
+                candidates.append(_tail_rank(s, theta) if adapted
+                                  else torch.tensor(old_ranks[mode], device=core.device))
             plans.append((name, vectors, candidates))
         if not plans:
             return
@@ -368,14 +370,16 @@ class TuckerIntegrator:
         decided = iter(decided.tolist())
         for name, vectors, _ in plans:
             layer = self.layers[name]
-            keep = [self._clamp(next(decided), size, layer.max_ranks[mode]) if self.config.adapts(mode) else next(decided)
+            keep = [self._clamp(next(decided), size, layer.max_ranks[mode]) if self.config.adapts(mode)
+                    else next(decided)
                     for mode, size in enumerate(layer.ranks)]
             self._rotate_layer(layer, [p if p is None else p[:, :r] for p, r in zip(vectors, consistent_ranks(keep))],
                                optimizer)
         self._augmented.clear()
 
     @staticmethod
-    def _rotate_layer(layer: TuckerLayer, rotations: list[Tensor | None], optimizer: torch.optim.Optimizer | None) -> None:
+    def _rotate_layer(layer: TuckerLayer, rotations: list[Tensor | None],
+                      optimizer: torch.optim.Optimizer | None) -> None:
         """U_i <- U_i P_i, C <- C x_i P_i^T for every mode with a rotation P_i (orthonormal columns); the core's
         optimizer state rotates alike (second moments by P_i * P_i)."""
         core = layer.active_core()

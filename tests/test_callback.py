@@ -60,7 +60,8 @@ def test_ranks_fall_and_metrics_reach_the_csv_logger(tmp_path):
     """From full rank on a rank-2 teacher, the linear ranks fall to 2 and every metric is a CSV column."""
     torch.manual_seed(0)
     model = Student(lr=0.02)
-    fit = trainer(max_epochs=10, callbacks=[ll.TuckerCallback(tau=0.3, interval=1)], logger=CSVLogger(tmp_path, name="run"))
+    fit = trainer(max_epochs=10, callbacks=[ll.TuckerCallback(tau=0.3, interval=1)],
+                  logger=CSVLogger(tmp_path, name="run"))
     fit.fit(model)
     rows = read_metrics(fit.logger.log_dir)
     names = {"lowrank/compression_rate", "lowrank/params", "lowrank/net.0/rank_out", "lowrank/net.0/rank_in",
