@@ -428,7 +428,7 @@ def test_interval_augments_with_the_basis_gradients_of_every_step(method):
         u.grad = torch.zeros_like(u)
         u.grad[:, : s.shape[1]] = s
     bases = [u[:, :r].clone() for u, r in zip(layer.factors, layer.ranks)]
-    reference = TuckerIntegrator(nn.Sequential(single), IntegratorConfig(tau=0.05, method=method))
+    reference = TuckerIntegrator(nn.Sequential(single), IntegratorConfig(tau=0.05, method=method, interval=1))
     if method == "augmented":  # the layer's input and output gradient of this step
         reference._captures["0"].pairs = list(integrator._captures["0"].pairs)
     reference.before_step(None)
@@ -441,6 +441,7 @@ def test_interval_augments_with_the_basis_gradients_of_every_step(method):
 
 
 def test_frozen_integrator_moves_only_the_core_and_keeps_no_basis_gradients():
+    """After freeze() in the middle of an interval: bases and ranks stay, the core trains, no gradient is summed."""
     layer, backward = interval_problem()
     integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.05, interval=3))
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.05)
