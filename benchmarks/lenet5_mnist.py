@@ -1,7 +1,7 @@
 """LeNet5 on MNIST, dense against TuckerCallback at several tolerances (the DLRT reference setting), from one run.
 
     python benchmarks/lenet5_mnist.py [--epochs 20] [--taus 0.05 0.1 0.15 0.2 0.3]
-                                      [--methods parallel] [--intervals 5] [--momentum 0.0]
+                                      [--methods parallel] [--intervals 1] [--momentum 0.0]
 
 SGD lr 0.05, batch 128, 60,000 training images, tested on the 10,000 test images. For every tau, method and
 interval: test accuracy, compression rate (1 - factorized / dense parameters of the converted layers), final ranks

@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--data", default="data/fashion-mnist")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--tau", type=float, default=0.15)
-    parser.add_argument("--intervals", type=int, nargs="+", default=[1, ll.IntegratorConfig().interval])
+    parser.add_argument("--intervals", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--method", default="parallel", choices=["parallel", "augmented"])
     parser.add_argument("--train-size", type=int, default=60000)
     parser.add_argument("--widths", nargs="+", default="32 32 M 64 64 M 128 128 M 256 256 M".split())

@@ -82,7 +82,7 @@ class TuckerCallback(_LowRankMetrics):
         kernel_rank: RankSpec = "full",
         modes: Literal["channels", "all"] = "channels",
         method: Literal["parallel", "augmented"] = "parallel",
-        interval: int = 5,
+        interval: int = 1,
         freeze_after_steps: int | None = None,
         freeze_after_epochs: int | None = None,
         include: Sequence[str] = (),

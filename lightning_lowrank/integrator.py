@@ -12,7 +12,7 @@ Around the user's optimizer step, for every Tucker layer W = C x_i U_i (arXiv 23
    (non-adapted modes keep their rank); bases, core and the core's optimizer state rotate with the kept vectors.
 
 With ``interval`` k > 1 this happens every k-th step; the steps in between move the cores only and add their dL/dU_i
-to a sum that replaces dL/dU_i in the next augmentation, so the bases still see every batch.
+to a sum whose directions the next augmentation spans too, so the bases still see every batch.
 """
 
 from __future__ import annotations
@@ -49,15 +49,15 @@ class IntegratorConfig:
             with the bases held fixed (the optimizer never sees a basis gradient) and sum each basis gradient dL/dU,
             so the next augmentation spans the directions of every batch of the interval (its core step is the
             Galerkin gradient of its own batch, as at interval 1: a summed step would overshoot under momentum).
-            1 is the paper's method; the default 5 reached the same accuracy on LeNet5/MNIST at about a fifth of the
-            integrator's cost, while 1 trained better on a VGG-style network with momentum (README "Results").
+            1 (default) is the paper's method; 5 costs about a fifth of the integrator's time, but its networks were
+            1.1 to 2.8 points less accurate at similar compression on LeNet5 and a VGG-style net (README "Results").
     """
 
     tau: float = 0.1
     min_rank: int = 1
     modes: Literal["channels", "all"] = "channels"
     method: Literal["parallel", "augmented"] = "parallel"
-    interval: int = 5
+    interval: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 <= self.tau < 1:
