@@ -289,7 +289,7 @@ class TuckerIntegrator:
                 state[key][block] = torch.where(fresh, value, state[key][block])
 
     def _augmented_basis(self, layer: TuckerLayer, mode: int,
-                         earlier: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+                         earlier: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
         """QR of [U | G]: the augmented basis Q = [Q_1 | N], R_11 with U = Q_1 R_11 (diag(R_11) > 0), and which
         columns of N carry more than rounding noise of the gradient.
 
@@ -305,7 +305,7 @@ class TuckerIntegrator:
         if extra == 0 and not self.config.adapts(mode):
             return u[:, :r], None, u.new_zeros(0, dtype=torch.bool)
         grad = None if extra == 0 else u.grad[:, :r] if earlier is None else u.grad[:, :r] + earlier
-        columns = [u[:, :r]] if extra == 0 else [u[:, :r], grad[:, :extra]]
+        columns = [u[:, :r]] if grad is None else [u[:, :r], grad[:, :extra]]
         dtype = _compute_dtype(u.dtype)
         q, r_factor = torch.linalg.qr(torch.cat(columns, dim=1).to(dtype))
         diagonal = torch.diagonal(r_factor)
