@@ -124,8 +124,8 @@ class TuckerCallback(_LowRankMetrics):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         layers = {name: m for name, m in pl_module.named_modules() if isinstance(m, TuckerLayer)}
         if not layers:
-            raise ValueError(f"{type(pl_module).__name__} has no Tucker layers at fit start: if it builds its layers in "
-                             "`configure_model`, call `lightning_lowrank.convert` there")
+            raise ValueError(f"{type(pl_module).__name__} has no Tucker layers at fit start: if it builds its layers "
+                             "in `configure_model`, call `lightning_lowrank.convert` there")
         self.integrators = {}
         reduce = broadcast = None
         if trainer.world_size > 1:

@@ -98,7 +98,8 @@ class TuckerConfig:
                 raise ValueError(f"layer {layer_name!r}, mode {mode}: {error}; give a smaller int, a fraction in "
                                  f"(0, 1] or 'full', or exclude the layer") from None
             if rank > max_rank:
-                raise ValueError(f"layer {layer_name!r}, mode {mode}: `rank` resolves to {rank} > `max_rank` {max_rank}")
+                raise ValueError(f"layer {layer_name!r}, mode {mode}: `rank` resolves to {rank} > "
+                                 f"`max_rank` {max_rank}")
             ranks.append(rank)
             max_ranks.append(max_rank)
         return consistent_ranks(ranks), tuple(max_ranks)

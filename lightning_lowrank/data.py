@@ -19,7 +19,8 @@ _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(
 
 
 def read_idx(path: str | os.PathLike) -> Tensor:
-    """The array of an IDX file (``.gz`` read transparently): magic 0x0000 <type> <ndim>, ndim big-endian sizes, data."""
+    """The array of an IDX file (``.gz`` read transparently): magic 0x0000 <type> <ndim>, ndim big-endian sizes,
+    data."""
     path = Path(path)
     data = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _DTYPES:

@@ -123,7 +123,8 @@ class TuckerLayer(nn.Module):
             raise ValueError(f"`rank` {rank} must satisfy r_i <= product of the other ranks, as "
                              f"{consistent_ranks(rank)} does: a mode's extra directions would carry nothing")
         factory = dict(device=device, dtype=dtype)
-        self.factors = nn.ParameterList(nn.Parameter(torch.empty(n, r, **factory)) for n, r in zip(self.shape, max_rank))
+        self.factors = nn.ParameterList(nn.Parameter(torch.empty(n, r, **factory))
+                                        for n, r in zip(self.shape, max_rank))
         self.core = nn.Parameter(torch.empty(max_rank, **factory))
         self.bias = nn.Parameter(torch.empty(self.shape[0], **factory)) if bias else None
         self.register_buffer("rank", torch.tensor(rank, dtype=torch.long, device=device))
@@ -356,8 +357,9 @@ class _TuckerConvNd(TuckerLayer):
     ) -> None:
         n = len(self.mode_names) - 2
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.dilation = (_ntuple(v, n, name) for v, name in
-                                                        ((kernel_size, "kernel_size"), (stride, "stride"), (dilation, "dilation")))
+        self.kernel_size, self.stride, self.dilation = (
+            _ntuple(value, n, name)
+            for value, name in ((kernel_size, "kernel_size"), (stride, "stride"), (dilation, "dilation")))
         if padding_mode not in _PADDING_MODES:
             raise ValueError(f"`padding_mode` must be one of {_PADDING_MODES}, got {padding_mode!r}")
         if isinstance(padding, str):
@@ -372,7 +374,8 @@ class _TuckerConvNd(TuckerLayer):
         self._explicit_padding = _explicit_padding(self.padding, self.kernel_size, self.dilation)
         super().__init__((out_channels, in_channels, *self.kernel_size), rank, max_rank, bias, device, dtype)
         letters = "ijklmn"[:n]
-        self._kernel_equation = f"ab{letters}," + ",".join(f"{x}{c}" for x, c in zip("pqr", letters)) + f"->ab{'pqr'[:n]}"
+        spatial = ",".join(f"{x}{c}" for x, c in zip("pqr", letters))
+        self._kernel_equation = f"ab{letters},{spatial}->ab{'pqr'[:n]}"
         self._conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
 
     @classmethod
@@ -446,7 +449,8 @@ class _TuckerConvNd(TuckerLayer):
                 **self._options(), "bias": self.bias is not None, "rank": self.ranks, "max_rank": self.max_ranks}
 
     def to_compact(self) -> nn.Sequential:
-        """Three convolutions: 1x1 (C_in -> r_in), kxk (r_in -> r_out) with the spatial factors merged, 1x1 (r_out -> C_out)."""
+        """Three convolutions: 1x1 (C_in -> r_in), kxk (r_in -> r_out) with the spatial factors merged,
+        1x1 (r_out -> C_out)."""
         u_out, u_in, *_ = self.active_factors()
         r_out, r_in = u_out.shape[1], u_in.shape[1]
         ones = (1,) * len(self.kernel_size)

@@ -11,7 +11,8 @@ def teacher_data(samples: int = 256, seed: int = 0) -> TensorDataset:
     generator = torch.Generator().manual_seed(0)
 
     def low_rank(*shape):
-        return torch.randn(shape[0], 2, generator=generator) @ torch.randn(2, *shape[1:], generator=generator).flatten(1)
+        left = torch.randn(shape[0], 2, generator=generator)
+        return left @ torch.randn(2, *shape[1:], generator=generator).flatten(1)
 
     conv = low_rank(8, 3, 3, 3).reshape(8, 3, 3, 3)
     linear = low_rank(4, 8 * 36) / 30

@@ -178,7 +178,8 @@ def test_compact_equals_the_factorized_model_with_plain_layers():
     assert isinstance(model[2], ll.TuckerConv2d)
     # conv: C_in -> r_in (1x1), r_in -> r_out (kxk), r_out -> C_out (1x1); linear: two layers, min rank inside
     conv = compact[2]
-    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in conv] == [(16, 8, (1, 1)), (8, 16, (3, 3)), (16, 32, (1, 1))]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in conv] == [
+        (16, 8, (1, 1)), (8, 16, (3, 3)), (16, 32, (1, 1))]
     assert [(lin.in_features, lin.out_features) for lin in compact[8]] == [(128, 32), (32, 64)]
 
 

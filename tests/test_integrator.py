@@ -306,7 +306,8 @@ def test_fresh_core_entries_take_a_steady_state_adam_step():
         block = tuple(slice(r) for r in layer.ranks)
         update = (layer.core - before)[block][fresh & (grad[block] != 0)]
         if step > 1:  # at step 1 every entry is fresh for Adam itself
-            expected = -lr * torch.sign(grad[block][fresh & (grad[block] != 0)]) * (1 - b2**step) ** 0.5 / (1 - b1**step)
+            bias_correction = (1 - b2**step) ** 0.5 / (1 - b1**step)
+            expected = -lr * torch.sign(grad[block][fresh & (grad[block] != 0)]) * bias_correction
             torch.testing.assert_close(update, expected, rtol=1e-10, atol=0)
         integrator.truncate(optimizer)
 

@@ -201,7 +201,8 @@ def test_bad_conv_options_are_refused(kwargs, message):
 
 
 def test_inconsistent_ranks_are_refused_and_conversion_makes_them_consistent():
-    with pytest.raises(ValueError, match=r"`rank` \(3, 4\) must satisfy r_i <= product of the other ranks, as \(3, 3\)"):
+    message = r"`rank` \(3, 4\) must satisfy r_i <= product of the other ranks, as \(3, 3\)"
+    with pytest.raises(ValueError, match=message):
         TuckerLinear(12, 10, rank=(3, 4))
     with pytest.raises(ValueError, match=r"as \(4, 2, 2, 1\)"):
         TuckerConv2d(4, 6, 3, rank=(6, 2, 2, 1))
