@@ -17,7 +17,7 @@ to a sum whose directions the next augmentation spans too, so the bases still se
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,10 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_lowrank.layers import TuckerLayer, consistent_ranks, mode_dot, zero_outside
-
-SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum")
-"""Optimizer state of the core that holds squared gradients; it rotates by the squared rotation (see truncate)."""
+from lightning_lowrank.layers import TuckerLayer, consistent_ranks, mode_dot, tail_rank, zero_outside
+from lightning_lowrank.optimizer_state import check_state, fresh_value, rotate
 
 
 @dataclass(frozen=True)
@@ -172,18 +170,28 @@ class TuckerIntegrator:
             capture.active = self.due
 
     def before_step(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
-        """Augment if due, else take the bases off the optimizer; False (gradients dropped) if one is not finite."""
+        """Augment if due, else take the bases off the optimizer; False if a gradient of the step is not finite.
+
+        The finiteness check covers every gradient the optimizer is about to apply (its parameters, and the Tucker
+        layers'); on failure all of them are dropped, so ``optimizer.step()`` changes nothing. A layer whose core has
+        no gradient (frozen with ``requires_grad=False``, or unused by the loss) keeps its ranks, bases and core.
+        """
         if self._augmented:  # an augmenting step whose optimizer step never came: finish it first
             self.truncate(optimizer)
-        if not self.gradients_finite():
-            self._drop_gradients()
+        parameters = [p for layer in self.layers.values() for p in layer.parameters()]
+        if optimizer is not None:
+            parameters += [p for group in optimizer.param_groups for p in group["params"]]
+        if not gradients_finite(parameters):
+            for p in parameters:
+                p.grad = None
+            self.clear()
             return False
         if self.due:
             self.augment(optimizer)
             return True
         for name, layer in self.layers.items():
             for mode, u in enumerate(layer.factors):
-                if u.grad is not None and not self.frozen:
+                if u.grad is not None and layer.core.grad is not None and not self.frozen:
                     self._accumulate(name, mode, u.grad[:, : layer.ranks[mode]])
                 u.grad = None
             _mask_outside_block(layer)
@@ -210,16 +218,6 @@ class TuckerIntegrator:
             capture.handle.remove()
         self._captures.clear()
 
-    def gradients_finite(self) -> bool:
-        """Whether every gradient of the Tucker layers is finite (one host sync).
-
-        Checked on the sums of the gradients (accumulated in float32 at least): a NaN or inf entry makes its sum
-        non-finite, and one reduction per gradient reads memory once, where ``isfinite`` writes a mask of its size.
-        """
-        sums = [p.grad.sum(dtype=torch.promote_types(p.grad.dtype, torch.float32))
-                for layer in self.layers.values() for p in layer.parameters() if p.grad is not None]
-        return bool(torch.isfinite(torch.stack(sums)).all()) if sums else True
-
     @torch.no_grad()
     def augment(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Augment every layer's bases and set the core's gradient to the Galerkin gradient on the augmented bases.
@@ -228,6 +226,12 @@ class TuckerIntegrator:
             optimizer: the optimizer of the cores; Adam-type state of the new core entries is warm-started.
         """
         for name, layer in self.layers.items():
+            if layer.core.grad is None:  # no gradient reached the core: the layer stays as it is
+                for u in layer.factors:
+                    u.grad = None
+                continue
+            if optimizer is not None:  # unknown optimizer state is refused before anything changes
+                check_state(optimizer, optimizer.state.get(layer.core, {}))
             old = layer.ranks
             earlier = [self._basis_grads.get((name, mode)) for mode in range(len(old))]
             bases, r_factors, significant = zip(*(self._augmented_basis(layer, mode, grad)
@@ -251,10 +255,7 @@ class TuckerIntegrator:
                 if r_factor is not None:
                     u[:, : basis.shape[1]] = basis
                 u.grad = None  # the optimizer skips bases: no momentum, no weight decay
-            if layer.core.grad is None:
-                layer.core.grad = torch.zeros_like(layer.core)
-            else:
-                layer.core.grad.zero_()
+            layer.core.grad.zero_()
             if grad is not None:
                 for mode, mask in enumerate(significant):
                     if mask.numel() == 0:  # no new directions in this mode
@@ -270,23 +271,28 @@ class TuckerIntegrator:
     @staticmethod
     def _warm_start(optimizer: torch.optim.Optimizer | None, layer: TuckerLayer, old: tuple[int, ...],
                     new: tuple[int, ...]) -> None:
-        """Adam-type state of the new core entries := the steady state of a constant gradient g: m = g, v = g^2.
+        """State of the new core entries := its rule's fresh value (:mod:`~lightning_lowrank.optimizer_state`): for
+        Adam-type state the steady state of a constant gradient g, m = g, v = g^2.
 
         Zero state with the optimizer's global bias correction would give a fresh entry a first step of
         lr * sign(g) / sqrt(1 - beta2) (3.2 lr for Adam), however small its gradient, and noise directions would
         survive truncation; this way a fresh entry steps like an established one. SGD momentum is left at zero
-        (its first step on a fresh entry is the plain gradient step).
+        (its first step on a fresh entry is the plain gradient step). Before the optimizer's first step its state is
+        empty and it initialises every entry itself.
         """
         state = {} if optimizer is None else optimizer.state.get(layer.core, {})
-        if "exp_avg_sq" not in state:
+        if not state:
             return
+        rules = check_state(optimizer, state)
         block = tuple(slice(r) for r in new)
         fresh = torch.ones(new, dtype=torch.bool, device=layer.core.device)
         fresh[tuple(slice(r) for r in old)] = False
         grad = layer.core.grad[block]
-        for key, value in (("exp_avg", grad), ("exp_avg_sq", grad**2), ("max_exp_avg_sq", grad**2)):
-            if key in state:
-                state[key][block] = torch.where(fresh, value, state[key][block])
+        lr = next(group["lr"] for group in optimizer.param_groups if any(p is layer.core for p in group["params"]))
+        for key, value in state.items():
+            fresh_state = fresh_value(rules[key], grad, lr)
+            if fresh_state is not None and isinstance(value, Tensor) and value.shape == layer.core.shape:
+                value[block] = torch.where(fresh, fresh_state.to(value.dtype), value[block])
 
     def _augmented_basis(self, layer: TuckerLayer, mode: int,
                          earlier: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -344,23 +350,29 @@ class TuckerIntegrator:
     def truncate(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Truncate every augmented layer by HOSVD of its core with tolerance tau and rotate the optimizer state.
 
-        The ranks of all layers are decided together: one host sync, and one ``broadcast`` across processes.
+        The ranks of all layers are decided together: one host sync, and one ``broadcast`` across processes. Each
+        core is scaled by its largest entry first, so any finite core works (its Gram matrices cannot overflow).
+
+        Raises:
+            FloatingPointError: the optimizer step made a core non-finite (nothing is rotated).
         """
         plans = []  # per layer: name, singular vectors per mode (None: keep the mode as it is), rank candidates
         for name, old_ranks in self._augmented.items():
             layer = self.layers[name]
-            core = layer.active_core()
-            theta = self.config.tau * torch.linalg.vector_norm(core.to(_compute_dtype(core.dtype)))
-            vectors, candidates = [], []
+            core = layer.active_core().to(_compute_dtype(layer.core.dtype))
+            largest = core.abs().amax()
+            core = torch.nan_to_num(core / largest.clamp_min(torch.finfo(core.dtype).tiny), 0.0, 0.0, 0.0)
+            theta = self.config.tau * torch.linalg.vector_norm(core)
+            vectors, candidates = [], [torch.isfinite(largest).long()]
             for mode, r in enumerate(layer.ranks):
                 if not self.config.adapts(mode) and old_ranks[mode] == r:
                     vectors.append(None)
                     candidates.append(torch.tensor(r, device=core.device))
                     continue
                 p, s = _singular_pairs(core, mode)
-                vectors.append(p.to(core.dtype))
+                vectors.append(p.to(layer.core.dtype))
                 adapted = self.config.adapts(mode)
-                candidates.append(_tail_rank(s, theta) if adapted
+                candidates.append(tail_rank(s, theta) if adapted
                                   else torch.tensor(old_ranks[mode], device=core.device))
             plans.append((name, vectors, candidates))
         if not plans:
@@ -368,29 +380,35 @@ class TuckerIntegrator:
         decided = torch.stack([c for _, _, candidates in plans for c in candidates])
         if self.broadcast is not None:
             decided = self.broadcast(decided)
-        decided = iter(decided.tolist())
+        decided = decided.tolist()
+        decided = iter(decided)
+        rotations = []
         for name, vectors, _ in plans:
             layer = self.layers[name]
+            if not next(decided):
+                raise FloatingPointError(f"the optimizer step made the core of Tucker layer {name!r} non-finite; its "
+                                         "ranks cannot be decided (lower the learning rate, or clip gradients)")
             keep = [self._clamp(next(decided), size, layer.max_ranks[mode]) if self.config.adapts(mode)
                     else next(decided)
                     for mode, size in enumerate(layer.ranks)]
-            self._rotate_layer(layer, [p if p is None else p[:, :r] for p, r in zip(vectors, consistent_ranks(keep))],
-                               optimizer)
+            rotations.append((layer, [p if p is None else p[:, :r] for p, r in zip(vectors, consistent_ranks(keep))]))
+        for layer, rotation in rotations:
+            self._rotate_layer(layer, rotation, optimizer)
         self._augmented.clear()
 
     @staticmethod
     def _rotate_layer(layer: TuckerLayer, rotations: list[Tensor | None],
                       optimizer: torch.optim.Optimizer | None) -> None:
         """U_i <- U_i P_i, C <- C x_i P_i^T for every mode with a rotation P_i (orthonormal columns); the core's
-        optimizer state rotates alike (second moments by P_i * P_i)."""
+        optimizer state follows, each entry by its rule (:mod:`~lightning_lowrank.optimizer_state`)."""
         core = layer.active_core()
         block = tuple(slice(r) for r in layer.ranks)
         state = {} if optimizer is None else optimizer.state.get(layer.core, {})
+        rules = check_state(optimizer, state) if state else {}
         moments = {key: value for key, value in state.items()
-                   if isinstance(value, Tensor) and value.shape == layer.core.shape}
-        new_core = _rotate(core, rotations, squared=False)
-        new_moments = {key: _rotate(value[block], rotations, squared=key in SECOND_MOMENTS)
-                       for key, value in moments.items()}
+                   if rules[key].kind != "scalar" and isinstance(value, Tensor) and value.shape == layer.core.shape}
+        new_core = rotate(core, rotations)
+        new_moments = {key: rotate(value[block], rotations, rules[key].kind) for key, value in moments.items()}
         for u, p in zip(layer.factors, rotations):
             if p is not None:
                 u[:, : p.shape[1]] = u[:, : p.shape[0]] @ p
@@ -400,12 +418,6 @@ class TuckerIntegrator:
         for key, value in new_moments.items():
             moments[key].zero_()
             moments[key][new_block] = value
-
-    def _drop_gradients(self) -> None:
-        """Set every gradient of the layers to None, so that an optimizer step leaves them as they are."""
-        for layer in self.layers.values():
-            layer.zero_grad(set_to_none=True)
-        self.clear()
 
     def _clamp(self, rank: int, size: int, max_rank: int) -> int:
         """``rank`` clamped to [min_rank, max_rank] and to the ``size`` of the augmented mode."""
@@ -425,10 +437,16 @@ class TuckerIntegrator:
             capture.pairs.clear()
 
 
-def _tail_rank(singular_values: Tensor, theta: Tensor) -> Tensor:
-    """Smallest r with ||s[r:]||_2 <= theta, for descending singular values s (a 0-d tensor: no host sync)."""
-    tail = torch.sqrt(torch.flip(torch.cumsum(torch.flip(singular_values**2, [0]), 0), [0]))  # ||s[r:]||
-    return (tail > theta).sum()
+def gradients_finite(parameters: Sequence[Tensor]) -> bool:
+    """Whether every gradient of ``parameters`` is finite (one host sync).
+
+    Checked on the sums of the gradients (accumulated in float32 at least): a NaN or inf entry makes its sum
+    non-finite, and one reduction per gradient reads memory once, where ``isfinite`` writes a mask of its size. A
+    huge finite gradient can overflow the float32 sum: it is then reported as non-finite too (its step is skipped).
+    """
+    sums = [p.grad.sum(dtype=torch.promote_types(p.grad.dtype, torch.float32))
+            for p in {id(p): p for p in parameters}.values() if p.grad is not None]
+    return bool(torch.isfinite(torch.stack(sums)).all()) if sums else True
 
 
 def _mask_outside_block(layer: TuckerLayer) -> None:
@@ -443,18 +461,6 @@ def _singular_pairs(tensor: Tensor, mode: int) -> tuple[Tensor, Tensor]:
     The Gram matrix is only r x r, so this costs far less than an SVD of the r x prod(others) unfolding. In float32
     singular values are resolved down to about 3e-4 s_max, far below any useful truncation tolerance.
     """
-    m = unfold(tensor, mode).to(_compute_dtype(tensor.dtype))
+    m = unfold(tensor, mode)
     eigenvalues, eigenvectors = torch.linalg.eigh(m @ m.T)
     return eigenvectors.flip(-1), eigenvalues.flip(-1).clamp_min(0).sqrt()
-
-
-def _rotate(tensor: Tensor, rotations: list[Tensor | None], squared: bool) -> Tensor:
-    """tensor x_i P_i^T for every mode with a rotation; with ``squared``, x_i (P_i * P_i)^T.
-
-    A second moment v (the diagonal of a diagonal covariance) maps to the diagonal of the rotated covariance,
-    (P * P)^T v, exact for permutations and sign flips.
-    """
-    for mode, p in enumerate(rotations):
-        if p is not None:
-            tensor = mode_dot(tensor, (p * p if squared else p).T, mode)
-    return tensor

@@ -9,6 +9,7 @@ buffer ``rank``, so parameter shapes never change while ranks do, and the forwar
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -23,7 +24,16 @@ _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 DenseConv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
 
+def _check_size(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
+    return value
+
+
 def _check_ranks(name: str, ranks: Sequence[int], bounds: Sequence[int], bound_name: str) -> tuple[int, ...]:
+    ranks = tuple(ranks)
+    if any(isinstance(r, bool) or not isinstance(r, numbers.Integral) for r in ranks):
+        raise ValueError(f"`{name}` must be a sequence of ints, got {ranks!r}")
     ranks = tuple(int(r) for r in ranks)
     if len(ranks) != len(bounds):
         raise ValueError(f"`{name}` needs one rank per mode ({len(bounds)}), got {ranks}")
@@ -67,10 +77,10 @@ def zero_outside(tensor: Tensor, ranks: Sequence[int], extent: Sequence[int] | N
             tensor[tuple(index)] = 0
 
 
-def random_orthonormal(rows: int, cols: int, **factory: object) -> Tensor:
-    """A (rows x cols) matrix with orthonormal columns, Haar-distributed (QR of a Gaussian matrix)."""
-    q, r = torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64))
-    return (q * torch.sign(torch.diagonal(r))).to(**factory)
+def tail_rank(singular_values: Tensor, theta: Tensor) -> Tensor:
+    """Smallest r with ||s[r:]||_2 <= theta, for descending singular values s (a 0-d tensor: no host sync)."""
+    tail = torch.sqrt(torch.flip(torch.cumsum(torch.flip(singular_values**2, [0]), 0), [0]))  # ||s[r:]||
+    return (tail > theta).sum()
 
 
 def tucker_decomposition(weight: Tensor, ranks: Sequence[int], init: Init = "hosvd") -> tuple[Tensor, list[Tensor]]:
@@ -85,7 +95,7 @@ def tucker_decomposition(weight: Tensor, ranks: Sequence[int], init: Init = "hos
         if init == "hosvd":
             (core, factors), _ = partial_tucker(w, rank=list(ranks), modes=list(range(w.ndim)), n_iter_max=0)
         elif init == "random":
-            factors = [random_orthonormal(n, r, device=w.device) for n, r in zip(w.shape, ranks)]
+            factors = [nn.init.orthogonal_(w.new_empty(n, r)) for n, r in zip(w.shape, ranks)]
             core = tl.tenalg.multi_mode_dot(w, factors, transpose=True)
         else:
             raise ValueError(f"`init` must be 'hosvd' or 'random', got {init!r}")
@@ -129,6 +139,7 @@ class TuckerLayer(nn.Module):
         self.bias = nn.Parameter(torch.empty(self.shape[0], **factory)) if bias else None
         self.register_buffer("rank", torch.tensor(rank, dtype=torch.long, device=device))
         self.ranks = rank
+        self.register_load_state_dict_pre_hook(TuckerLayer._load_pre_hook)
         self.register_load_state_dict_post_hook(TuckerLayer._sync_ranks)
         self.reset_parameters()
 
@@ -137,15 +148,17 @@ class TuckerLayer(nn.Module):
         return tuple(self.core.shape)
 
     def reset_parameters(self) -> None:
-        """Random orthonormal factors; core and bias uniform in +-1/sqrt(fan_in), the scale of torch's dense init."""
+        """Random orthonormal factors; core and bias uniform in +-1/sqrt(fan_in); the ``rank`` buffer from the active
+        ranks (so deferred initialisation, ``to_empty`` then ``reset_parameters``, leaves no garbage in it)."""
         bound = 1.0 / math.sqrt(math.prod(self.shape[1:]))
         with torch.no_grad():
             for u in self.factors:
-                u.copy_(random_orthonormal(*u.shape, device=u.device, dtype=u.dtype))
+                nn.init.orthogonal_(u)
             nn.init.uniform_(self.core, -bound, bound)
             if self.bias is not None:
                 nn.init.uniform_(self.bias, -bound, bound)
             zero_outside(self.core, self.ranks)
+            self.rank.copy_(torch.tensor(self.ranks, dtype=torch.long))
 
     @torch.no_grad()
     def set_rank(self, ranks: Sequence[int]) -> None:
@@ -178,35 +191,52 @@ class TuckerLayer(nn.Module):
             u.copy_(new)
         zero_outside(self.core, self.ranks)
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        """Also load the state of the dense layer this one replaces (``weight``, ``bias``): the weight is decomposed
-        (HOSVD at the storage ranks) and the active ranks become its numerical ranks, so W is kept exactly."""
+    @staticmethod
+    def _load_pre_hook(module: TuckerLayer, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Check a loaded ``rank`` against the storage, and take the state of the dense layer this one replaces
+        (``weight``, ``bias``): the weight is decomposed at the storage ranks, keeping it up to its dtype's rounding."""
         weight = state_dict.get(prefix + "weight")
-        if weight is not None and prefix + "core" not in state_dict and tuple(weight.shape) == self.shape:
+        if weight is not None and prefix + "core" not in state_dict and tuple(weight.shape) == module.shape:
             del state_dict[prefix + "weight"]
-            state_dict.update(self._tucker_entries(weight, prefix))
-        super()._load_from_state_dict(state_dict, prefix, *args)
+            state_dict.update(module._tucker_entries(weight, prefix))
+        rank = state_dict.get(prefix + "rank")
+        if rank is not None:
+            core = state_dict.get(prefix + "core")
+            storage = module.max_ranks if core is None else tuple(core.shape)
+            try:
+                ranks = _check_ranks("rank", rank.tolist(), storage, "the stored core's shape")
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"state entry {prefix}rank: {error}") from None
+            if ranks != consistent_ranks(ranks):
+                raise ValueError(f"state entry {prefix}rank {ranks} must satisfy r_i <= product of the other ranks")
 
     def _tucker_entries(self, weight: Tensor, prefix: str) -> dict[str, Tensor]:
-        """State entries (core, factors, rank) of the dense ``weight``; a mode's rank counts the singular values of
-        its unfolding above the numerical tolerance of ``torch.linalg.matrix_rank`` (size * eps * largest)."""
+        """State entries (core, factors, rank) of the dense ``weight``. Each mode keeps the smallest rank whose
+        discarded singular values have 2-norm <= eps ||W||_F, eps of the weight's dtype: what is cut is at the level
+        of the rounding of W itself (<= eps/2 ||W||_F), whatever the dtype and the layer's size."""
         core, factors = tucker_decomposition(weight, self.max_ranks, "hosvd")
-        eps = torch.finfo(weight.dtype).eps if weight.is_floating_point() else torch.finfo(core.dtype).eps
+        dtype = weight.dtype if weight.is_floating_point() else core.dtype
+        exact = core.double()
+        theta = torch.finfo(dtype).eps * torch.linalg.vector_norm(exact)
         ranks = []
         for mode, n in enumerate(self.max_ranks):
-            s = torch.linalg.svdvals(core.double().movedim(mode, 0).reshape(n, -1))
-            ranks.append(max(1, int((s > max(self.shape) * eps * s[0]).sum())))
+            s = torch.linalg.svdvals(exact.movedim(mode, 0).reshape(n, -1))
+            ranks.append(max(1, int(tail_rank(s, theta))))
         ranks = consistent_ranks(ranks)
         zero_outside(core, ranks)
         return {prefix + "core": core, prefix + "rank": torch.tensor(ranks, dtype=torch.long),
                 **{f"{prefix}factors.{i}": u for i, u in enumerate(factors)}}
 
     def _copy_from(self, layer: nn.Linear | DenseConv, init: Init) -> None:
-        """Take weight (decomposed), bias and train/eval mode from the dense ``layer``."""
+        """Take weight (decomposed), bias, ``requires_grad`` (factors and core follow the weight's) and train/eval
+        mode from the dense ``layer``."""
         self.load_weight(layer.weight, init)
         if self.bias is not None:
             with torch.no_grad():
                 self.bias.copy_(layer.bias)
+            self.bias.requires_grad_(layer.bias.requires_grad)
+        for p in (*self.factors, self.core):
+            p.requires_grad_(layer.weight.requires_grad)
         self.train(layer.training)
 
     def active_factors(self) -> list[Tensor]:
@@ -225,9 +255,11 @@ class TuckerLayer(nn.Module):
         return self.active_factors(), self.active_core()
 
     def dense_weight(self) -> Tensor:
-        """W = core x_1 U_1 ... x_d U_d, shape ``self.shape`` (for export and tests; the forward never forms it)."""
+        """W = core x_1 U_1 ... x_d U_d, shape ``self.shape``, formed in float64 and rounded once to the layer's dtype
+        (for export and checkpoints; the forward never forms it)."""
         with tl.backend_context("pytorch"):
-            return tl.tucker_to_tensor((self.active_core(), self.active_factors()))
+            weight = tl.tucker_to_tensor((self.active_core().double(), [u.double() for u in self.active_factors()]))
+        return weight.to(self.core.dtype)
 
     def num_parameters(self) -> int:
         """Parameters of the factorization at the active ranks: sum_i n_i r_i + prod_i r_i (+ bias)."""
@@ -276,7 +308,8 @@ class TuckerLinear(TuckerLayer):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features = _check_size("in_features", in_features)
+        self.out_features = _check_size("out_features", out_features)
         super().__init__((out_features, in_features), rank, max_rank, bias, device, dtype)
 
     @classmethod
@@ -356,7 +389,8 @@ class _TuckerConvNd(TuckerLayer):
         dtype: torch.dtype | None = None,
     ) -> None:
         n = len(self.mode_names) - 2
-        self.in_channels, self.out_channels = in_channels, out_channels
+        self.in_channels = _check_size("in_channels", in_channels)
+        self.out_channels = _check_size("out_channels", out_channels)
         self.kernel_size, self.stride, self.dilation = (
             _ntuple(value, n, name)
             for value, name in ((kernel_size, "kernel_size"), (stride, "stride"), (dilation, "dilation")))
@@ -369,7 +403,7 @@ class _TuckerConvNd(TuckerLayer):
                 raise ValueError("`padding='same'` is not supported for strided convolutions")
             self.padding = padding
         else:
-            self.padding = _ntuple(padding, n, "padding")
+            self.padding = _ntuple(padding, n, "padding", low=0)
         self.padding_mode = padding_mode
         self._explicit_padding = _explicit_padding(self.padding, self.kernel_size, self.dilation)
         super().__init__((out_channels, in_channels, *self.kernel_size), rank, max_rank, bias, device, dtype)
@@ -469,10 +503,10 @@ class _TuckerConvNd(TuckerLayer):
                 f"{super().extra_repr()}")
 
 
-def _ntuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
-    values = (value,) * n if isinstance(value, int) else tuple(value)
-    if len(values) != n or not all(isinstance(v, int) for v in values):
-        raise ValueError(f"`{name}` must be an int or a tuple of {n} ints, got {value!r}")
+def _ntuple(value: int | Sequence[int], n: int, name: str, low: int = 1) -> tuple[int, ...]:
+    values = (value,) * n if isinstance(value, int) else tuple(value) if isinstance(value, Sequence) else ()
+    if len(values) != n or not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in values):
+        raise ValueError(f"`{name}` must be an int >= {low} or a tuple of {n} such ints, got {value!r}")
     return values
 
 

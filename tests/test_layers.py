@@ -193,11 +193,34 @@ def test_bad_ranks_are_refused(kwargs, message):
     (dict(padding_mode="mirror"), "`padding_mode` must be one of"),
     (dict(padding="full"), "`padding` must be an int, a tuple, 'same' or 'valid'"),
     (dict(padding="same", stride=2), "not supported for strided convolutions"),
-    (dict(stride=(1, 2, 3)), "`stride` must be an int or a tuple of 2 ints"),
+    (dict(stride=(1, 2, 3)), r"`stride` must be an int >= 1 or a tuple of 2 such ints"),
+    (dict(stride=0), r"`stride` must be an int >= 1"),
+    (dict(padding=-1), r"`padding` must be an int >= 0"),
+    (dict(kernel_size=2.5), r"`kernel_size` must be an int >= 1"),
+    (dict(in_channels=0), r"`in_channels` must be an int >= 1, got 0"),
+    (dict(out_channels=3.5), r"`out_channels` must be an int >= 1, got 3.5"),
 ])
 def test_bad_conv_options_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        TuckerConv2d(4, 4, 3, **kwargs)
+        TuckerConv2d(**({"in_channels": 4, "out_channels": 4, "kernel_size": 3} | kwargs))
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ((6.5, 5), r"`in_features` must be an int >= 1, got 6.5"),
+    ((0, 5), r"`in_features` must be an int >= 1, got 0"),
+    ((6, True), r"`out_features` must be an int >= 1, got True"),
+])
+def test_bad_linear_sizes_are_refused(sizes, message):
+    with pytest.raises(ValueError, match=message):
+        TuckerLinear(*sizes)
+
+
+@pytest.mark.parametrize("ranks", [(2.7, 2), (2, "2"), (True, 2)])
+def test_set_rank_takes_ints_only(ranks):
+    layer = TuckerLinear(6, 5)
+    with pytest.raises(ValueError, match="`rank` must be a sequence of ints"):
+        layer.set_rank(ranks)
+    assert layer.ranks == (5, 5) and layer.rank.tolist() == [5, 5]
 
 
 def test_inconsistent_ranks_are_refused_and_conversion_makes_them_consistent():
