@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -20,8 +20,9 @@ from torch.utils.hooks import RemovableHandle
 from lightning_lowrank.checkpoint import CHECKPOINT_KEY, split_state
 from lightning_lowrank.conversion import RankSpec, TuckerConfig, convert
 from lightning_lowrank.deep_linear import DeepLinear, DeepLinearConfig, overparameterize
-from lightning_lowrank.integrator import IntegratorConfig, TuckerIntegrator
+from lightning_lowrank.integrator import IntegratorConfig, TuckerIntegrator, gradients_finite
 from lightning_lowrank.layers import TuckerLayer
+from lightning_lowrank.optimizer_state import state_rules
 from lightning_lowrank.summary import summary
 
 try:  # lightning >= 2.5
@@ -92,9 +93,9 @@ class TuckerCallback(_LowRankMetrics):
         init: Literal["hosvd", "random"] = "hosvd",
         layer_types: Sequence[type[nn.Module]] | None = None,
     ) -> None:
-        conversion = {} if layer_types is None else {"layer_types": tuple(layer_types)}
-        self.conversion = TuckerConfig(rank=rank, max_rank=max_rank, kernel_rank=kernel_rank, include=tuple(include),
-                                       exclude=tuple(exclude), min_size=min_size, keep_first_last=keep_first_last,
+        conversion = {} if layer_types is None else {"layer_types": layer_types}
+        self.conversion = TuckerConfig(rank=rank, max_rank=max_rank, kernel_rank=kernel_rank, include=include,
+                                       exclude=exclude, min_size=min_size, keep_first_last=keep_first_last,
                                        init=init, **conversion)
         self.integration = IntegratorConfig(tau=tau, min_rank=min_rank, modes=modes, method=method, interval=interval)
         if isinstance(max_rank, int) and not isinstance(max_rank, bool) and min_rank > max_rank:
@@ -107,16 +108,30 @@ class TuckerCallback(_LowRankMetrics):
         self.skipped_steps = 0  # optimizer steps skipped because of non-finite gradients
         self._handles: list[RemovableHandle] = []
         self._loaded_state: dict[str, Any] | None = None
+        self._layers: dict[str, TuckerLayer] = {}
+        self._membership: dict[torch.optim.Optimizer, int] = {}  # parameters per optimizer at the last look
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _check_strategy(self, trainer.strategy)
-        averaging = [type(c).__name__ for c in trainer.callbacks[: trainer.callbacks.index(self)]
-                     if isinstance(c, _AVERAGING)]
-        if averaging:
+        _check_checkpoint_callbacks(trainer)
+        index = trainer.callbacks.index(self)
+        averaging = [type(c).__name__ for c in trainer.callbacks if isinstance(c, _AVERAGING)]
+        if any(isinstance(c, _AVERAGING) for c in trainer.callbacks[:index]):
             raise ValueError(f"TuckerCallback must come before {averaging[0]} in `Trainer(callbacks=...)`: that "
                              "callback copies the model at its setup, before the layers are converted")
+        if averaging and stage == "fit" and self.freeze_after_steps is None and self.freeze_after_epochs is None:
+            raise ValueError(f"{averaging[0]} averages the parameters, which needs fixed ranks and bases: set "
+                             "TuckerCallback's `freeze_after_epochs` (or `freeze_after_steps`) to a point at or "
+                             "before averaging starts")
         if any(type(m) in self.conversion.layer_types or isinstance(m, TuckerLayer) for m in pl_module.modules()):
             report = convert(pl_module, self.conversion)
+            if report.converted and stage == "fit" and _copies_state_back(trainer.strategy):
+                raise ValueError(
+                    f"strategy {type(trainer.strategy).__name__} (start method "
+                    f"{trainer.strategy._start_method!r}) trains in worker processes and copies their state back "
+                    "into this process's model, whose layers are still dense there: the trained factorization would "
+                    "be lost. Convert before fit in the main process (`lightning_lowrank.convert(model, ...)` with "
+                    "the callback's options; the callback then finds the layers converted), or use strategy='ddp'")
             if report.converted:
                 rank_zero_info(f"TuckerCallback: {report}")
         # else the module builds its layers in `configure_model` and converts them there (checked at fit start)
@@ -126,7 +141,37 @@ class TuckerCallback(_LowRankMetrics):
         if not layers:
             raise ValueError(f"{type(pl_module).__name__} has no Tucker layers at fit start: if it builds its layers "
                              "in `configure_model`, call `lightning_lowrank.convert` there")
-        self.integrators = {}
+        self.integrators, self._layers, self._membership = {}, layers, {}
+        for optimizer in trainer.optimizers:
+            self._join(trainer, optimizer)
+            self._handles.append(optimizer.register_step_post_hook(self._after_step))
+        idle = sorted(set(layers) - {name for i in self.integrators.values() for name in i.layers})
+        if idle:
+            rank_zero_info(f"TuckerCallback: no optimizer steps {idle} yet; they stay as they are until one does")
+        if self._loaded_state is not None:
+            states = self._loaded_state["integrators"]
+            if len(states) != len(self.integrators):
+                raise ValueError(f"the checkpoint holds the integrator state of {len(states)} optimizer(s) with "
+                                 f"Tucker layers, this run has {len(self.integrators)}: resume with the same "
+                                 "optimizers")
+            for integrator, state in zip(self.integrators.values(), states):
+                integrator.load_state_dict(state)
+            self.skipped_steps = self._loaded_state["skipped_steps"]
+            self._loaded_state = None
+
+    def _join(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+        """Give ``optimizer``'s integrator the Tucker layers whose cores it steps now (a finetuning callback may add
+        a frozen backbone's parameters later); refuse an optimizer whose state cannot follow a rank change."""
+        self._membership[optimizer] = sum(len(group["params"]) for group in optimizer.param_groups)
+        members = _layers_by_optimizer(self._layers, trainer.optimizers).get(optimizer, {})
+        integrator = self.integrators.get(optimizer)
+        new = {name: layer for name, layer in members.items() if integrator is None or name not in integrator.layers}
+        if not new:
+            return
+        state_rules(optimizer)
+        if integrator is not None:
+            integrator.add_layers(new)
+            return
         reduce = broadcast = None
         if trainer.world_size > 1:
             def reduce(tensor: Tensor) -> Tensor:
@@ -135,16 +180,12 @@ class TuckerCallback(_LowRankMetrics):
             def broadcast(tensor: Tensor) -> Tensor:
                 return trainer.strategy.broadcast(tensor, src=0)
 
-        for optimizer, members in _layers_by_optimizer(layers, trainer.optimizers).items():
-            integrator = TuckerIntegrator(members, self.integration, reduce, broadcast)
-            self.integrators[optimizer] = integrator
-            self._handles.append(optimizer.register_step_post_hook(
-                lambda opt, args, kwargs, integrator=integrator: integrator.after_step(opt)))
-        if self._loaded_state is not None:
-            for integrator, state in zip(self.integrators.values(), self._loaded_state["integrators"]):
-                integrator.load_state_dict(state)
-            self.skipped_steps = self._loaded_state["skipped_steps"]
-            self._loaded_state = None
+        self.integrators[optimizer] = TuckerIntegrator(new, self.integration, reduce, broadcast)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        integrator = self.integrators.get(optimizer)
+        if integrator is not None:
+            integrator.after_step(optimizer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -156,15 +197,47 @@ class TuckerCallback(_LowRankMetrics):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
+        if self._membership.get(optimizer) != sum(len(group["params"]) for group in optimizer.param_groups):
+            self._join(trainer, optimizer)
         integrator = self.integrators.get(optimizer)
-        if integrator is None or integrator.before_step(optimizer):
-            return
-        for group in optimizer.param_groups:  # the whole step becomes a no-op: nothing is lost
-            for p in group["params"]:
+        if integrator is not None:
+            if integrator.before_step(optimizer):
+                return
+        else:
+            parameters = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradients_finite(parameters):
+                return
+            for p in parameters:  # the whole step becomes a no-op: nothing is lost
                 p.grad = None
         self.skipped_steps += 1
         rank_zero_warn(f"TuckerCallback: non-finite gradient at global step {trainer.global_step}; the optimizer "
                        f"step is skipped ({self.skipped_steps} so far)")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._check_averaging(trainer, step_idx=trainer.global_step - 1)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_averaging(trainer, epoch_idx=trainer.current_epoch)
+        super().on_train_epoch_end(trainer, pl_module)
+
+    def _check_averaging(self, trainer: pl.Trainer, step_idx: int | None = None, epoch_idx: int | None = None) -> None:
+        """Refuse to let an averaging callback (after this one) average factors whose ranks and bases still move."""
+        if all(integrator.frozen for integrator in self.integrators.values()):
+            return
+        for callback in trainer.callbacks:
+            if isinstance(callback, StochasticWeightAveraging):
+                averaging = callback.swa_start <= trainer.current_epoch
+            elif isinstance(callback, _AVERAGING):
+                averaging = callback.should_update(step_idx=step_idx, epoch_idx=epoch_idx)
+            else:
+                continue
+            if averaging:
+                raise RuntimeError(f"{type(callback).__name__} is about to average the parameters while the ranks "
+                                   "and bases still change (averaged factors are not orthonormal): set "
+                                   "TuckerCallback's `freeze_after_epochs`/`freeze_after_steps` to a point at or "
+                                   "before averaging starts")
 
     def metrics(self, pl_module: pl.LightningModule) -> dict[str, float]:
         """Compression, parameters and the rank of every adapted mode (Python numbers: no device sync)."""
@@ -275,6 +348,28 @@ class DeepLinearCallback(_LowRankMetrics):
             self._handles.clear()
 
 
+def _copies_state_back(strategy: pl.strategies.Strategy) -> bool:
+    """Whether the strategy trains in processes it starts itself (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``) and
+    loads the trained state back into the main process's model afterwards.
+
+    Lightning has no public attribute for the launcher kind: this is the one place that reads the private
+    ``DDPStrategy._start_method`` ("popen" for the script launcher); ``test_callback.py`` fails if it changes.
+    """
+    return isinstance(strategy, DDPStrategy) and getattr(strategy, "_start_method", "popen") != "popen"
+
+
+def _check_checkpoint_callbacks(trainer: pl.Trainer) -> None:
+    """Weights-only checkpoints skip the callback's checkpoint hook, so they would hold raw factors that neither
+    ``Module.load_from_checkpoint`` nor :func:`~lightning_lowrank.load_checkpoint` can read: refuse them."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.save_weights_only:
+            raise ValueError("ModelCheckpoint(save_weights_only=True) skips the low-rank callbacks' checkpoint hook: "
+                             "its files would hold the raw factors without the structure that loads them. Use "
+                             "save_weights_only=False (the default); for a small file of the trained model, save "
+                             "`lightning_lowrank.compact(model)` or load the full checkpoint with "
+                             "`lightning_lowrank.load_checkpoint`")
+
+
 def _check_strategy(callback: Callback, strategy: pl.strategies.Strategy) -> None:
     """Single device and DDP (any launcher) are supported; sharded strategies would split the factors."""
     if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
@@ -295,7 +390,6 @@ def _layers_by_optimizer(layers: dict[str, TuckerLayer], optimizers: Sequence[to
             raise ValueError(f"the factors of Tucker layer {name!r} are in another optimizer than its core: put a "
                              "layer's parameters in one optimizer (`layer.parameters()`)")
         if optimizer is None:
-            rank_zero_warn(f"TuckerCallback: no optimizer steps the core of {name!r}; its rank stays fixed")
             continue
         grouped.setdefault(optimizer, {})[name] = layer
     return grouped

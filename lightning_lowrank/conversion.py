@@ -51,7 +51,8 @@ class TuckerConfig:
         rank: initial active rank of the channel modes (output and input).
         max_rank: storage rank of the channel modes; ranks never grow beyond it.
         kernel_rank: initial rank of the spatial modes of convolutions (their storage is always full).
-        layer_types: dense layer types to convert (exact type match, so subclasses with their own forward stay).
+        layer_types: dense layer types to convert (exact type match, so subclasses with their own forward stay), as
+            classes or class names (``"Conv2d"``).
         include: glob patterns on qualified module names (``"features.*"``); empty means every layer.
         exclude: glob patterns of layers to keep dense.
         min_size: layers whose dense weight has fewer elements stay dense.
@@ -79,9 +80,14 @@ class TuckerConfig:
         for name in ("include", "exclude", "layer_types"):
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, (str, type)) else tuple(value))
-        unsupported = [t.__name__ for t in self.layer_types if t not in TUCKER_LAYERS]
+        for name in ("include", "exclude"):
+            if not all(isinstance(p, str) for p in getattr(self, name)):
+                raise ValueError(f"`{name}` must be a glob pattern or a sequence of them, got {getattr(self, name)!r}")
+        by_name = {t.__name__: t for t in TUCKER_LAYERS}
+        unsupported = [t for t in self.layer_types if t not in TUCKER_LAYERS and t not in by_name]
         if unsupported:
-            raise ValueError(f"`layer_types` must be among {[t.__name__ for t in TUCKER_LAYERS]}, got {unsupported}")
+            raise ValueError(f"`layer_types` must be among {list(by_name)} (classes or names), got {unsupported}")
+        object.__setattr__(self, "layer_types", tuple(by_name.get(t, t) for t in self.layer_types))
         if not isinstance(self.min_size, int) or self.min_size < 0:
             raise ValueError(f"`min_size` must be an int >= 0, got {self.min_size!r}")
         if self.init not in ("hosvd", "random"):
@@ -135,20 +141,26 @@ def convert(module: nn.Module, config: TuckerConfig | None = None, **options: ob
         raise TypeError("pass either `config` or keyword options, not both")
     check_patterns(module, config.include, config.exclude)
 
-    candidates = [(name, m) for name, m in module.named_modules()
-                  if type(m) in config.layer_types or isinstance(m, TuckerLayer)]
-    ends = {candidates[0][0], candidates[-1][0]} if config.keep_first_last and candidates else set()
+    aliases: dict[int, list[str]] = {}  # a module registered under several names is replaced under all of them
+    for name, m in module.named_modules(remove_duplicate=False):
+        if type(m) in config.layer_types or isinstance(m, TuckerLayer):
+            aliases.setdefault(id(m), []).append(name)
+    candidates = [(names, module.get_submodule(names[0])) for names in aliases.values()]
+    ends = {id(candidates[0][1]), id(candidates[-1][1])} if config.keep_first_last and candidates else set()
+    owners = _parameter_owners(module)
     report = ConversionReport()
     plan = []  # every rank is resolved before the first layer is replaced, so a bad rank changes nothing
-    for name, layer in candidates:
-        reason = _skip_reason(name, layer, config, ends)
+    for names, layer in candidates:
+        reason = _skip_reason(names, layer, config, id(layer) in ends, owners)
         if reason is None:
-            plan.append((name, layer, *config.ranks_for(tuple(layer.weight.shape), name)))
+            plan.append((names, layer, *config.ranks_for(tuple(layer.weight.shape), names[0])))
         elif reason:
-            report.skipped[name] = reason
-    for name, layer, ranks, max_ranks in plan:
-        module.set_submodule(name, TUCKER_LAYERS[type(layer)].from_dense(layer, ranks, max_ranks, config.init))
-        report.converted.append(name)
+            report.skipped[names[0]] = reason
+    for names, layer, ranks, max_ranks in plan:
+        tucker = TUCKER_LAYERS[type(layer)].from_dense(layer, ranks, max_ranks, config.init)
+        for name in names:
+            module.set_submodule(name, tucker)
+        report.converted.append(" = ".join(names))
     if not any(isinstance(m, TuckerLayer) for m in module.modules()):
         raise ValueError(f"nothing to convert in {type(module).__name__}: no layer of type "
                          f"{[t.__name__ for t in config.layer_types]} passed the selection\n{report}")
@@ -175,15 +187,33 @@ def pattern_reason(name: str, include: tuple[str, ...], exclude: tuple[str, ...]
     return None
 
 
-def _skip_reason(name: str, layer: nn.Module, config: TuckerConfig, ends: set[str]) -> str | None:
-    """Why ``layer`` stays as it is (empty string: already converted), or None to convert it."""
+def _parameter_owners(module: nn.Module) -> dict[int, set[str]]:
+    """The names of the modules that hold each parameter (more than one for tied weights)."""
+    owners: dict[int, set[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), set()).add(name.rpartition(".")[0])
+    return owners
+
+
+def _skip_reason(names: list[str], layer: nn.Module, config: TuckerConfig, end: bool,
+                 owners: dict[int, set[str]]) -> str | None:
+    """Why ``layer`` (registered under ``names``) stays as it is (empty string: already converted), or None to
+    convert it."""
     if isinstance(layer, TuckerLayer):
         return ""
-    reason = pattern_reason(name, config.include, config.exclude)
-    if reason:
-        return reason
-    if name in ends:
+    for name in names:
+        reason = pattern_reason(name, config.include, config.exclude)
+        if reason:
+            return reason if len(names) == 1 else f"{reason} (as {name!r})"
+    if end:
         return "first or last layer (`keep_first_last`)"
+    for p in (layer.weight, layer.bias):
+        shared = set() if p is None else owners.get(id(p), set()) - set(names)
+        if shared:
+            reason = (f"its parameters are tied to {sorted(shared)}: factorizing it would untie them; untie them or "
+                      "exclude the layer to silence this")
+            warnings.warn(f"layer {names[0]!r} is not converted: {reason}", UserWarning, stacklevel=3)
+            return reason
     if layer.weight.numel() < config.min_size:
         return f"{layer.weight.numel()} weights < `min_size` {config.min_size}"
     if getattr(layer, "groups", 1) != 1:

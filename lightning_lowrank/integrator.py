@@ -128,16 +128,35 @@ class TuckerIntegrator:
                  broadcast: Callable[[Tensor], Tensor] | None = None) -> None:
         self.config = config or IntegratorConfig()
         named = module.named_modules() if isinstance(module, nn.Module) else module.items()
-        self.layers = {name: m for name, m in named if isinstance(m, TuckerLayer)}
-        if not self.layers:
+        layers = {name: m for name, m in named if isinstance(m, TuckerLayer)}
+        if not layers:
             raise ValueError(f"{type(module).__name__} has no Tucker layers; call lightning_lowrank.convert first")
         self.reduce, self.broadcast = reduce, broadcast
-        exact = self.config.method == "augmented"
-        self._captures = {name: _Capture(layer) for name, layer in self.layers.items()} if exact else {}
+        self.layers: dict[str, TuckerLayer] = {}
+        self._captures: dict[str, _Capture] = {}
         self._augmented: dict[str, tuple[int, ...]] = {}  # layer name -> ranks before augmentation
         self._basis_grads: dict[tuple[str, int], Tensor] = {}  # dL/dU summed over the steps since the last augmentation
-        self.steps = 0  # optimizer steps taken
+        self._prepared = False  # whether before_step readied the optimizer step that after_step completes
+        self.steps = 0  # optimizer steps taken (skipped ones do not count)
         self.frozen = False
+        self.add_layers(layers)
+
+    def add_layers(self, layers: Mapping[str, TuckerLayer]) -> None:
+        """Integrate these layers too, from the next step on.
+
+        Raises:
+            ValueError: ``min_rank`` exceeds the storage rank of an adapted mode.
+        """
+        for name, layer in layers.items():
+            for mode, n in enumerate(layer.max_ranks):
+                if self.config.adapts(mode) and n < self.config.min_rank:
+                    raise ValueError(f"`min_rank` {self.config.min_rank} exceeds the storage rank {n} of mode {mode} "
+                                     f"of Tucker layer {name!r}: lower `min_rank`, or exclude the layer")
+        self.layers.update(layers)
+        if self.config.method == "augmented":
+            for name, layer in layers.items():
+                self._captures[name] = _Capture(layer)
+                self._captures[name].active = self.due and not self.frozen
 
     @property
     def due(self) -> bool:
@@ -178,6 +197,7 @@ class TuckerIntegrator:
         """
         if self._augmented:  # an augmenting step whose optimizer step never came: finish it first
             self.truncate(optimizer)
+        self._prepared = False
         parameters = [p for layer in self.layers.values() for p in layer.parameters()]
         if optimizer is not None:
             parameters += [p for group in optimizer.param_groups for p in group["params"]]
@@ -186,6 +206,7 @@ class TuckerIntegrator:
                 p.grad = None
             self.clear()
             return False
+        self._prepared = True
         if self.due:
             self.augment(optimizer)
             return True
@@ -206,7 +227,11 @@ class TuckerIntegrator:
             self._basis_grads[key] = grad.clone()
 
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Truncate what :meth:`augment` grew and count the step."""
+        """Truncate what :meth:`augment` grew and count the step; nothing for an optimizer step that
+        :meth:`before_step` did not prepare (a skipped one, or a step taken around the integrator)."""
+        if not self._prepared:
+            return
+        self._prepared = False
         self.truncate(optimizer)
         self.steps += 1
         for capture in self._captures.values():
