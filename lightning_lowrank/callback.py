@@ -32,9 +32,14 @@ except ImportError:
     _AVERAGING = (StochasticWeightAveraging,)
 
 
-class _LowRankMetrics(Callback):
-    """Logs ``lowrank/<name>`` for every entry of :meth:`metrics` through ``pl_module.log``, at every logging step
-    and at epoch end, so every logger, ModelCheckpoint and EarlyStopping see them; compression on the progress bar."""
+class _LowRankCallback(Callback):
+    """What both callbacks share: metrics and checkpoints.
+
+    Logs ``lowrank/<name>`` for every entry of :meth:`metrics` through ``pl_module.log``, at every logging step and at
+    epoch end, so every logger, ModelCheckpoint and EarlyStopping see them; compression on the progress bar.
+    Checkpoints hold the merged dense weights in ``state_dict`` (so ``Module.load_from_checkpoint`` builds the
+    trained dense model) and the exact factorization under ``checkpoint["lightning_lowrank"]``.
+    """
 
     def metrics(self, pl_module: pl.LightningModule) -> dict[str, float]:
         raise NotImplementedError
@@ -51,8 +56,21 @@ class _LowRankMetrics(Callback):
             pl_module.log(f"lowrank/{name}", value, prog_bar=name == "compression_rate", on_step=on_step,
                           on_epoch=not on_step, batch_size=1)
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = split_state(pl_module, checkpoint["state_dict"])
 
-class TuckerCallback(_LowRankMetrics):
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Lightning has loaded the merged weights (factorized by the layers); restore the exact factorization."""
+        if CHECKPOINT_KEY in checkpoint:
+            result = pl_module.load_state_dict(checkpoint[CHECKPOINT_KEY]["state_dict"], strict=False)
+            if result.unexpected_keys:
+                raise ValueError(f"the checkpoint has factorized state the model lacks: {result.unexpected_keys[:5]}; "
+                                 "convert the same layers (same `include`/`exclude`) as the run that saved it")
+
+
+class TuckerCallback(_LowRankCallback):
     """Train a LightningModule's Conv/Linear layers in Tucker form with the rank-adaptive integrator.
 
     At ``setup`` (fit, validate, test, predict; idempotent) the selected layers become Tucker layers, so the strategy
@@ -125,13 +143,8 @@ class TuckerCallback(_LowRankMetrics):
                              "before averaging starts")
         if any(type(m) in self.conversion.layer_types or isinstance(m, TuckerLayer) for m in pl_module.modules()):
             report = convert(pl_module, self.conversion)
-            if report.converted and stage == "fit" and _copies_state_back(trainer.strategy):
-                raise ValueError(
-                    f"strategy {type(trainer.strategy).__name__} (start method "
-                    f"{trainer.strategy._start_method!r}) trains in worker processes and copies their state back "
-                    "into this process's model, whose layers are still dense there: the trained factorization would "
-                    "be lost. Convert before fit in the main process (`lightning_lowrank.convert(model, ...)` with "
-                    "the callback's options; the callback then finds the layers converted), or use strategy='ddp'")
+            if report.converted and stage == "fit":
+                _check_conversion_reaches_main_process(trainer.strategy, "lightning_lowrank.convert")
             if report.converted:
                 rank_zero_info(f"TuckerCallback: {report}")
         # else the module builds its layers in `configure_model` and converts them there (checked at fit start)
@@ -250,21 +263,6 @@ class TuckerCallback(_LowRankMetrics):
                         metrics[f"{name}/rank_{mode_name}"] = float(rank)
         return metrics
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        """The ``state_dict`` gets the merged dense weights (so ``Module.load_from_checkpoint`` builds the trained
-        dense model); the exact factorization goes under ``checkpoint["lightning_lowrank"]``."""
-        checkpoint[CHECKPOINT_KEY] = split_state(pl_module, checkpoint["state_dict"])
-
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        """Lightning has loaded the merged weights (decomposed by the layers); restore the exact factorization."""
-        if CHECKPOINT_KEY in checkpoint:
-            result = pl_module.load_state_dict(checkpoint[CHECKPOINT_KEY]["state_dict"], strict=False)
-            if result.unexpected_keys:
-                raise ValueError(f"the checkpoint has Tucker state the model lacks: {result.unexpected_keys[:5]}; "
-                                 "convert the same layers (same `include`/`exclude`) as the run that saved it")
-
     def state_dict(self) -> dict[str, Any]:
         return {"integrators": [integrator.state_dict() for integrator in self.integrators.values()],
                 "skipped_steps": self.skipped_steps}
@@ -282,7 +280,7 @@ class TuckerCallback(_LowRankMetrics):
             integrator.remove()  # the integrators stay readable (steps, layers) until the next fit
 
 
-class DeepLinearCallback(_LowRankMetrics):
+class DeepLinearCallback(_LowRankCallback):
     """Train chosen Linear layers of a LightningModule as deep linear blocks, compressed to width 2r.
 
     At ``setup`` (idempotent) the selected ``nn.Linear`` layers become :class:`~lightning_lowrank.DeepLinear`
@@ -305,8 +303,11 @@ class DeepLinearCallback(_LowRankMetrics):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _check_strategy(self, trainer.strategy)
+        _check_checkpoint_callbacks(trainer)
         if any(type(m) is nn.Linear for m in pl_module.modules()) or not self._blocks(pl_module):
             report = overparameterize(pl_module, self.config)
+            if report.converted and stage == "fit":
+                _check_conversion_reaches_main_process(trainer.strategy, "lightning_lowrank.deep_linear.overparameterize")
             if report.converted:
                 rank_zero_info(f"DeepLinearCallback: {report}")
 
@@ -348,14 +349,27 @@ class DeepLinearCallback(_LowRankMetrics):
             self._handles.clear()
 
 
-def _copies_state_back(strategy: pl.strategies.Strategy) -> bool:
-    """Whether the strategy trains in processes it starts itself (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``) and
-    loads the trained state back into the main process's model afterwards.
+def _start_method(strategy: pl.strategies.Strategy) -> str | None:
+    """How a DDP strategy starts its processes: "popen" (the script launcher: every process runs the user's script)
+    or a multiprocessing start method ("spawn", "fork", "forkserver": ``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``),
+    after which Lightning loads the trained state back into the main process's model; None for other strategies.
 
-    Lightning has no public attribute for the launcher kind: this is the one place that reads the private
-    ``DDPStrategy._start_method`` ("popen" for the script launcher); ``test_callback.py`` fails if it changes.
+    Lightning has no public attribute for it: this is the one place that reads the private
+    ``DDPStrategy._start_method``; ``test_callback.py::test_start_method_of_each_launcher`` fails if it changes.
     """
-    return isinstance(strategy, DDPStrategy) and getattr(strategy, "_start_method", "popen") != "popen"
+    return getattr(strategy, "_start_method", "popen") if isinstance(strategy, DDPStrategy) else None
+
+
+def _check_conversion_reaches_main_process(strategy: pl.strategies.Strategy, function: str) -> None:
+    """Refuse to convert in worker processes whose state Lightning copies back into a still-dense model."""
+    method = _start_method(strategy)
+    if method not in (None, "popen"):
+        raise ValueError(
+            f"this DDP strategy (start method {method!r}: ddp_spawn, ddp_fork or ddp_notebook) trains in worker "
+            "processes and loads their state back into the main process's model, whose layers are still dense "
+            "there: the trained factorization would be lost. Convert before `fit` in the main process "
+            f"(`{function}(model, ...)` with the callback's options; the callback then finds the layers converted), "
+            "or use strategy='ddp'")
 
 
 def _check_checkpoint_callbacks(trainer: pl.Trainer) -> None:

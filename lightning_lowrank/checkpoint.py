@@ -8,41 +8,48 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_lowrank.deep_linear import DeepLinear
 from lightning_lowrank.export import compact
 from lightning_lowrank.layers import TUCKER_LAYERS, TuckerLayer
 
 CHECKPOINT_KEY = "lightning_lowrank"
 """The checkpoint entry ``{"layers": {name: {"type": class name, "arguments": {...}}}, "state_dict": {...}}``: the
-Tucker layers' structure and exact state, while the checkpoint's ``state_dict`` holds their merged dense weights."""
+factorized layers' structure and exact state, while the checkpoint's ``state_dict`` holds their merged dense
+weights."""
+
+FACTORIZED = (*TUCKER_LAYERS.values(), DeepLinear)
+"""The layer classes a checkpoint entry can rebuild: each has ``arguments()`` and ``dense_weight()``."""
+
+
+def _factorized(module: nn.Module) -> dict[str, TuckerLayer | DeepLinear]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, FACTORIZED)}
 
 
 def layer_structure(module: nn.Module) -> dict[str, Any]:
-    """The type and constructor arguments (sizes, options, ranks) of every Tucker layer of ``module``."""
+    """The type and constructor arguments (sizes, options, ranks) of every factorized layer of ``module``."""
     return {"layers": {name: {"type": type(m).__name__, "arguments": m.arguments()}
-                       for name, m in module.named_modules() if isinstance(m, TuckerLayer)}}
+                       for name, m in _factorized(module).items()}}
 
 
 def split_state(module: nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
-    """Move the Tucker layers' entries (core, factors, rank) out of ``state_dict`` (in place), put each layer's
-    merged weight W in their stead, and return the checkpoint entry with the moved state.
+    """Move the factorized layers' entries (all but ``bias``: core, factors, rank) out of ``state_dict`` (in place),
+    put each layer's merged weight W in their stead, and return the checkpoint entry with the moved state.
 
     So ``state_dict`` is the one of the model with dense layers (``Module.load_from_checkpoint`` loads it), and
     the entry restores the exact factorization.
     """
-    tucker_state = {}
-    for name, layer in module.named_modules():
-        if isinstance(layer, TuckerLayer):
-            prefix = f"{name}." if name else ""
-            for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):].split(".")[0] in
-                        ("core", "factors", "rank")]:
-                tucker_state[key] = state_dict.pop(key)
-            state_dict[prefix + "weight"] = layer.dense_weight().detach()
-    return {**layer_structure(module), "state_dict": tucker_state}
+    moved = {}
+    for name, layer in _factorized(module).items():
+        prefix = f"{name}." if name else ""
+        for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] != "bias"]:
+            moved[key] = state_dict.pop(key)
+        state_dict[prefix + "weight"] = layer.dense_weight().detach()
+    return {**layer_structure(module), "state_dict": moved}
 
 
 def rebuild(module: nn.Module, structure: dict[str, Any]) -> nn.Module:
-    """Put Tucker layers of the given ``structure`` into ``module`` in place (on its device and dtype); returns it."""
-    classes = {cls.__name__: cls for cls in TUCKER_LAYERS.values()}
+    """Put factorized layers of the given ``structure`` into ``module`` in place (on its device and dtype)."""
+    classes = {cls.__name__: cls for cls in FACTORIZED}
     for name, entry in structure["layers"].items():
         try:
             current = module.get_submodule(name)
@@ -57,7 +64,8 @@ def rebuild(module: nn.Module, structure: dict[str, Any]) -> nn.Module:
 def load_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], model: nn.Module | type[nn.Module],
                     compact_layers: bool = True, map_location: str | torch.device | None = "cpu",
                     weights_only: bool = True) -> nn.Module:
-    """Load a checkpoint written with :class:`~lightning_lowrank.TuckerCallback`, no callback needed.
+    """Load a checkpoint written with :class:`~lightning_lowrank.TuckerCallback` or
+    :class:`~lightning_lowrank.DeepLinearCallback`, no callback needed.
 
     Args:
         checkpoint: a path (as saved by Lightning) or the loaded checkpoint dictionary.
@@ -70,7 +78,8 @@ def load_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], model: nn.Mo
     if not isinstance(checkpoint, dict):
         checkpoint = torch.load(checkpoint, map_location=map_location, weights_only=weights_only)
     if CHECKPOINT_KEY not in checkpoint:
-        raise ValueError(f"the checkpoint has no {CHECKPOINT_KEY!r} entry: it was not written with TuckerCallback")
+        raise ValueError(f"the checkpoint has no {CHECKPOINT_KEY!r} entry: it was not written with TuckerCallback or "
+                         "DeepLinearCallback")
     if isinstance(model, type):
         model = model(**checkpoint.get("hyper_parameters", {}))
     entry = checkpoint[CHECKPOINT_KEY]

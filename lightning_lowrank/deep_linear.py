@@ -21,6 +21,7 @@ from lightning_lowrank.conversion import (
     check_patterns,
     pattern_reason,
 )
+from lightning_lowrank.layers import linear_chain
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
@@ -54,8 +55,26 @@ class DeepLinear(nn.Module):
         options = {"device": device, "dtype": dtype}
         self.factors = nn.ParameterList(nn.Parameter(torch.empty(shape, **options)) for shape in shapes)
         self.bias = nn.Parameter(torch.empty(out_features, **options)) if bias else None
+        self.register_load_state_dict_pre_hook(DeepLinear._load_pre_hook)
         self.reset_parameters()
 
+    @staticmethod
+    def _load_pre_hook(module: DeepLinear, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Also load the state of the dense layer this block replaces: its ``weight`` W (out, in), of rank at most
+        the width, is factorized exactly and balanced, W_1 = S^(1/L) V^T, W_l = S^(1/L), W_L = U S^(1/L)."""
+        weight = state_dict.get(prefix + "weight")
+        if weight is None or prefix + "factors.0" in state_dict or tuple(weight.shape) != (
+                module.out_features, module.in_features):
+            return
+        del state_dict[prefix + "weight"]
+        u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+        width = module.width
+        root = torch.zeros(width, dtype=torch.float64, device=weight.device)
+        root[: min(width, len(s))] = s[:width] ** (1 / module.depth)
+        u = F.pad(u[:, :width], (0, width - min(width, u.shape[1])))
+        vh = F.pad(vh[:width], (0, 0, 0, width - min(width, vh.shape[0])))
+        factors = [root[:, None] * vh] + [torch.diag(root)] * (module.depth - 2) + [u * root]
+        state_dict.update({f"{prefix}factors.{i}": f.to(weight.dtype) for i, f in enumerate(factors)})
     def reset_parameters(self) -> None:
         for factor in self.factors:
             nn.init.orthogonal_(factor, gain=self.init_scale)
@@ -73,6 +92,32 @@ class DeepLinear(nn.Module):
         for factor in self.factors[1:]:
             product = factor @ product
         return product
+
+    def dense_weight(self) -> Tensor:
+        """W = W_L ... W_1 formed in float64 and rounded once to the factors' dtype (for export and checkpoints)."""
+        product = self.factors[0].double()
+        for factor in self.factors[1:]:
+            product = factor.double() @ product
+        return product.to(self.factors[0].dtype)
+
+    def to_compact(self) -> nn.Module:
+        """Plain torch layers computing the same map with the fewest weights: two nn.Linear through the width,
+        W_L (W_{L-1} ... W_1), when width * (in + out) < in * out, else one nn.Linear with W."""
+        if self.width * (self.in_features + self.out_features) >= self.in_features * self.out_features:
+            return self.to_dense()
+        inner = self.factors[0]
+        for factor in self.factors[1:-1]:
+            inner = factor @ inner
+        return linear_chain([inner.detach(), self.factors[-1].detach()], self.bias, self.training)
+
+    def to_dense(self) -> nn.Linear:
+        """The nn.Linear with weight W and this block's bias."""
+        return linear_chain([self.dense_weight().detach()], self.bias, self.training)[0]
+
+    def arguments(self) -> dict[str, object]:
+        """Constructor arguments that rebuild this block's structure, for checkpoints."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "depth": self.depth,
+                "width": self.width, "init_scale": self.init_scale, "bias": self.bias is not None}
 
     def forward(self, x: Tensor) -> Tensor:
         for factor in self.factors[:-1]:

@@ -341,16 +341,16 @@ class TuckerLinear(TuckerLayer):
         u_out, u_in = self.active_factors()
         core = self.active_core()
         first, second = (u_in.T, u_out @ core) if self.ranks[1] <= self.ranks[0] else (core @ u_in.T, u_out)
-        return _linear_chain([first, second], self.bias, self.training)
+        return linear_chain([first, second], self.bias, self.training)
 
     def to_dense(self) -> nn.Linear:
-        return _linear_chain([self.dense_weight()], self.bias, self.training)[0]
+        return linear_chain([self.dense_weight()], self.bias, self.training)[0]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {super().extra_repr()}"
 
 
-def _linear_chain(weights: Sequence[Tensor], bias: Tensor | None, training: bool) -> nn.Sequential:
+def linear_chain(weights: Sequence[Tensor], bias: Tensor | None, training: bool) -> nn.Sequential:
     """nn.Linear layers applying ``weights`` in order; ``bias`` goes on the last one."""
     layers = []
     for i, w in enumerate(weights):
