@@ -314,8 +314,9 @@ class TuckerIntegrator:
         fresh[tuple(slice(r) for r in old)] = False
         grad = layer.core.grad[block]
         lr = next(group["lr"] for group in optimizer.param_groups if any(p is layer.core for p in group["params"]))
+        step = state.get("step", 0)
         for key, value in state.items():
-            fresh_state = fresh_value(rules[key], grad, lr)
+            fresh_state = fresh_value(rules[key], grad, lr, step)
             if fresh_state is not None and isinstance(value, Tensor) and value.shape == layer.core.shape:
                 value[block] = torch.where(fresh, fresh_state.to(value.dtype), value[block])
 
@@ -342,7 +343,7 @@ class TuckerIntegrator:
         diagonal = torch.diagonal(r_factor)
         signs = torch.where(diagonal < 0, -1.0, 1.0).to(dtype)
         # a new direction whose share of the gradient is rounding noise is arbitrary: mark it to carry no gradient
-        floor = 100 * torch.finfo(dtype).eps * torch.linalg.vector_norm(grad) if extra else 0
+        floor = 100 * torch.finfo(dtype).eps * _norm(grad.to(dtype)) if extra else 0
         significant = diagonal[r:].abs() > floor
         return (q * signs).to(u.dtype), r_factor[:r, :r] * signs[:r, None], significant
 
@@ -472,6 +473,12 @@ def gradients_finite(parameters: Sequence[Tensor]) -> bool:
     sums = [p.grad.sum(dtype=torch.promote_types(p.grad.dtype, torch.float32))
             for p in {id(p): p for p in parameters}.values() if p.grad is not None]
     return bool(torch.isfinite(torch.stack(sums)).all()) if sums else True
+
+
+def _norm(tensor: Tensor) -> Tensor:
+    """Frobenius norm, computed on the tensor scaled by its largest entry so that no square overflows."""
+    largest = tensor.abs().amax().clamp_min(torch.finfo(tensor.dtype).tiny)
+    return largest * torch.linalg.vector_norm(tensor / largest)
 
 
 def _mask_outside_block(layer: TuckerLayer) -> None:

@@ -27,14 +27,15 @@ from torch import Tensor
 from lightning_lowrank.layers import mode_dot
 
 Kind = Literal["linear", "squared", "magnitude", "scalar"]
-Fresh = Literal["zero", "grad", "grad_squared", "grad_abs", "lr"]
+Fresh = Literal["zero", "grad", "grad_squared", "grad_squared_sum", "grad_abs", "lr"]
 
 
 @dataclass(frozen=True)
 class StateRule:
     """How one state entry of the core moves: ``kind`` under a rotation, ``fresh`` its value on entries that
-    augmentation adds ("zero", or the steady state of a constant gradient g: "grad" g, "grad_squared" g^2,
-    "grad_abs" |g|; "lr" the parameter group's learning rate, Rprop's initial step size)."""
+    augmentation adds ("zero", or the state that a constant gradient g would have built: "grad" g, "grad_squared"
+    g^2, "grad_squared_sum" step * g^2 (a sum over the steps so far), "grad_abs" |g|; "lr" the parameter group's
+    learning rate, Rprop's initial step size)."""
 
     kind: Kind
     fresh: Fresh = "zero"
@@ -53,7 +54,7 @@ OPTIMIZER_STATE: dict[type[torch.optim.Optimizer], dict[str, StateRule]] = {
                          "exp_inf": StateRule("magnitude", "grad_abs")},
     torch.optim.RMSprop: {"step": StateRule("scalar"), "square_avg": StateRule("squared", "grad_squared"),
                           "momentum_buffer": StateRule("linear"), "grad_avg": StateRule("linear")},
-    torch.optim.Adagrad: {"step": StateRule("scalar"), "sum": StateRule("squared")},
+    torch.optim.Adagrad: {"step": StateRule("scalar"), "sum": StateRule("squared", "grad_squared_sum")},
     torch.optim.Adadelta: {"step": StateRule("scalar"), "square_avg": StateRule("squared"),
                            "acc_delta": StateRule("squared")},
     torch.optim.Rprop: {"step": StateRule("scalar"), "prev": StateRule("linear"),
@@ -109,12 +110,15 @@ def rotate(tensor: Tensor, rotations: Sequence[Tensor | None], kind: Kind = "lin
     return tensor
 
 
-def fresh_value(rule: StateRule, grad: Tensor, lr: float | Tensor) -> Tensor | None:
-    """The state of entries that augmentation adds, given their gradient; None for zero."""
+def fresh_value(rule: StateRule, grad: Tensor, lr: float | Tensor, step: Tensor | float) -> Tensor | None:
+    """The state of entries that augmentation adds, given their gradient, the group's learning rate and the
+    optimizer's step count; None for zero."""
     if rule.fresh == "grad":
         return grad
     if rule.fresh == "grad_squared":
         return grad.square()
+    if rule.fresh == "grad_squared_sum":
+        return grad.square() * step
     if rule.fresh == "grad_abs":
         return grad.abs()
     if rule.fresh == "lr":
