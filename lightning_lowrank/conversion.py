@@ -48,7 +48,7 @@ class TuckerConfig:
     """Which layers become Tucker layers, and at which ranks.
 
     Args:
-        rank: initial active rank of the channel modes (output and input).
+        rank: initial active rank of the channel modes (output and input); "full" starts at `max_rank`.
         max_rank: storage rank of the channel modes; ranks never grow beyond it.
         kernel_rank: initial rank of the spatial modes of convolutions (their storage is always full).
         layer_types: dense layer types to convert (exact type match, so subclasses with their own forward stay), as
@@ -74,8 +74,8 @@ class TuckerConfig:
     def __post_init__(self) -> None:
         for name in ("rank", "max_rank", "kernel_rank"):
             _check_rank_spec(name, getattr(self, name))
-        if self.max_rank != "full" and (self.rank == "full" or type(self.rank) is type(self.max_rank)
-                                        and self.rank > self.max_rank):
+        if self.max_rank != "full" and self.rank != "full" and (type(self.rank) is type(self.max_rank)
+                                                                and self.rank > self.max_rank):
             raise ValueError(f"`rank` ({self.rank}) must not exceed `max_rank` ({self.max_rank})")
         for name in ("include", "exclude", "layer_types"):
             value = getattr(self, name)
@@ -99,7 +99,8 @@ class TuckerConfig:
         for mode, (size, bound) in enumerate(zip(shape, full_ranks(shape))):
             specs = (self.rank, self.max_rank) if mode < 2 else (self.kernel_rank, "full")
             try:
-                rank, max_rank = (resolve_rank(spec, size, bound) for spec in specs)
+                max_rank = resolve_rank(specs[1], size, bound)
+                rank = max_rank if specs[0] == "full" else resolve_rank(specs[0], size, bound)
             except ValueError as error:
                 raise ValueError(f"layer {layer_name!r}, mode {mode}: {error}; give a smaller int, a fraction in "
                                  f"(0, 1] or 'full', or exclude the layer") from None
@@ -169,7 +170,7 @@ def convert(module: nn.Module, config: TuckerConfig | None = None, **options: ob
 
 def check_patterns(module: nn.Module, include: tuple[str, ...], exclude: tuple[str, ...]) -> None:
     """Raise if a glob pattern of ``include`` or ``exclude`` matches no module name of ``module``."""
-    names = [name for name, _ in module.named_modules()]
+    names = [name for name, _ in module.named_modules(remove_duplicate=False)]
     for option, patterns in (("include", include), ("exclude", exclude)):
         for pattern in patterns:
             if not any(fnmatchcase(name, pattern) for name in names):

@@ -463,3 +463,195 @@ def test_ddp_processes_end_every_step_identical(tmp_path):
     assert len(set(map(tuple, states[0]["ranks"]))) > 1  # ranks did change
     for key, value in states[0]["state_dict"].items():
         assert torch.equal(value, states[1]["state_dict"][key]), key
+
+
+# --- nothing lost on any path (issue 16) ---------------------------------------------------------------------------
+
+def test_start_method_of_each_launcher():
+    """The one private Lightning attribute the package reads (`DDPStrategy._start_method`) still tells the
+    launchers apart; if Lightning renames it, this fails."""
+    from lightning_lowrank.callback import _start_method
+
+    expected = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}
+    for strategy, method in expected.items():
+        assert _start_method(trainer(strategy=strategy, devices=2).strategy) == method, strategy
+    assert _start_method(trainer().strategy) is None
+
+
+@pytest.mark.slow
+def test_ddp_spawn_refuses_a_dense_model_and_returns_a_converted_one_trained(tmp_path):
+    """Under ddp_spawn Lightning copies the worker's state back into this process's model: a model still dense here
+    is refused (the factorization would be lost); one converted before fit comes back exactly as the worker left it
+    (reference: the worker's last checkpoint)."""
+    with pytest.raises(Exception, match="trains in worker processes and loads their state back"):
+        trainer(strategy="ddp_spawn", devices=1, max_epochs=1, callbacks=[ll.TuckerCallback()]).fit(Student())
+    torch.manual_seed(0)
+    model = Student(lr=0.02)
+    ll.convert(model)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(strategy="ddp_spawn", devices=1, max_epochs=2, enable_checkpointing=True,
+            callbacks=[ll.TuckerCallback(tau=0.3), checkpoint]).fit(model)
+    worker = ll.load_checkpoint(tmp_path / "last.ckpt", Student(lr=0.02), compact_layers=False).state_dict()
+    assert [m.ranks for m in tucker_layers(model).values()] != [m.max_ranks for m in tucker_layers(model).values()]
+    assert any(not torch.equal(v, initial[k]) for k, v in model.state_dict().items() if k.endswith("core"))
+    for key, value in worker.items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+class ExcludedHead(Student):
+    """The last linear layer stays dense (excluded)."""
+
+    def __init__(self, poison: str, **kwargs):
+        super().__init__(**kwargs)
+        self.poison = poison
+
+    def on_after_backward(self):
+        if self.global_step == 3:
+            getattr(self.net[4], self.poison).grad[0] = float("nan")
+            self.snapshot = {k: v.clone() for k, v in self.state_dict().items()}
+            self.optimizer_state = {i: {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)}
+                                    for i, s in self.trainer.optimizers[0].state_dict()["state"].items()}
+
+
+@pytest.mark.parametrize("poison", ["weight", "bias"])
+def test_a_nan_gradient_outside_the_tucker_layers_skips_the_whole_step(poison):
+    """Reference: the state before the poisoned step; every parameter and every optimizer state entry keeps it."""
+    torch.manual_seed(0)
+    model = ExcludedHead(poison, lr=0.02)
+    callback = ll.TuckerCallback(tau=0.3, exclude=["net.4"])
+    after = {}
+
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 3:
+                after["model"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+                after["optimizer"] = {i: {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)}
+                                      for i, s in trainer.optimizers[0].state_dict()["state"].items()}
+
+    with pytest.warns(UserWarning, match="non-finite gradient at global step 3"):
+        trainer(max_epochs=1, callbacks=[callback, Probe()]).fit(model)
+    assert callback.skipped_steps == 1
+    assert integrator_of(callback).steps == 7  # 8 batches, one skipped: it does not count
+    assert all(torch.equal(after["model"][k], v) for k, v in model.snapshot.items())
+    for index, state in model.optimizer_state.items():
+        for key, value in state.items():
+            assert torch.equal(after["optimizer"][index][key], value), (index, key)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_frozen_tucker_layer_stays_exactly_as_it_was():
+    """requires_grad=False on a converted layer whose parameters the optimizer holds (SGD momentum): no augmentation,
+    no truncation, no zero gradient for momentum to act on; the other layers still adapt."""
+    torch.manual_seed(0)
+    model = Student(lr=0.02)
+    ll.convert(model)
+    model.net[0].requires_grad_(False)
+    frozen = {k: v.clone() for k, v in model.net[0].state_dict().items()}
+    trainer(max_epochs=2, callbacks=[ll.TuckerCallback(tau=0.3)]).fit(model)
+    for key, value in model.net[0].state_dict().items():
+        assert torch.equal(value, frozen[key]), key
+    assert model.net[3].ranks != model.net[3].max_ranks
+
+
+class Finetuned(Student):
+    """`backbone` (the conv and the first linear layer) is frozen by BackboneFinetuning until epoch 1; the optimizer
+    starts with the trainable parameters only, as BackboneFinetuning asks."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.backbone = self.net[:4]
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr, momentum=0.9)
+
+
+@pytest.mark.parametrize("order", ["tucker first", "finetuning first"])
+def test_backbone_finetuning_in_either_order(order):
+    """Frozen, the backbone's Tucker layers stay exactly as converted; unfrozen (added to the optimizer as a new
+    parameter group), they join the integrator: ranks adapt, bases stay orthonormal, the optimizer never steps them."""
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    torch.manual_seed(0)
+    model = Finetuned(lr=0.02)
+    tucker = ll.TuckerCallback(tau=0.3)
+    finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, lambda_func=lambda epoch: 1.0)
+    seen = {}
+
+    class Probe(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                seen["frozen"] = {k: v.clone() for k, v in pl_module.backbone.state_dict().items()}
+
+        def on_train_start(self, trainer, pl_module):
+            seen["start"] = {k: v.clone() for k, v in pl_module.backbone.state_dict().items()}
+
+    callbacks = [tucker, finetuning, Probe()] if order == "tucker first" else [finetuning, tucker, Probe()]
+    trainer(max_epochs=3, callbacks=callbacks).fit(model)
+    assert all(torch.equal(v, seen["start"][k]) for k, v in seen["frozen"].items())  # frozen epoch: unchanged
+    assert "net.3" in integrator_of(tucker).layers
+    assert model.net[3].ranks != model.net[3].max_ranks  # integrated once unfrozen
+    assert_healthy(model, atol=1e-5)
+
+
+def test_weights_only_checkpoints_are_refused_at_setup():
+    model = Student()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"ModelCheckpoint\(save_weights_only=True\) skips"):
+        trainer(enable_checkpointing=True,
+                callbacks=[ll.TuckerCallback(), ModelCheckpoint(save_weights_only=True)]).fit(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_averaging_without_fixed_ranks_is_refused():
+    """SWA after the callback needs frozen ranks: refused at setup without a freeze option, and at the first
+    averaging step if the freeze comes later than averaging starts."""
+    with pytest.raises(ValueError, match="averages the parameters, which needs fixed ranks and bases"):
+        trainer(callbacks=[ll.TuckerCallback(), StochasticWeightAveraging(swa_lrs=0.01)]).fit(Student())
+    with pytest.raises(RuntimeError, match="StochasticWeightAveraging is about to average the parameters"):
+        trainer(max_epochs=3, callbacks=[ll.TuckerCallback(freeze_after_epochs=2),
+                                         StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)]).fit(Student())
+
+
+def test_weight_averaging_after_the_freeze_keeps_orthonormal_factors():
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    class AfterFreeze(WeightAveraging):
+        def should_update(self, step_idx=None, epoch_idx=None):
+            return step_idx is not None and step_idx >= 8
+
+    torch.manual_seed(0)
+    model = Student(lr=0.02)
+    trainer(max_epochs=2, callbacks=[ll.TuckerCallback(tau=0.3, freeze_after_steps=8), AfterFreeze()]).fit(model)
+    assert_healthy(model)
+    for layer in tucker_layers(model).values():
+        block = torch.zeros_like(layer.core, dtype=torch.bool)
+        block[tuple(slice(r) for r in layer.ranks)] = True
+        assert torch.all(layer.core[~block] == 0)
+    with pytest.raises(RuntimeError, match="AfterFreeze is about to average"):
+        trainer(max_epochs=2, callbacks=[ll.TuckerCallback(freeze_after_steps=12), AfterFreeze()]).fit(Student())
+
+
+@pytest.mark.parametrize("options, converted", [
+    (dict(layer_types="Conv2d"), ["net.0"]),
+    (dict(layer_types=nn.Linear), ["net.3", "net.4"]),
+    (dict(layer_types=["Linear", nn.Conv2d]), ["net.0", "net.3", "net.4"]),
+    (dict(include="net.3"), ["net.3"]),
+    (dict(exclude="net.3"), ["net.0", "net.4"]),
+])
+def test_single_values_are_taken_whole(options, converted):
+    """A bare string or class is one pattern or type, not a sequence of characters."""
+    model = Student()
+    trainer(max_epochs=1, callbacks=[ll.TuckerCallback(**options)]).fit(model)
+    assert sorted(tucker_layers(model)) == converted
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(min_rank=5, max_rank=0.25), r"`min_rank` 5 exceeds the storage rank 2 of mode 0 of Tucker layer 'net.0'"),
+    (dict(min_rank=9), r"`min_rank` 9 exceeds the storage rank 8 of mode 0 of Tucker layer 'net.0'"),
+    (dict(layer_types="Embedding"), r"`layer_types` must be among \['Linear', 'Conv1d', 'Conv2d', 'Conv3d'\]"),
+])
+def test_options_that_fit_no_layer_are_refused_before_training(options, message):
+    model = Student()
+    with pytest.raises(ValueError, match=message):
+        trainer(max_epochs=1, callbacks=[ll.TuckerCallback(**options)]).fit(model)

@@ -126,7 +126,7 @@ def test_device_and_dtype_follow_the_layer():
     (dict(kernel_rank="half"), "`kernel_rank` must be"),
     (dict(rank=True), "`rank` must be"),
     (dict(rank=8, max_rank=4), "`rank` \\(8\\) must not exceed `max_rank` \\(4\\)"),
-    (dict(rank="full", max_rank=0.5), "`rank` \\(full\\) must not exceed `max_rank`"),
+    (dict(include=["net.*", 3]), "`include` must be a glob pattern or a sequence of them"),
     (dict(min_size=-1), "`min_size` must be an int >= 0"),
     (dict(init="svd"), "`init` must be 'hosvd' or 'random'"),
     (dict(layer_types=[nn.LSTM]), "`layer_types` must be among"),
@@ -237,3 +237,62 @@ def test_no_warning_on_a_clean_conversion():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ll.convert(small_cnn())
+
+
+def test_max_rank_alone_sets_the_initial_rank():
+    model = small_cnn()
+    ll.convert(model, max_rank=0.5)
+    assert model[0].max_ranks[:2] == model[0].ranks[:2] == (8, 2)  # ceil(0.5 * 16), ceil(0.5 * 3)
+    assert model[8].max_ranks == (32, 64) and model[8].ranks == (32, 32)  # a linear layer's two ranks are equal
+
+
+def test_a_module_registered_under_two_names_becomes_one_tucker_layer_under_both():
+    """Reference: the dense model's output; the shared module stays shared (one object, trained once)."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            shared = nn.Linear(8, 8)
+            self.body = nn.Sequential(shared, nn.Tanh(), shared, nn.Tanh(), nn.Linear(8, 3))
+            self.extra = shared
+
+        def forward(self, x):
+            return self.body(x) + self.extra(x)[:, :3]
+
+    torch.manual_seed(0)
+    model = Twice()
+    x = torch.randn(5, 8)
+    expected = model(x)
+    report = ll.convert(model)
+    assert model.body[0] is model.body[2] is model.extra and isinstance(model.extra, ll.TuckerLinear)
+    assert report.converted == ["body.0 = body.2 = extra", "body.4"]
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+    assert len(ll.summary(model).layers) == 2
+    exported = ll.compact(model)
+    assert exported.body[0] is exported.body[2] is exported.extra
+    torch.testing.assert_close(exported(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_alias_excluded_by_name_keeps_the_module_dense():
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(8, 3))
+    report = ll.convert(model, exclude=["2"])
+    assert model[0] is model[2] and type(model[0]) is nn.Linear
+    assert "matched by `exclude` (as '2')" in report.skipped["0"]
+
+
+def test_tied_weights_stay_tied_and_dense():
+    """Two layers sharing a weight (an encoder tied to a decoder, an embedding to its output layer) are left dense,
+    with the reason in the report and a warning: factorizing each would untie them silently."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Linear(8, 3))
+    model[2].weight = model[0].weight
+    embedding = nn.Embedding(10, 8)
+    model.head = nn.Linear(8, 10, bias=False)
+    model.head.weight = embedding.weight
+    model.embedding = embedding
+    with pytest.warns(UserWarning, match="its parameters are tied to"):
+        report = ll.convert(model)
+    assert report.converted == ["3"]
+    assert set(report.skipped) == {"0", "2", "head"}
+    assert "tied to ['2']" in report.skipped["0"] and "tied to ['embedding']" in report.skipped["head"]
+    assert model[0].weight is model[2].weight and model.head.weight is model.embedding.weight
