@@ -152,8 +152,8 @@ class TuckerLayer(nn.Module):
         ranks (so deferred initialisation, ``to_empty`` then ``reset_parameters``, leaves no garbage in it)."""
         bound = 1.0 / math.sqrt(math.prod(self.shape[1:]))
         with torch.no_grad():
-            for u in self.factors:
-                nn.init.orthogonal_(u)
+            for u in self.factors:  # QR in float32 at least (CPU has none in half precision)
+                u.copy_(nn.init.orthogonal_(torch.empty_like(u, dtype=torch.promote_types(u.dtype, torch.float32))))
             nn.init.uniform_(self.core, -bound, bound)
             if self.bias is not None:
                 nn.init.uniform_(self.bias, -bound, bound)
@@ -212,12 +212,15 @@ class TuckerLayer(nn.Module):
 
     def _tucker_entries(self, weight: Tensor, prefix: str) -> dict[str, Tensor]:
         """State entries (core, factors, rank) of the dense ``weight``. Each mode keeps the smallest rank whose
-        discarded singular values have 2-norm <= eps ||W||_F, eps of the weight's dtype: what is cut is at the level
-        of the rounding of W itself (<= eps/2 ||W||_F), whatever the dtype and the layer's size."""
+        discarded singular values have 2-norm <= delta ||W||_F with delta = max(eps, sqrt(n) eps_64), eps of the
+        weight's dtype, n its largest size: what is cut is at the level of the rounding of W itself (one rounding to
+        its dtype, <= eps/2 ||W||_F; a float64 weight formed by sums of n products, about sqrt(n) eps_64 ||W||_F),
+        whatever the dtype and the layer's size."""
         core, factors = tucker_decomposition(weight, self.max_ranks, "hosvd")
         dtype = weight.dtype if weight.is_floating_point() else core.dtype
         exact = core.double()
-        theta = torch.finfo(dtype).eps * torch.linalg.vector_norm(exact)
+        delta = max(torch.finfo(dtype).eps, math.sqrt(max(self.shape)) * torch.finfo(torch.float64).eps)
+        theta = delta * torch.linalg.vector_norm(exact)
         ranks = []
         for mode, n in enumerate(self.max_ranks):
             s = torch.linalg.svdvals(exact.movedim(mode, 0).reshape(n, -1))

@@ -40,14 +40,14 @@ class MLP(pl.LightningModule):
         return DataLoader(data(), batch_size=16)
 
 
-def fit(module, callback, **options):
+def fit(module, callback, ckpt_path=None, **options):
     options = {"max_epochs": 3, "logger": False, **options}
     trainer = pl.Trainer(callbacks=[callback],
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          log_every_n_steps=1, **options)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        trainer.fit(module)
+        trainer.fit(module, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -114,3 +114,40 @@ def test_bad_input_is_refused_before_any_change():
     assert all(type(a) is type(b) for a, b in zip(module.net, before))
     with pytest.raises(ValueError, match="`include` pattern 'head' matches no module"):
         fit(MLP(), ll.DeepLinearCallback(rank=2, include=["head"]))
+
+
+def test_checkpoints_load_with_lightning_and_with_load_checkpoint(tmp_path):
+    """Reference: the trained module's outputs. `Module.load_from_checkpoint` builds the dense model with the merged
+    weights; `ll.load_checkpoint` rebuilds the exact blocks (or their compact export); a resumed fit restores them."""
+    torch.manual_seed(0)
+    module = MLP()
+    trainer = fit(module, ll.DeepLinearCallback(rank=2, include=["net.2"]), max_epochs=2)
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    x = torch.randn(5, 12)
+    expected = module.net(x)
+    dense = MLP.load_from_checkpoint(tmp_path / "model.ckpt")
+    assert type(dense.net[2]) is nn.Linear
+    torch.testing.assert_close(dense.net(x), expected, rtol=1e-5, atol=1e-6)
+    exact = ll.load_checkpoint(tmp_path / "model.ckpt", MLP(), compact_layers=False)
+    assert isinstance(exact.net[2], ll.DeepLinear)
+    for p, q in zip(exact.net[2].parameters(), module.net[2].parameters()):
+        assert torch.equal(p, q)
+    compact = ll.load_checkpoint(tmp_path / "model.ckpt", MLP())
+    assert not any(isinstance(m, ll.DeepLinear) for m in compact.modules())
+    assert sum(p.numel() for p in compact.net[2].parameters()) == 4 * (16 + 16) + 16  # through the width 4
+    torch.testing.assert_close(compact.net(x), expected, rtol=1e-5, atol=1e-6)
+    resumed = MLP()
+    callback = ll.DeepLinearCallback(rank=2, include=["net.2"])
+    fit(resumed, callback, max_epochs=2, ckpt_path=tmp_path / "model.ckpt")
+    for p, q in zip(resumed.net[2].parameters(), module.net[2].parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_dense_weight_loads_into_a_block_exactly():
+    torch.manual_seed(0)
+    weight = torch.randn(10, 3, dtype=torch.float64) @ torch.randn(3, 12, dtype=torch.float64)
+    block = ll.DeepLinear(12, 10, depth=3, width=4, bias=True, dtype=torch.float64)
+    block.load_state_dict({"weight": weight, "bias": torch.zeros(10, dtype=torch.float64)})
+    torch.testing.assert_close(block.matrix(), weight, rtol=1e-12, atol=1e-12)
+    norms = [float(f.norm(2)) for f in block.factors]
+    assert max(norms) / min(norms) < 1 + 1e-9  # balanced: every factor has the same spectral norm

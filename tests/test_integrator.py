@@ -576,3 +576,88 @@ def test_factors_stay_orthonormal_over_10000_float32_steps():
         integrator.step(optimizer)
     for u in layer.active_factors():
         assert_orthonormal(u, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["parallel", "augmented"])
+def test_a_huge_finite_gradient_steps_like_float64(method):
+    """Gradients of 1e30 make every core entry ~1e29: its float32 Gram matrices (1e58) overflow. Reference: the same
+    step of a float64 copy of the layer, where nothing overflows; the float32 step must agree with it."""
+    torch.manual_seed(0)
+    reference = TuckerConv2d(4, 6, 3, rank=(3, 3, 3, 3))
+    layer = copy.deepcopy(reference).to(torch.float32)
+    x = torch.randn(2, 4, 5, 5)
+    results = []
+    for module in (reference, layer):
+        integrator = TuckerIntegrator(nn.Sequential(module), IntegratorConfig(tau=0.1, method=method))
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+        (module(x.to(module.core.dtype)).sum() * 1e30).backward()
+        assert integrator.step(optimizer)
+        for u in module.active_factors():
+            assert_orthonormal(u.detach().double(), atol=1e-5)
+        results.append((module.ranks, module.dense_weight().detach().double()))
+    (ranks64, weight64), (ranks32, weight32) = results
+    assert ranks32 == ranks64
+    assert (weight32 - weight64).norm() / weight64.norm() < 1e-5
+
+
+def test_layers_without_a_gradient_stay_as_they_are():
+    """A layer the loss does not reach (or whose parameters are frozen) keeps bases, core and ranks; momentum from
+    earlier steps does not move it (the optimizer skips a parameter without gradient)."""
+    torch.manual_seed(0)
+    used, unused = TuckerLinear(8, 6, rank=(4, 4)), TuckerLinear(8, 6, rank=(4, 4))
+    integrator = TuckerIntegrator({"used": used, "unused": unused}, IntegratorConfig(tau=0.2))
+    optimizer = torch.optim.SGD([*used.parameters(), *unused.parameters()], lr=0.1, momentum=0.9)
+    x = torch.randn(16, 8)
+    (used(x) + unused(x)).pow(2).sum().backward()
+    assert integrator.step(optimizer)
+    before = {k: v.clone() for k, v in unused.state_dict().items()}
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        used(x).pow(2).sum().backward()
+        assert integrator.step(optimizer)
+    assert all(torch.equal(v, before[k]) for k, v in unused.state_dict().items())
+    assert integrator.steps == 4
+
+
+def test_a_step_that_never_came_is_truncated_first_and_not_counted():
+    """AMP's GradScaler can skip the optimizer step after augmentation: the next step truncates what was grown
+    (ranks back within max_rank, the weight unchanged by the augmentation) and the skipped step does not count."""
+    torch.manual_seed(0)
+    layer = TuckerLinear(10, 8, rank=(3, 3), max_rank=(5, 5))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0))
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.randn(6, 10)
+    layer(x).pow(2).sum().backward()
+    weight = layer.dense_weight().detach().clone()
+    assert integrator.before_step(optimizer)  # augmented to (5, 5); the optimizer step is then skipped
+    assert layer.ranks == (5, 5)
+    optimizer.zero_grad(set_to_none=True)
+    layer(x).pow(2).sum().backward()
+    assert integrator.before_step(optimizer)
+    assert integrator.steps == 0
+    torch.testing.assert_close(layer.dense_weight(), weight)  # truncation at tau 0 of the unstepped core is exact
+    optimizer.step()
+    integrator.after_step(optimizer)
+    assert integrator.steps == 1
+    integrator.after_step(optimizer)  # an optimizer step the integrator did not prepare changes and counts nothing
+    assert integrator.steps == 1
+
+
+def test_min_rank_holds_ranks_up_and_must_fit_the_storage():
+    """Reference: the truncation rule alone takes a rank-1 target's layer to rank 1; min_rank 3 keeps 3."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 10)
+    target = x @ torch.outer(torch.randn(8), torch.randn(10)).T
+    ranks = {}
+    for min_rank in (1, 3):
+        layer = TuckerLinear(10, 8, rank=(6, 6))
+        integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.3, min_rank=min_rank))
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+        for _ in range(100):
+            optimizer.zero_grad()
+            (layer(x) - target).pow(2).mean().backward()
+            integrator.step(optimizer)
+        ranks[min_rank] = layer.ranks
+    assert ranks == {1: (1, 1), 3: (3, 3)}
+    with pytest.raises(ValueError, match=r"`min_rank` 5 exceeds the storage rank 4 of mode 0 of Tucker layer '0'"):
+        TuckerIntegrator(nn.Sequential(TuckerLinear(10, 8, max_rank=(4, 4))), IntegratorConfig(min_rank=5))

@@ -269,3 +269,76 @@ def test_a_dense_layers_state_loads_at_its_numerical_ranks(dense, tucker, true_r
     x = torch.randn(2, 6, 5, 5) if isinstance(dense, nn.Conv2d) else torch.randn(4, 20)
     torch.testing.assert_close(tucker(x), dense(x), rtol=1e-4, atol=1e-5)
     assert_orthonormal(tucker.factors[0].detach().double(), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("true_rank", [None, 64])
+def test_a_dense_state_in_any_precision_loads_within_its_dtypes_rounding(dtype, true_rank):
+    """Reference: the dense weight itself. The numerical rank rule cuts only what lies below the rounding of W in its
+    own dtype (bf16 eps x width used to exceed s_max: a bf16 256 x 256 layer loaded at rank 1, 99% weight error). A
+    merged rank-64 weight (a trained low-rank layer's checkpoint) comes back at rank <= 64, exactly 64 in
+    float32/float64."""
+    torch.manual_seed(0)
+    dense = nn.Linear(256, 256, dtype=torch.float64)
+    if true_rank is not None:
+        with torch.no_grad():
+            dense.weight.copy_(torch.randn(256, true_rank, dtype=torch.float64)
+                               @ torch.randn(true_rank, 256, dtype=torch.float64) / 256)
+    dense = dense.to(dtype)
+    tucker = TuckerLinear(256, 256, dtype=dtype)
+    tucker.load_state_dict(dense.state_dict())
+    eps = torch.finfo(dtype).eps
+    error = (tucker.dense_weight().double() - dense.weight.double()).norm() / dense.weight.double().norm()
+    assert error <= max(2 * eps, 1e-13), (tucker.ranks, float(error))  # 1e-13: float64 arithmetic of the HOSVD
+    if true_rank is None:
+        assert min(tucker.ranks) >= 200, tucker.ranks
+    else:
+        assert max(tucker.ranks) <= true_rank
+        if dtype in (torch.float32, torch.float64):
+            assert tucker.ranks == (true_rank, true_rank)
+    x = torch.randn(8, 256, dtype=torch.float64)
+    y = nn.functional.linear(x, dense.weight.double(), dense.bias.double())
+    assert (tucker.to(torch.float64)(x) - y).norm() / y.norm() <= max(4 * eps, 1e-13)
+
+
+def test_a_checkpointed_low_rank_layer_reloads_at_its_ranks_in_bf16():
+    """The checkpoint path of a module converting in `configure_model` after bf16-true training: merged weights
+    (formed in float64, rounded once to bf16) load back at the trained ranks' scale of error, not at rank 1."""
+    torch.manual_seed(0)
+    trained = TuckerLinear(256, 256, rank=(64, 64), dtype=torch.bfloat16)
+    merged = {"weight": trained.dense_weight().detach(), "bias": trained.bias.detach()}
+    loaded = TuckerLinear(256, 256, dtype=torch.bfloat16)
+    loaded.load_state_dict(merged)
+    x = torch.randn(16, 256, dtype=torch.bfloat16)
+    expected = trained(x).double()
+    assert (loaded(x).double() - expected).norm() / expected.norm() < 0.02  # bf16 arithmetic; was 0.81
+    assert 56 <= min(loaded.ranks) and max(loaded.ranks) <= 64
+
+
+def test_deferred_initialisation_leaves_no_garbage_in_the_rank_buffer():
+    """meta device -> to_empty -> reset_parameters (FSDP-style deferred init): the rank buffer is the active rank."""
+    with torch.device("meta"):
+        layer = TuckerLinear(16, 12, rank=(4, 4))
+    layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    assert layer.rank.tolist() == [4, 4] and layer.ranks == (4, 4)
+    assert_orthonormal(layer.factors[0].detach().double(), atol=1e-6)
+    fresh = TuckerLinear(16, 12, rank=(4, 4))
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.ranks == (4, 4)
+
+
+@pytest.mark.parametrize("rank, message", [
+    ([0, 0], r"state entry rank: `rank` of mode 0 must be in \[1, 12\]"),
+    ([13, 13], r"state entry rank: `rank` of mode 0 must be in \[1, 12\]"),
+    ([4, 17], r"state entry rank: `rank` of mode 1 must be in \[1, 12\]"),
+    ([4, 4, 4], r"state entry rank: `rank` needs one rank per mode"),
+])
+def test_a_state_dict_with_impossible_ranks_is_refused(rank, message):
+    source = TuckerLinear(16, 12).state_dict()
+    source["rank"] = torch.tensor(rank)
+    layer = TuckerLinear(16, 12)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        layer.load_state_dict(source)
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
