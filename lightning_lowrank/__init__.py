@@ -18,6 +18,7 @@ from lightning_lowrank.layers import (
     TuckerLayer,
     TuckerLinear,
 )
+from lightning_lowrank.optimizer_state import OPTIMIZER_STATE, StateRule
 from lightning_lowrank.plot import plot_ranks, rank_curves
 from lightning_lowrank.summary import LayerSummary, Summary, summary
 
@@ -29,7 +30,9 @@ __all__ = [
     "DeepLinearCallback",
     "IntegratorConfig",
     "LayerSummary",
+    "OPTIMIZER_STATE",
     "RankSpec",
+    "StateRule",
     "Summary",
     "TuckerCallback",
     "TuckerConfig",

@@ -307,7 +307,8 @@ class DeepLinearCallback(_LowRankCallback):
         if any(type(m) is nn.Linear for m in pl_module.modules()) or not self._blocks(pl_module):
             report = overparameterize(pl_module, self.config)
             if report.converted and stage == "fit":
-                _check_conversion_reaches_main_process(trainer.strategy, "lightning_lowrank.deep_linear.overparameterize")
+                _check_conversion_reaches_main_process(trainer.strategy,
+                                                       "lightning_lowrank.deep_linear.overparameterize")
             if report.converted:
                 rank_zero_info(f"DeepLinearCallback: {report}")
 

@@ -655,3 +655,20 @@ def test_options_that_fit_no_layer_are_refused_before_training(options, message)
     model = Student()
     with pytest.raises(ValueError, match=message):
         trainer(max_epochs=1, callbacks=[ll.TuckerCallback(**options)]).fit(model)
+
+
+def test_bf16_true_training_reloads_at_its_ranks_with_load_from_checkpoint(tmp_path):
+    """bf16 weights throughout; the merged bf16 weights of the checkpoint load into a module that converts in
+    `configure_model` at the trained ranks (the old float-eps rule gave rank 1 and 81% output error)."""
+    torch.manual_seed(0)
+    model = ConfiguredStudent(lr=0.02)
+    fit = trainer(max_epochs=3, precision="bf16-true", callbacks=[ll.TuckerCallback(tau=0.3)])
+    fit.fit(model)
+    assert model.net[3].core.dtype == torch.bfloat16
+    fit.save_checkpoint(tmp_path / "model.ckpt")
+    loaded = ConfiguredStudent.load_from_checkpoint(tmp_path / "model.ckpt")
+    trained = [m.ranks for m in tucker_layers(model).values()]
+    assert [m.ranks for m in tucker_layers(loaded).values()] == trained
+    x = torch.randn(16, 3, 6, 6)
+    expected = model.float()(x)
+    assert (loaded(x) - expected).norm() / expected.norm() < 0.02

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_lowrank as ll
 from lightning_lowrank.optimizer_state import OPTIMIZER_STATE, REFUSED, check_state, rotate, state_rules
 
-ALL_OPTIMIZERS = sorted((c for c in vars(torch.optim).values()
-                         if inspect.isclass(c) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer),
+ALL_OPTIMIZERS = sorted((c for c in vars(torch.optim).values() if inspect.isclass(c)
+                         and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer),
                         key=lambda c: c.__name__)
 SUPPORTED = [c for c in ALL_OPTIMIZERS if c in OPTIMIZER_STATE]
 OPTIONS = {torch.optim.SGD: dict(lr=0.1, momentum=0.9), torch.optim.RMSprop: dict(lr=0.01, momentum=0.5, centered=True),
