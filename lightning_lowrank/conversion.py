@@ -10,6 +10,7 @@ from typing import Literal, Union
 
 from torch import nn
 
+from lightning_lowrank.attention import SplitAttention
 from lightning_lowrank.layers import (
     TUCKER_LAYERS,
     Init,
@@ -24,6 +25,11 @@ RankSpec = Union[int, float, Literal["full"]]
 Every rank is capped by the rank of the mode's unfolding, min(n_i, prod_{j != i} n_j), and the initial ranks by
 r_i <= prod_{j != i} r_j (a linear layer's two ranks are equal): beyond that a mode's extra directions carry nothing.
 """
+
+
+CONVERTIBLE: tuple[type[nn.Module], ...] = (*TUCKER_LAYERS, nn.MultiheadAttention)
+"""Dense module types :func:`convert` replaces: Linear and Conv by Tucker layers, attention by
+:class:`~lightning_lowrank.attention.SplitAttention` whose four projections become Tucker layers."""
 
 
 def _check_rank_spec(name: str, spec: RankSpec) -> None:
@@ -51,8 +57,9 @@ class TuckerConfig:
         rank: initial active rank of the channel modes (output and input); "full" starts at `max_rank`.
         max_rank: storage rank of the channel modes; ranks never grow beyond it.
         kernel_rank: initial rank of the spatial modes of convolutions (their storage is always full).
-        layer_types: dense layer types to convert (exact type match, so subclasses with their own forward stay), as
-            classes or class names (``"Conv2d"``).
+        layer_types: dense module types to convert (exact type match, so subclasses with their own forward stay), as
+            classes or class names (``"Conv2d"``): ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.MultiheadAttention``
+            (split into four projections, each converted).
         include: glob patterns on qualified module names (``"features.*"``); empty means every layer.
         exclude: glob patterns of layers to keep dense.
         min_size: layers whose dense weight has fewer elements stay dense.
@@ -64,7 +71,7 @@ class TuckerConfig:
     rank: RankSpec = "full"
     max_rank: RankSpec = "full"
     kernel_rank: RankSpec = "full"
-    layer_types: tuple[type[nn.Module], ...] = tuple(TUCKER_LAYERS)
+    layer_types: tuple[type[nn.Module], ...] = CONVERTIBLE
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     min_size: int = 0
@@ -83,8 +90,8 @@ class TuckerConfig:
         for name in ("include", "exclude"):
             if not all(isinstance(p, str) for p in getattr(self, name)):
                 raise ValueError(f"`{name}` must be a glob pattern or a sequence of them, got {getattr(self, name)!r}")
-        by_name = {t.__name__: t for t in TUCKER_LAYERS}
-        unsupported = [t for t in self.layer_types if t not in TUCKER_LAYERS and t not in by_name]
+        by_name = {t.__name__: t for t in CONVERTIBLE}
+        unsupported = [t for t in self.layer_types if t not in CONVERTIBLE and t not in by_name]
         if unsupported:
             raise ValueError(f"`layer_types` must be among {list(by_name)} (classes or names), got {unsupported}")
         object.__setattr__(self, "layer_types", tuple(by_name.get(t, t) for t in self.layer_types))
@@ -146,17 +153,33 @@ def convert(module: nn.Module, config: TuckerConfig | None = None, **options: ob
     for name, m in module.named_modules(remove_duplicate=False):
         if type(m) in config.layer_types or isinstance(m, TuckerLayer):
             aliases.setdefault(id(m), []).append(name)
-    candidates = [(names, module.get_submodule(names[0])) for names in aliases.values()]
-    ends = {id(candidates[0][1]), id(candidates[-1][1])} if config.keep_first_last and candidates else set()
     owners = _parameter_owners(module)
     report = ConversionReport()
-    plan = []  # every rank is resolved before the first layer is replaced, so a bad rank changes nothing
+    splits, candidates = [], []  # attention is split first; its projections are candidates like any other layer
+    for names in aliases.values():
+        layer = module.get_submodule(names[0])
+        if type(layer) is not nn.MultiheadAttention:
+            candidates.append((names, layer))
+            continue
+        reason = _split_reason(names, layer, config, owners)
+        if reason:
+            report.skipped[names[0]] = reason
+            continue
+        split = SplitAttention.from_torch(layer)
+        splits.append((names, split))
+        candidates += [([f"{name}.{proj}" for name in names], getattr(split, proj))
+                       for proj in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    ends = {id(candidates[0][1]), id(candidates[-1][1])} if config.keep_first_last and candidates else set()
+    plan = []  # every rank is resolved before the first module is replaced, so a bad rank changes nothing
     for names, layer in candidates:
         reason = _skip_reason(names, layer, config, id(layer) in ends, owners)
         if reason is None:
             plan.append((names, layer, *config.ranks_for(tuple(layer.weight.shape), names[0])))
         elif reason:
             report.skipped[names[0]] = reason
+    for names, split in splits:
+        for name in names:
+            module.set_submodule(name, split)
     for names, layer, ranks, max_ranks in plan:
         tucker = TUCKER_LAYERS[type(layer)].from_dense(layer, ranks, max_ranks, config.init)
         for name in names:
@@ -165,7 +188,30 @@ def convert(module: nn.Module, config: TuckerConfig | None = None, **options: ob
     if not any(isinstance(m, TuckerLayer) for m in module.modules()):
         raise ValueError(f"nothing to convert in {type(module).__name__}: no layer of type "
                          f"{[t.__name__ for t in config.layer_types]} passed the selection\n{report}")
+    report.skipped |= _dense_modules(module, report, config)
     return report
+
+
+def _dense_modules(module: nn.Module, report: ConversionReport, config: TuckerConfig) -> dict[str, str]:
+    """Every other module holding parameters of its own, with why it stays dense (not inside a factorized layer,
+    nor inside a module the report already names)."""
+    known = [name for entry in report.converted for name in entry.split(" = ")] + list(report.skipped)
+    dense = {}
+    for name, m in module.named_modules():
+        if any(name == k or name.startswith(k + ".") for k in known) or isinstance(m, TuckerLayer):
+            continue
+        if any(isinstance(parent, TuckerLayer) for parent in _parents(module, name)):
+            continue
+        if next(m.parameters(recurse=False), None) is not None:
+            kind = type(m).__name__
+            dense[name or kind] = (f"{kind} is not among `layer_types`" if type(m) in CONVERTIBLE
+                                   else f"{kind} has no Tucker form")
+    return dense
+
+
+def _parents(module: nn.Module, name: str) -> list[nn.Module]:
+    parts = name.split(".") if name else []
+    return [module.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
 
 
 def check_patterns(module: nn.Module, include: tuple[str, ...], exclude: tuple[str, ...]) -> None:
@@ -194,6 +240,21 @@ def _parameter_owners(module: nn.Module) -> dict[int, set[str]]:
     for name, p in module.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), set()).add(name.rpartition(".")[0])
     return owners
+
+
+def _split_reason(names: list[str], attention: nn.MultiheadAttention, config: TuckerConfig,
+                  owners: dict[int, set[str]]) -> str | None:
+    """Why the attention module stays as it is, or None to split it (at least one projection is selected)."""
+    projections = [f"{name}.{proj}" for name in names for proj in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    if all(pattern_reason(p, config.include, config.exclude) for p in projections):
+        return pattern_reason(projections[0], config.include, config.exclude)
+    if attention.bias_k is not None or attention.add_zero_attn:
+        return "attention with `add_bias_kv` or `add_zero_attn` is not supported"
+    shared = {o for p in attention.parameters() for o in owners.get(id(p), set())} - set(names) - {
+        f"{name}.out_proj" for name in names}
+    if shared:
+        return f"its parameters are tied to {sorted(shared)}"
+    return None
 
 
 def _skip_reason(names: list[str], layer: nn.Module, config: TuckerConfig, end: bool,

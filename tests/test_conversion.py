@@ -83,7 +83,8 @@ def test_selection_by_type_pattern_size_and_ends():
     model = small_cnn()
     report = ll.convert(model, layer_types=[nn.Conv2d], exclude=["4"], keep_first_last=True)
     assert report.converted == ["2"]
-    assert report.skipped == {"0": "first or last layer (`keep_first_last`)", "4": "matched by `exclude`"}
+    assert report.skipped == {"0": "first or last layer (`keep_first_last`)", "4": "matched by `exclude`",
+                              "8": "Linear is not among `layer_types`", "10": "Linear is not among `layer_types`"}
 
     model = small_cnn()
     report = ll.convert(model, min_size=5000)  # 16*32*9=4608 and 64*10 are too small
@@ -106,9 +107,13 @@ def test_grouped_conv_is_left_dense_with_a_warning():
 
 
 def test_subclasses_with_their_own_forward_are_not_converted():
-    mha = nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8))
-    report = ll.convert(mha)
-    assert report.converted == ["1"]  # out_proj is a Linear subclass used by F.multi_head_attention_forward
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(Scaled(8, 8), nn.Linear(8, 8))
+    report = ll.convert(model)
+    assert report.converted == ["1"] and report.skipped == {"0": "Scaled has no Tucker form"}
 
 
 def test_device_and_dtype_follow_the_layer():
@@ -293,6 +298,7 @@ def test_tied_weights_stay_tied_and_dense():
     with pytest.warns(UserWarning, match="its parameters are tied to"):
         report = ll.convert(model)
     assert report.converted == ["3"]
-    assert set(report.skipped) == {"0", "2", "head"}
+    assert set(report.skipped) == {"0", "2", "head", "embedding"}
+    assert report.skipped["embedding"] == "Embedding has no Tucker form"
     assert "tied to ['2']" in report.skipped["0"] and "tied to ['embedding']" in report.skipped["head"]
     assert model[0].weight is model[2].weight and model.head.weight is model.embedding.weight
