@@ -1,5 +1,6 @@
 """Train neural networks directly in compressed low-rank (Tucker) form inside PyTorch Lightning."""
 
+from lightning_lowrank.attention import SplitAttention
 from lightning_lowrank.callback import DeepLinearCallback, TuckerCallback
 from lightning_lowrank.checkpoint import load_checkpoint
 from lightning_lowrank.conversion import (
@@ -32,6 +33,7 @@ __all__ = [
     "LayerSummary",
     "OPTIMIZER_STATE",
     "RankSpec",
+    "SplitAttention",
     "StateRule",
     "Summary",
     "TuckerCallback",

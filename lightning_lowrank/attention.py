@@ -86,6 +86,12 @@ class SplitAttention(nn.Module):
             attention.load_state_dict(self.torch_state())
         return attention.train(self.training)
 
+    def arguments(self) -> dict[str, object]:
+        """Constructor arguments that rebuild this module's structure, for checkpoints."""
+        return {"embed_dim": self.embed_dim, "num_heads": self.num_heads, "dropout": self.dropout,
+                "bias": self.q_proj.bias is not None, "kdim": self.kdim, "vdim": self.vdim,
+                "batch_first": self.batch_first}
+
     def torch_state(self) -> dict[str, Tensor]:
         """This module's state in ``nn.MultiheadAttention``'s layout (merged weights)."""
         state = {"out_proj.weight": self.out_proj.weight.detach()}

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_lowrank.attention import SplitAttention
 from lightning_lowrank.deep_linear import DeepLinear
 from lightning_lowrank.export import compact
-from lightning_lowrank.layers import TUCKER_LAYERS, TuckerLayer
+from lightning_lowrank.layers import TUCKER_LAYERS
 
 CHECKPOINT_KEY = "lightning_lowrank"
 """The checkpoint entry ``{"layers": {name: {"type": class name, "arguments": {...}}}, "state_dict": {...}}``: the
@@ -18,38 +19,50 @@ factorized layers' structure and exact state, while the checkpoint's ``state_dic
 weights."""
 
 FACTORIZED = (*TUCKER_LAYERS.values(), DeepLinear)
-"""The layer classes a checkpoint entry can rebuild: each has ``arguments()`` and ``dense_weight()``."""
+"""The factorized layer classes: each has ``arguments()`` and ``dense_weight()``."""
+STRUCTURED = (*FACTORIZED, SplitAttention)
+"""The module classes a checkpoint entry records and rebuilds (each has ``arguments()``), parents first."""
 
 
-def _factorized(module: nn.Module) -> dict[str, TuckerLayer | DeepLinear]:
-    return {name: m for name, m in module.named_modules() if isinstance(m, FACTORIZED)}
+def _of_type(module: nn.Module, classes: tuple[type[nn.Module], ...]) -> dict[str, nn.Module]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, classes)}
 
 
 def layer_structure(module: nn.Module) -> dict[str, Any]:
-    """The type and constructor arguments (sizes, options, ranks) of every factorized layer of ``module``."""
+    """The type and constructor arguments (sizes, options, ranks) of every structured module of ``module``."""
     return {"layers": {name: {"type": type(m).__name__, "arguments": m.arguments()}
-                       for name, m in _factorized(module).items()}}
+                       for name, m in _of_type(module, STRUCTURED).items()}}
 
 
 def split_state(module: nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
     """Move the factorized layers' entries (all but ``bias``: core, factors, rank) out of ``state_dict`` (in place),
-    put each layer's merged weight W in their stead, and return the checkpoint entry with the moved state.
+    put each layer's merged weight W in their stead, write split attention in ``nn.MultiheadAttention``'s layout
+    (``in_proj_weight``, ``in_proj_bias``), and return the checkpoint entry with the moved state.
 
     So ``state_dict`` is the one of the model with dense layers (``Module.load_from_checkpoint`` loads it), and
     the entry restores the exact factorization.
     """
-    moved = {}
-    for name, layer in _factorized(module).items():
+    moved, merged = {}, set()
+    for name, layer in _of_type(module, FACTORIZED).items():
         prefix = f"{name}." if name else ""
         for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] != "bias"]:
             moved[key] = state_dict.pop(key)
         state_dict[prefix + "weight"] = layer.dense_weight().detach()
+        merged.add(prefix + "weight")
+    for name, attention in _of_type(module, (SplitAttention,)).items():
+        prefix = f"{name}." if name else ""
+        for key in [f"{prefix}{p}_proj.{kind}" for p in "qkv" for kind in ("weight", "bias")]:
+            if key in state_dict:
+                value = state_dict.pop(key)
+                if key not in merged:  # a projection's exact state (bias, or the weight of a dense projection)
+                    moved[key] = value
+        state_dict.update({prefix + k: v for k, v in attention.torch_state().items() if not k.startswith("out_proj")})
     return {**layer_structure(module), "state_dict": moved}
 
 
 def rebuild(module: nn.Module, structure: dict[str, Any]) -> nn.Module:
     """Put factorized layers of the given ``structure`` into ``module`` in place (on its device and dtype)."""
-    classes = {cls.__name__: cls for cls in FACTORIZED}
+    classes = {cls.__name__: cls for cls in STRUCTURED}
     for name, entry in structure["layers"].items():
         try:
             current = module.get_submodule(name)
@@ -84,6 +97,8 @@ def load_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], model: nn.Mo
         model = model(**checkpoint.get("hyper_parameters", {}))
     entry = checkpoint[CHECKPOINT_KEY]
     rebuild(model, entry)
-    merged = {f"{name}.weight" if name else "weight" for name in entry["layers"]}
+    merged = {f"{name}.{key}" if name else key for name, layer in entry["layers"].items()
+              for key in (("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+                          if layer["type"] == SplitAttention.__name__ else ("weight",))}
     model.load_state_dict({k: v for k, v in checkpoint["state_dict"].items() if k not in merged} | entry["state_dict"])
     return compact(model) if compact_layers else model

@@ -257,9 +257,16 @@ class TuckerLayer(nn.Module):
             return list(self.factors), self.core
         return self.active_factors(), self.active_core()
 
+    @property
+    def weight(self) -> Tensor:
+        """The merged dense weight W (:meth:`dense_weight`, formed on every read; differentiable), for code that reads
+        a dense layer's ``weight``: torch's Transformer inference fast path, initialisers and filters that inspect it.
+        Read-only: writing into it changes nothing (use :meth:`load_weight`)."""
+        return self.dense_weight()
+
     def dense_weight(self) -> Tensor:
         """W = core x_1 U_1 ... x_d U_d, shape ``self.shape``, formed in float64 and rounded once to the layer's dtype
-        (for export and checkpoints; the forward never forms it)."""
+        (for export, checkpoints and the ``weight`` property; the forward never forms it)."""
         with tl.backend_context("pytorch"):
             weight = tl.tucker_to_tensor((self.active_core().double(), [u.double() for u in self.active_factors()]))
         return weight.to(self.core.dtype)
