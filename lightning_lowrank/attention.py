@@ -50,9 +50,8 @@ class SplitAttention(nn.Module):
     @property
     def in_proj_weight(self) -> Tensor | None:
         """torch's (3E, E) stack of the q, k, v weights (None unless kdim = vdim = embed_dim)."""
-        if not self._qkv_same_embed_dim:
-            return None
-        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        weights = [getattr(self, f"{p}_proj").weight for p in "qkv"] if self._qkv_same_embed_dim else None
+        return None if weights is None else torch.cat(weights)
 
     @property
     def in_proj_bias(self) -> Tensor | None:

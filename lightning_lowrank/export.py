@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from lightning_lowrank.attention import SplitAttention
@@ -40,7 +41,28 @@ def compact(module: nn.Module) -> nn.Module:
     so :class:`~lightning_lowrank.SplitAttention` stays, with compact projections (its ``torch.export`` program loads
     without the package; :func:`to_dense` gives ``nn.MultiheadAttention``).
     """
-    return _replace(module, (TuckerLayer, DeepLinear), lambda layer: layer.to_compact())
+    compacted = _replace(module, (TuckerLayer, DeepLinear), lambda layer: layer.to_compact())
+    _general_transformer_path(compacted)
+    return compacted
+
+
+def _general_transformer_path(module: nn.Module) -> None:
+    """Turn torch's Transformer inference fast path off where it would read a dense ``weight`` that the compact
+    export no longer has (it computes the same function as the general path, with dense kernels).
+
+    The gates are the public attributes torch sets at construction: ``activation_relu_or_gelu`` of an encoder
+    layer (0: no fast path) and ``use_nested_tensor`` of an encoder.
+    """
+    for layer in module.modules():
+        if isinstance(layer, nn.TransformerEncoderLayer) and not all(
+                isinstance(getattr(m, "weight", None), torch.Tensor)
+                for m in (layer.linear1, layer.linear2, layer.self_attn.out_proj)):
+            layer.activation_relu_or_gelu = 0
+    for encoder in module.modules():
+        if isinstance(encoder, nn.TransformerEncoder) and any(
+                isinstance(layer, nn.TransformerEncoderLayer) and layer.activation_relu_or_gelu == 0
+                for layer in encoder.layers):
+            encoder.use_nested_tensor = False
 
 
 def to_dense(module: nn.Module) -> nn.Module:

@@ -292,7 +292,13 @@ class TuckerLayer(nn.Module):
         raise NotImplementedError
 
     def to_compact(self) -> nn.Module:
-        """Plain torch layers computing the same map at exactly the active ranks."""
+        """Plain torch layers computing the same map with the fewest weights: the factor chain at exactly the
+        active ranks, or the dense layer where the chain would hold as many weights or more."""
+        chain = self._factor_chain()
+        return chain if sum(p.numel() for p in chain.parameters()) < self.dense_num_parameters() else self.to_dense()
+
+    def _factor_chain(self) -> nn.Sequential:
+        """Plain torch layers applying the factors and the core at the active ranks."""
         raise NotImplementedError
 
     def to_dense(self) -> nn.Module:
@@ -346,7 +352,7 @@ class TuckerLinear(TuckerLayer):
         u_out, u_in = factors
         return (dy.reshape(-1, dy.shape[-1]) @ u_out).T @ (x.reshape(-1, x.shape[-1]) @ u_in)
 
-    def to_compact(self) -> nn.Sequential:
+    def _factor_chain(self) -> nn.Sequential:
         """Two nn.Linear, the core merged into the side of larger rank: min(r_out, r_in) * (in + out) weights."""
         u_out, u_in = self.active_factors()
         core = self.active_core()
@@ -492,7 +498,7 @@ class _TuckerConvNd(TuckerLayer):
         return {"in_channels": self.in_channels, "out_channels": self.out_channels, "kernel_size": self.kernel_size,
                 **self._options(), "bias": self.bias is not None, "rank": self.ranks, "max_rank": self.max_ranks}
 
-    def to_compact(self) -> nn.Sequential:
+    def _factor_chain(self) -> nn.Sequential:
         """Three convolutions: 1x1 (C_in -> r_in), kxk (r_in -> r_out) with the spatial factors merged,
         1x1 (r_out -> C_out)."""
         u_out, u_in, *_ = self.active_factors()

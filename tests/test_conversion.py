@@ -302,3 +302,43 @@ def test_tied_weights_stay_tied_and_dense():
     assert report.skipped["embedding"] == "Embedding has no Tucker form"
     assert "tied to ['2']" in report.skipped["0"] and "tied to ['embedding']" in report.skipped["head"]
     assert model[0].weight is model[2].weight and model.head.weight is model.embedding.weight
+
+
+def test_the_report_lists_every_module_left_dense_with_its_reason():
+    """An LSTM, a grouped convolution, an embedding, a norm, a too-small and an excluded layer are all named."""
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(20, 8)
+            self.lstm = nn.LSTM(8, 16)
+            self.depthwise = nn.Conv1d(16, 16, 3, groups=16)
+            self.norm = nn.LayerNorm(16)
+            self.small = nn.Linear(16, 2)
+            self.head = nn.Linear(16, 16)
+            self.proj = nn.Linear(16, 16)
+
+    with pytest.warns(UserWarning, match="grouped convolution"):
+        report = ll.convert(Mixed(), min_size=40, exclude=["head"])
+    assert report.converted == ["proj"]
+    assert report.skipped == {
+        "embedding": "Embedding has no Tucker form", "lstm": "LSTM has no Tucker form",
+        "depthwise": "grouped convolution (groups=16) is not supported", "norm": "LayerNorm has no Tucker form",
+        "small": "32 weights < `min_size` 40", "head": "matched by `exclude`"}
+    assert "kept dense lstm: LSTM has no Tucker form" in str(report)
+
+
+def test_compact_keeps_a_layer_dense_where_its_factors_cost_more():
+    """Reference: the dense weights and parameter counts. A full-rank 8 x 8 linear layer would take 2 x 64 weights
+    as two factors: compact exports it as one nn.Linear; a rank-2 layer as two; outputs equal either way."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 64))
+    ll.convert(model)
+    model[1].set_rank((2, 2))
+    compact = ll.compact(model)
+    assert type(compact[0]) is nn.Linear and compact[0].weight.shape == (8, 8)
+    assert isinstance(compact[1], nn.Sequential) and sum(p.numel() for p in compact[1].parameters()) == 2 * 72 + 64
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(compact(x), model(x), rtol=1e-5, atol=1e-6)
+    conv = nn.Sequential(nn.Conv2d(4, 4, 3))
+    ll.convert(conv)
+    assert type(ll.compact(conv)[0]) is nn.Conv2d  # full rank: 16 + 144 + 16 > 144 weights as three convolutions
