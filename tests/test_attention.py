@@ -136,7 +136,8 @@ class Sequences(pl.LightningModule):
         if self.hparams.kind == "encoder":
             y = self.net(x, src_key_padding_mask=padding)
         else:
-            y = self.net(x, x, tgt_mask=nn.Transformer.generate_square_subsequent_mask(x.shape[0 + self.hparams.batch_first]))
+            causal = nn.Transformer.generate_square_subsequent_mask(x.shape[int(self.hparams.batch_first)])
+            y = self.net(x, x, tgt_mask=causal)
         y = y if self.hparams.batch_first else y.transpose(0, 1)
         return self.head(y)
 
