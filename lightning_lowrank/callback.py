@@ -270,6 +270,12 @@ class TuckerCallback(_LowRankCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_state = state_dict  # applied at fit start, once the integrators exist
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dense = [layer.name for layer in summary(pl_module).layers if not layer.pays]
+        if dense:
+            rank_zero_info(f"TuckerCallback: {dense} ended with ranks at which the factors hold as many weights as the "
+                           "dense layer or more: `compact` exports them dense, and the compression rate counts them so")
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return

@@ -21,6 +21,12 @@ class LayerSummary:
     params: int
     dense_params: int
 
+    @property
+    def pays(self) -> bool:
+        """Whether the factors hold fewer weights than the dense layer (else :func:`~lightning_lowrank.compact`
+        exports the layer dense, and the compression rate counts it dense)."""
+        return self.params < self.dense_params
+
 
 @dataclass(frozen=True)
 class Summary:
@@ -31,7 +37,8 @@ class Summary:
 
     @property
     def factorized_params(self) -> int:
-        return sum(layer.params for layer in self.layers)
+        """Parameters of the converted layers, each factorized or, where its factors cost more, dense."""
+        return sum(min(layer.params, layer.dense_params) for layer in self.layers)
 
     @property
     def dense_params(self) -> int:
@@ -39,13 +46,15 @@ class Summary:
 
     @property
     def compression_rate(self) -> float:
-        """1 - factorized / dense parameters of the converted layers (0 when none is converted)."""
+        """1 - factorized / dense parameters of the converted layers (0 when none is converted); a layer whose factors
+        cost more than its dense form counts as dense, as :func:`~lightning_lowrank.compact` exports it."""
         return 1.0 - self.factorized_params / self.dense_params if self.layers else 0.0
 
     def __str__(self) -> str:
         header = ("layer", "type", "shape", "rank", "max rank", "params", "dense")
         rows = [header] + [(s.name, s.kind, "x".join(map(str, s.shape)), str(s.ranks), str(s.max_ranks),
-                            f"{s.params:,}", f"{s.dense_params:,}") for s in self.layers]
+                            f"{s.params:,}" + ("" if s.pays else " (dense)"), f"{s.dense_params:,}")
+                           for s in self.layers]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))

@@ -342,3 +342,15 @@ def test_compact_keeps_a_layer_dense_where_its_factors_cost_more():
     conv = nn.Sequential(nn.Conv2d(4, 4, 3))
     ll.convert(conv)
     assert type(ll.compact(conv)[0]) is nn.Conv2d  # full rank: 16 + 144 + 16 > 144 weights as three convolutions
+
+
+def test_a_layer_whose_factors_cost_more_counts_as_dense_in_the_compression_rate():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 64))
+    ll.convert(model)
+    model[1].set_rank((2, 2))
+    report = ll.summary(model)
+    first, second = report.layers
+    assert first.params == 8 * 8 + 8 * 8 + 8 * 8 + 8 and not first.pays  # factors 136 > dense 72
+    assert second.params == 64 * 2 + 8 * 2 + 2 * 2 + 64 and second.pays
+    assert report.compression_rate == pytest.approx(1 - (72 + second.params) / (72 + 8 * 64 + 64))
+    assert "(dense)" in str(report).splitlines()[2]
