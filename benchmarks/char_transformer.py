@@ -208,7 +208,7 @@ def run_cli(args: argparse.Namespace) -> tuple[float, float, float, str]:
         config = Path(directory) / "config.yaml"
         config.write_text(CLI_CONFIG.format(**vars(args)))
         timer = StepTimer()
-        cli = LightningCLI(CharLM, CharData, run=False, args=["--config", str(config)],
+        cli = LightningCLI(CharLM, CharData, run=False, args=["--config", str(config)], save_config_callback=None,
                            trainer_defaults={"callbacks": [timer]})
         cli.trainer.fit(cli.model, cli.datamodule)
         bpc = cli.trainer.validate(cli.model, cli.datamodule, verbose=False)[0]["val_bpc"]
@@ -230,16 +230,22 @@ def main() -> None:
     parser.add_argument("--no-cli", action="store_true", help="skip the LightningCLI row")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    rows = [("dense", run(args, [])), (f"TuckerCallback(tau={args.tau})", run(args, [ll.TuckerCallback(tau=args.tau)]))]
+    arms = [("dense", lambda: run(args, [])),
+            (f"TuckerCallback(tau={args.tau})", lambda: run(args, [ll.TuckerCallback(tau=args.tau)]))]
     if not args.no_cli:
-        rows.append((f"LightningCLI, tau={args.tau}", run_cli(args)))
-    dense_bpc, _, dense_step, _ = rows[0][1]
-    print(f"\n{args.layers} layers, width {args.width}, context {args.context}, batch {args.batch}, {args.steps} steps")
-    print("| run | val bits/char | vs dense | compression | step ms | vs dense | final ranks (out/in, mean) |")
-    print("|---|---|---|---|---|---|---|")
-    for name, (bpc, compression, step, ranks) in rows:
-        print(f"| {name} | {bpc:.4f} | {bpc / dense_bpc - 1:+.2%} | {compression:.1%} | {step * 1e3:.0f} | "
-              f"{step / dense_step:.2f} | {ranks} |")
+        arms.append((f"LightningCLI, tau={args.tau}", lambda: run_cli(args)))
+    lines = [f"{args.layers} layers, width {args.width}, context {args.context}, batch {args.batch}, "
+             f"{args.steps} steps",
+             "| run | val bits/char | vs dense | compression | step ms | vs dense | final ranks (out/in, mean) |",
+             "|---|---|---|---|---|---|---|"]
+    dense_bpc = dense_step = math.nan
+    for name, arm in arms:
+        bpc, compression, step, ranks = arm()
+        if name == "dense":
+            dense_bpc, dense_step = bpc, step
+        lines.append(f"| {name} | {bpc:.4f} | {bpc / dense_bpc - 1:+.2%} | {compression:.1%} | {step * 1e3:.0f} | "
+                     f"{step / dense_step:.2f} | {ranks} |")
+        print("\n".join(lines), flush=True)  # the table so far, after every arm
 
 
 if __name__ == "__main__":

@@ -35,8 +35,9 @@ except ImportError:
 class _LowRankCallback(Callback):
     """What both callbacks share: metrics and checkpoints.
 
-    Logs ``lowrank/<name>`` for every entry of :meth:`metrics` through ``pl_module.log``, at every logging step and at
-    epoch end, so every logger, ModelCheckpoint and EarlyStopping see them; compression on the progress bar.
+    Logs ``lowrank/<name>`` for every entry of :meth:`metrics` through ``pl_module.log``, at the start of every
+    training batch (so step k shows the state after k optimizer steps, step 0 the initial one) and at epoch end, so
+    every logger, ModelCheckpoint and EarlyStopping see them; compression on the progress bar.
     Checkpoints hold the merged dense weights in ``state_dict`` (so ``Module.load_from_checkpoint`` builds the
     trained dense model) and the exact factorization under ``checkpoint["lightning_lowrank"]``.
     """
@@ -44,8 +45,8 @@ class _LowRankCallback(Callback):
     def metrics(self, pl_module: pl.LightningModule) -> dict[str, float]:
         raise NotImplementedError
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         self._log(pl_module, on_step=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -127,6 +128,7 @@ class TuckerCallback(_LowRankCallback):
         self._handles: list[RemovableHandle] = []
         self._loaded_state: dict[str, Any] | None = None
         self._layers: dict[str, TuckerLayer] = {}
+        self._first_log = True  # the first metrics of a fit also carry every mode's maximum rank
         self._membership: dict[torch.optim.Optimizer, int] = {}  # parameters per optimizer at the last look
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -146,7 +148,12 @@ class TuckerCallback(_LowRankCallback):
             if report.converted and stage == "fit":
                 _check_conversion_reaches_main_process(trainer.strategy, "lightning_lowrank.convert")
             if report.converted:
-                rank_zero_info(f"TuckerCallback: {report}")
+                totals = summary(pl_module)
+                rank_zero_info(f"TuckerCallback: {report}\nTuckerCallback: the converted layers store "
+                               f"{totals.stored_params:,} parameters (factors at their maximum ranks: what "
+                               f"Lightning's model summary counts) for {totals.factorized_params:,} effective ones "
+                               f"at the active ranks ({totals.dense_params:,} dense); compression "
+                               f"{totals.compression_rate:.1%}")
         # else the module builds its layers in `configure_model` and converts them there (checked at fit start)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -154,7 +161,7 @@ class TuckerCallback(_LowRankCallback):
         if not layers:
             raise ValueError(f"{type(pl_module).__name__} has no Tucker layers at fit start: if it builds its layers "
                              "in `configure_model`, call `lightning_lowrank.convert` there")
-        self.integrators, self._layers, self._membership = {}, layers, {}
+        self.integrators, self._layers, self._membership, self._first_log = {}, layers, {}, True
         for optimizer in trainer.optimizers:
             self._join(trainer, optimizer)
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
@@ -202,6 +209,7 @@ class TuckerCallback(_LowRankCallback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if (self.freeze_after_steps is not None and trainer.global_step >= self.freeze_after_steps
                 or self.freeze_after_epochs is not None and trainer.current_epoch >= self.freeze_after_epochs):
             for integrator in self.integrators.values():
@@ -229,7 +237,6 @@ class TuckerCallback(_LowRankCallback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._check_averaging(trainer, step_idx=trainer.global_step - 1)
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_averaging(trainer, epoch_idx=trainer.current_epoch)
@@ -261,6 +268,9 @@ class TuckerCallback(_LowRankCallback):
                 for mode, (mode_name, rank) in enumerate(zip(layer.mode_names, layer.ranks)):
                     if self.integration.adapts(mode):
                         metrics[f"{name}/rank_{mode_name}"] = float(rank)
+                        if self._first_log:
+                            metrics[f"{name}/max_rank_{mode_name}"] = float(layer.max_ranks[mode])
+        self._first_log = False
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
@@ -271,7 +281,10 @@ class TuckerCallback(_LowRankCallback):
         self._loaded_state = state_dict  # applied at fit start, once the integrators exist
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        dense = [layer.name for layer in summary(pl_module).layers if not layer.pays]
+        """Print (process 0) the ranks reached, parameters and compression: the table of ``ll.summary``."""
+        report = summary(pl_module)
+        rank_zero_info(f"TuckerCallback: ranks at the end of fit\n{report}")
+        dense = [layer.name for layer in report.layers if not layer.pays]
         if dense:
             rank_zero_info(f"TuckerCallback: {dense} ended with ranks at which the factors hold as many weights as the "
                            "dense layer or more: `compact` exports them dense, and the compression rate counts them so")

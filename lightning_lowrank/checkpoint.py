@@ -80,6 +80,11 @@ def load_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], model: nn.Mo
     """Load a checkpoint written with :class:`~lightning_lowrank.TuckerCallback` or
     :class:`~lightning_lowrank.DeepLinearCallback`, no callback needed.
 
+    By default it returns the **compact** architecture, not the one you pass: every factorized layer becomes plain
+    torch layers at the learned ranks (a ``Conv2d`` three convolutions, a ``Linear`` two), the smallest model that
+    computes the trained function. ``compact_layers=False`` returns the Tucker layers (to go on training or
+    inspect ranks); ``MyModule.load_from_checkpoint(path)`` gives the original dense architecture.
+
     Args:
         checkpoint: a path (as saved by Lightning) or the loaded checkpoint dictionary.
         model: the module the checkpoint's ``state_dict`` belongs to (its layers still dense), or a LightningModule

@@ -195,8 +195,8 @@ class TuckerIntegrator:
         layers'); on failure all of them are dropped, so ``optimizer.step()`` changes nothing. A layer whose core has
         no gradient (frozen with ``requires_grad=False``, or unused by the loss) keeps its ranks, bases and core.
         """
-        if self._augmented:  # an augmenting step whose optimizer step never came: finish it first
-            self.truncate(optimizer)
+        if self._augmented:  # an augmenting step whose optimizer step never came (AMP skipped it): undo it
+            self._undo_augmentation(optimizer)
         self._prepared = False
         parameters = [p for layer in self.layers.values() for p in layer.parameters()]
         if optimizer is not None:
@@ -217,6 +217,20 @@ class TuckerIntegrator:
                 u.grad = None
             _mask_outside_block(layer)
         return True
+
+    @torch.no_grad()
+    def _undo_augmentation(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Back to the ranks before :meth:`augment`, whose optimizer step never came: the new core entries are still
+        0, so W is unchanged, and the first r columns of each basis are the old basis (as the gradients of the
+        current backward pass see it); the optimizer state warm-started for the new entries is cleared."""
+        for name, old in self._augmented.items():
+            layer = self.layers[name]
+            layer.set_rank(old)
+            state = {} if optimizer is None else optimizer.state.get(layer.core, {})
+            for value in state.values():
+                if isinstance(value, Tensor) and value.shape == layer.core.shape:
+                    zero_outside(value, old)
+        self._augmented.clear()
 
     def _accumulate(self, name: str, mode: int, grad: Tensor) -> None:
         """Add a basis gradient dL/dU (n x r, the active columns) to the sum the next augmentation uses."""

@@ -11,7 +11,8 @@ from lightning_lowrank.layers import TuckerLayer
 
 @dataclass(frozen=True)
 class LayerSummary:
-    """One Tucker layer: its name, type, dense weight shape, active and maximum ranks, parameters."""
+    """One Tucker layer: its name, type, dense weight shape, active and maximum ranks, and parameters: effective (the
+    factorization at the active ranks), stored (the tensors it holds, at the maximum ranks) and dense."""
 
     name: str
     kind: str
@@ -20,6 +21,7 @@ class LayerSummary:
     max_ranks: tuple[int, ...]
     params: int
     dense_params: int
+    stored_params: int
 
     @property
     def pays(self) -> bool:
@@ -45,6 +47,12 @@ class Summary:
         return sum(layer.dense_params for layer in self.layers)
 
     @property
+    def stored_params(self) -> int:
+        """Parameters the converted layers hold (what Lightning's model summary counts): factors and core at the
+        maximum ranks."""
+        return sum(layer.stored_params for layer in self.layers)
+
+    @property
     def compression_rate(self) -> float:
         """1 - factorized / dense parameters of the converted layers (0 when none is converted); a layer whose factors
         cost more than its dense form counts as dense, as :func:`~lightning_lowrank.compact` exports it."""
@@ -60,6 +68,8 @@ class Summary:
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append(f"converted layers: {self.factorized_params:,} of {self.dense_params:,} dense parameters, "
                      f"compression rate {self.compression_rate:.2%}; whole model: {self.params:,} parameters")
+        lines.append(f"stored: {self.stored_params:,} parameters in the converted layers (factors at their maximum "
+                     "ranks: what Lightning's model summary counts); effective: the factors at the active ranks")
         return "\n".join(lines)
 
 
@@ -69,5 +79,5 @@ def summary(module: nn.Module) -> Summary:
     in_tucker = {id(p) for _, m in layers for p in m.parameters()}
     other = sum(p.numel() for p in module.parameters() if id(p) not in in_tucker)
     rows = tuple(LayerSummary(name, type(m).__name__, m.shape, m.ranks, m.max_ranks, m.num_parameters(),
-                              m.dense_num_parameters()) for name, m in layers)
+                              m.dense_num_parameters(), sum(p.numel() for p in m.parameters())) for name, m in layers)
     return Summary(rows, other + sum(row.params for row in rows))

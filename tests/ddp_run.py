@@ -3,6 +3,7 @@
     python tests/ddp_run.py OUT_DIR      (run by test_callback.py::test_ddp_processes_end_every_step_identical)
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -24,7 +25,8 @@ class RankHistory(pl.Callback):
 def main(out: Path) -> None:
     torch.manual_seed(0)  # the same initial model everywhere (DDP also broadcasts it)
     history = RankHistory()
-    callback = ll.TuckerCallback(tau=0.3)
+    # each process a different tolerance: only the broadcast of the first process's rank decision keeps them identical
+    callback = ll.TuckerCallback(tau=0.3 if os.environ.get("LOCAL_RANK", "0") == "0" else 0.05)
     trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=3, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[callback, history])

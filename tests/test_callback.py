@@ -205,12 +205,29 @@ def integrator_of(callback):
 
 
 def test_gradient_accumulation_runs_the_integrator_on_real_steps_only():
+    """Reference: the integrator driven by hand, one step per four micro-batches (loss / 4 each, as Lightning)."""
+    torch.manual_seed(0)
     model = CountingStudent(lr=0.02)
     callback = ll.TuckerCallback(tau=0.3)
     fit = trainer(max_epochs=2, accumulate_grad_batches=4, callbacks=[callback])
     fit.fit(model)
     assert model.optimizer_steps == fit.global_step == integrator_of(callback).steps == 4  # 2 x 8 batches / 4
     assert_healthy(model)
+
+    torch.manual_seed(0)
+    reference = CountingStudent(lr=0.02)
+    ll.convert(reference)
+    integrator = ll.TuckerIntegrator(reference, ll.IntegratorConfig(tau=0.3))
+    optimizer = reference.configure_optimizers()
+    for _ in range(2):
+        for index, (x, y) in enumerate(reference.train_dataloader()):
+            (nn.functional.mse_loss(reference(x), y) / 4).backward()
+            if index % 4 == 3:
+                assert integrator.step(optimizer)
+                optimizer.zero_grad(set_to_none=True)
+    assert [m.ranks for m in tucker_layers(model).values()] == [m.ranks for m in tucker_layers(reference).values()]
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_gradient_clipping_clips_the_galerkin_gradient():
@@ -672,3 +689,18 @@ def test_bf16_true_training_reloads_at_its_ranks_with_load_from_checkpoint(tmp_p
     x = torch.randn(16, 3, 6, 6)
     expected = model.float()(x)
     assert (loaded(x) - expected).norm() / expected.norm() < 0.02
+
+
+def test_fit_prints_the_stored_and_effective_parameters_and_the_final_ranks(caplog):
+    """The setup line reconciles Lightning's model summary (stored parameters) with the compression (effective ones);
+    at the end of fit the table is `ll.summary`'s, numbers included."""
+    import logging
+
+    torch.manual_seed(0)
+    model = Student(lr=0.02)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        trainer(max_epochs=2, callbacks=[ll.TuckerCallback(tau=0.3)]).fit(model)
+    text = caplog.text
+    stored = sum(p.numel() for m in tucker_layers(model).values() for p in m.parameters())
+    assert f"the converted layers store {stored:,} parameters" in text
+    assert f"ranks at the end of fit\n{ll.summary(model)}" in text

@@ -620,8 +620,8 @@ def test_layers_without_a_gradient_stay_as_they_are():
 
 
 def test_a_step_that_never_came_is_truncated_first_and_not_counted():
-    """AMP's GradScaler can skip the optimizer step after augmentation: the next step truncates what was grown
-    (ranks back within max_rank, the weight unchanged by the augmentation) and the skipped step does not count."""
+    """AMP's GradScaler can skip the optimizer step after augmentation: the next step undoes what was grown (the
+    weight unchanged by the augmentation) and the skipped step does not count."""
     torch.manual_seed(0)
     layer = TuckerLinear(10, 8, rank=(3, 3), max_rank=(5, 5))
     integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0))
@@ -635,7 +635,7 @@ def test_a_step_that_never_came_is_truncated_first_and_not_counted():
     layer(x).pow(2).sum().backward()
     assert integrator.before_step(optimizer)
     assert integrator.steps == 0
-    torch.testing.assert_close(layer.dense_weight(), weight)  # truncation at tau 0 of the unstepped core is exact
+    torch.testing.assert_close(layer.dense_weight(), weight)
     optimizer.step()
     integrator.after_step(optimizer)
     assert integrator.steps == 1
@@ -661,3 +661,100 @@ def test_min_rank_holds_ranks_up_and_must_fit_the_storage():
     assert ranks == {1: (1, 1), 3: (3, 3)}
     with pytest.raises(ValueError, match=r"`min_rank` 5 exceeds the storage rank 4 of mode 0 of Tucker layer '0'"):
         TuckerIntegrator(nn.Sequential(TuckerLinear(10, 8, max_rank=(4, 4))), IntegratorConfig(min_rank=5))
+
+
+# --- planted bugs that must fail a fast test (issue 18) ------------------------------------------------------------
+
+def test_tail_rank_at_its_boundary():
+    """Smallest r with ||s[r:]|| <= theta, with tails that are exact in floating point: s = (3, 2, 1) has tails
+    sqrt(14), sqrt(5), 1, 0. A tail equal to theta is discarded (<=); one just above it is kept."""
+    from lightning_lowrank.layers import tail_rank
+
+    s = torch.tensor([3.0, 2.0, 1.0])
+    assert int(tail_rank(s, torch.tensor(1.0))) == 2
+    assert int(tail_rank(s, torch.tensor(1.0 - 1e-12))) == 3
+    assert int(tail_rank(s, torch.tensor(math.sqrt(5.0)))) == 1
+    assert int(tail_rank(s, torch.tensor(0.0))) == 3
+    assert int(tail_rank(s, torch.tensor(4.0))) == 0
+
+
+def test_truncation_keeps_the_smallest_rank_within_the_tolerance_on_both_sides_of_it():
+    """A diagonal core with singular values 3, 2, 1 (and zeros): tau just above 1/||C|| cuts one direction, just
+    below it cuts none of the three."""
+    for tau, expected in ((1 / math.sqrt(14) * (1 + 1e-9), 2), (1 / math.sqrt(14) * (1 - 1e-9), 3)):
+        layer = TuckerLinear(6, 6, bias=False, rank=(3, 3), max_rank=(6, 6))
+        with torch.no_grad():
+            layer.core.zero_()
+            layer.core[:3, :3] = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
+        integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=tau))
+        integrator._augmented["0"] = layer.ranks
+        integrator.truncate()
+        assert layer.ranks == (expected, expected)
+
+
+def test_the_rank_decision_is_the_broadcast_one():
+    """Reference: the decision handed back by `broadcast` (here another process's: every rank 2), not the local
+    one; the layer takes it exactly."""
+    torch.manual_seed(0)
+    calls = []
+
+    def broadcast(decided):
+        calls.append(decided.clone())
+        return torch.full_like(decided, 2)
+
+    layer = TuckerLinear(10, 8, rank=(6, 6))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0), broadcast=broadcast)
+    layer(torch.randn(16, 10)).pow(2).sum().backward()
+    assert integrator.step(torch.optim.SGD(layer.parameters(), lr=0.01))
+    assert calls and calls[0][1:].tolist() != [2, 2]  # locally, tau 0 would keep every direction
+    assert layer.ranks == (2, 2)
+
+
+def test_the_augmented_methods_galerkin_gradient_goes_through_reduce():
+    """Reference: the same step without `reduce`. The hand-made Galerkin gradient is averaged across processes by
+    `reduce`; a reduce that doubles makes the core gradient exactly twice the reference's."""
+    def core_gradient(reduce):
+        torch.manual_seed(0)
+        layer = TuckerLinear(10, 8, rank=(3, 3))
+        integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(method="augmented"), reduce=reduce)
+        layer(torch.randn(16, 10)).pow(2).sum().backward()
+        integrator.augment()
+        return layer.core.grad.clone()
+
+    reference = core_gradient(None)
+    assert reference.abs().sum() > 0
+    torch.testing.assert_close(core_gradient(lambda g: 2 * g), 2 * reference, rtol=1e-12, atol=0)
+
+
+def test_augmentation_keeps_the_old_basis_columns_as_they_were():
+    """The QR of [U | G] is sign-fixed so that its first r columns are U itself (R_11 = I up to rounding): no column
+    flips sign, so the optimizer state of the old core block still matches it."""
+    torch.manual_seed(0)
+    layer = TuckerConv2d(4, 6, 3, rank=(3, 3, 3, 3))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.1))
+    old = [u[:, :r].detach().clone() for u, r in zip(layer.factors, layer.ranks)]
+    layer(torch.randn(2, 4, 5, 5)).sum().backward()
+    integrator.augment()
+    for mode in range(2):
+        torch.testing.assert_close(layer.factors[mode][:, : old[mode].shape[1]], old[mode], rtol=0, atol=1e-12)
+
+
+def test_a_skipped_augmentation_is_undone_before_the_next_one():
+    """Reference: a fresh integrator that never saw the skipped step. After an augmentation whose optimizer step never
+    came, the next step must first undo it, so that its own augmentation spans [U | the new gradient], as the fresh
+    integrator's does; left in place, the bases would keep the stale directions (the rank bound leaves no room to
+    add the new ones)."""
+    torch.manual_seed(0)
+    layer = TuckerLinear(10, 8, rank=(3, 3), max_rank=(6, 6))
+    fresh = copy.deepcopy(layer)
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0))
+    reference = TuckerIntegrator(nn.Sequential(fresh), IntegratorConfig(tau=0.0))
+    (layer(torch.randn(6, 10)) - torch.randn(6, 8)).pow(2).sum().backward()  # (a target: gradients leave the span)
+    assert integrator.before_step() and layer.ranks == (6, 6)  # augmented; the optimizer step is then skipped
+    layer.zero_grad(set_to_none=True)
+    x, target = torch.randn(6, 10), torch.randn(6, 8)
+    for module, each in ((layer, integrator), (fresh, reference)):
+        (module(x) - target).pow(2).sum().backward()
+        assert each.before_step()
+    for u, v in zip(layer.active_factors(), fresh.active_factors()):
+        torch.testing.assert_close(u @ u.T, v @ v.T, rtol=0, atol=1e-10)
