@@ -2,8 +2,9 @@
 
     python examples/lenet5_mnist.py [--epochs 3] [--tau 0.15] [--data data/mnist] [--log-dir logs]
 
-Needs the MNIST files in ``--data`` (``make data`` fetches them). Prints the per-layer ranks, the test accuracy of
-the Tucker model and of its compact export, the compression rate, and writes ``rank_curves.png`` next to the logs.
+Needs the MNIST files in ``--data`` (``make data`` fetches them). The callback prints the per-layer ranks at the end
+of fit; then the test accuracy of the Tucker model and of its compact export, the compression rate, and
+``rank_curves.png`` next to the logs.
 ``--smoke`` runs one batch of each loop (what the tests run).
 """
 
@@ -57,7 +58,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     figure_path = f"{trainer.logger.log_dir}/rank_curves.png"
     ll.plot_ranks(trainer.logger.log_dir, figure_path)
 
-    print(report)
     print(f"test accuracy {accuracy:.2%} (compact export {compact_accuracy.compute():.2%}), compression rate "
           f"{report.compression_rate:.2%}, {sum(p.numel() for p in compact.parameters()):,} parameters in the "
           f"compact model, {minutes:.1f} min of training")
