@@ -1,16 +1,17 @@
 """A character-level decoder-only transformer on the Python standard library's source: dense against TuckerCallback.
 
-    python benchmarks/char_transformer.py [--steps 600] [--tau 0.2] [--layers 4] [--width 256] [--context 128]
+    python benchmarks/char_transformer.py [--steps 600] [--taus 0.1] [--layers 4] [--width 256] [--context 128]
                                           [--batch 32] [--no-cli]
 
 Text: the files of ``FILES`` from this Python's standard library (present on every machine, nothing downloaded), read
 as bytes (vocabulary 256); the last 10% of each file is validation. Model: byte embedding + learned positions,
 ``nn.TransformerEncoder`` with a causal mask (pre-norm, GELU, width 4x in the feed-forward block), linear head.
 AdamW lr 1e-3 with a cosine schedule, random windows (seeded). Rows, from one run: the dense model; TuckerCallback
-(every Linear and the attention converted; embeddings and norms stay dense); the same callback configured through
-LightningCLI from a YAML file. Columns: validation bits per character, compression of the converted layers, median
-time per optimizer step (steps 20 to the end) and its ratio to dense, final ranks per projection kind (mean over
-layers, out/in). Target (issue 17): within 2% of dense bits per character at >= 70% compression.
+at every tau of ``--taus`` (every Linear and the attention converted; embeddings and norms stay dense); the callback at
+the first tau configured through LightningCLI from a YAML file. Columns: validation bits per character, compression
+of the converted layers, median time per optimizer step (steps 20 to the end) and its ratio to dense, final ranks
+per projection kind (mean over layers, out/in). Target (issue 17): within 2% of dense bits per character at >= 70%
+compression.
 """
 
 from __future__ import annotations
@@ -206,7 +207,7 @@ def run_cli(args: argparse.Namespace) -> tuple[float, float, float, str]:
 
     with tempfile.TemporaryDirectory() as directory:
         config = Path(directory) / "config.yaml"
-        config.write_text(CLI_CONFIG.format(**vars(args)))
+        config.write_text(CLI_CONFIG.format(**vars(args), tau=args.taus[0]))
         timer = StepTimer()
         cli = LightningCLI(CharLM, CharData, run=False, args=["--config", str(config)], save_config_callback=None,
                            trainer_defaults={"callbacks": [timer]})
@@ -219,7 +220,7 @@ def run_cli(args: argparse.Namespace) -> tuple[float, float, float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--tau", type=float, default=0.2)
+    parser.add_argument("--taus", type=float, nargs="+", default=[0.1])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
@@ -230,10 +231,11 @@ def main() -> None:
     parser.add_argument("--no-cli", action="store_true", help="skip the LightningCLI row")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    arms = [("dense", lambda: run(args, [])),
-            (f"TuckerCallback(tau={args.tau})", lambda: run(args, [ll.TuckerCallback(tau=args.tau)]))]
+    arms = [("dense", lambda: run(args, []))]
+    arms += [(f"TuckerCallback(tau={tau})", lambda tau=tau: run(args, [ll.TuckerCallback(tau=tau)]))
+             for tau in args.taus]
     if not args.no_cli:
-        arms.append((f"LightningCLI, tau={args.tau}", lambda: run_cli(args)))
+        arms.append((f"LightningCLI, tau={args.taus[0]}", lambda: run_cli(args)))
     lines = [f"{args.layers} layers, width {args.width}, context {args.context}, batch {args.batch}, "
              f"{args.steps} steps",
              "| run | val bits/char | vs dense | compression | step ms | vs dense | final ranks (out/in, mean) |",
