@@ -26,11 +26,10 @@ def train(model: pl.LightningModule) -> nn.Module:
     return ll.compact(model)
 
 
-def by_hand(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
+def by_hand(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
     conversion: ll.ConversionReport = ll.convert(model, rank=0.5)
     print(conversion.converted, conversion.skipped)
     integrator = ll.TuckerIntegrator(model, ll.IntegratorConfig(tau=0.1))
-    loss.backward()
     layer = ll.TuckerLinear(16, 8, rank=(4, 4))
     layer.set_rank((2, 2))
     weight: torch.Tensor = layer.weight
@@ -51,6 +50,8 @@ def test_a_user_script_passes_mypy_strict(tmp_path):
     assert (Path(lightning_lowrank.__file__).parent / "py.typed").exists()
     script = tmp_path / "user.py"
     script.write_text(USER_SCRIPT)
-    result = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"),
-                             str(script)], capture_output=True, text=True, timeout=900)
+    # errors inside the package itself are not the user's (an installed package's never show); its annotations are
+    # what the user's script is checked against
+    result = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--cache-dir",
+                             str(tmp_path / "cache"), str(script)], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
