@@ -36,14 +36,20 @@ class _LowRankCallback(Callback):
     """What both callbacks share: metrics and checkpoints.
 
     Logs ``lowrank/<name>`` for every entry of :meth:`metrics` through ``pl_module.log``, at the start of every
-    training batch (so step k shows the state after k optimizer steps, step 0 the initial one) and at epoch end, so
-    every logger, ModelCheckpoint and EarlyStopping see them; compression on the progress bar.
+    training batch (so step k shows the state after k optimizer steps) and at epoch end, so every logger,
+    ModelCheckpoint and EarlyStopping see them; compression on the progress bar. The state training starts from goes
+    to every logger at its first step (0, or the step a run resumes at), whatever ``log_every_n_steps``.
     Checkpoints hold the merged dense weights in ``state_dict`` (so ``Module.load_from_checkpoint`` builds the
     trained dense model) and the exact factorization under ``checkpoint["lightning_lowrank"]``.
     """
 
     def metrics(self, pl_module: pl.LightningModule) -> dict[str, float]:
         raise NotImplementedError
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = {f"lowrank/{name}": value for name, value in self.metrics(pl_module).items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
