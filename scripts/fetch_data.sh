@@ -40,7 +40,7 @@ complete() {  # complete DIR ENTRIES...: every file present with the right check
 need() {  # need TOOL WHAT HOW: exit with a message naming the missing tool and how to get it
     command -v "$1" >/dev/null 2>&1 && return 0
     echo "fetch_data.sh: $2 needs \`$1\`, which is not installed here. $3" >&2
-    echo "Or copy the IDX files into $dir yourself (see the README, \"Data\")." >&2
+    echo "Or copy the standard IDX files into $dir/mnist and $dir/fashion-mnist yourself (README, \"Two commands\")." >&2
     exit 2
 }
 
