@@ -16,6 +16,7 @@ from lightning.pytorch.strategies import (
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
 
 from lightning_lowrank.checkpoint import CHECKPOINT_KEY, split_state
 from lightning_lowrank.conversion import RankSpec, TuckerConfig, convert
@@ -46,15 +47,18 @@ class _LowRankCallback(Callback):
     def metrics(self, pl_module: pl.LightningModule) -> dict[str, float]:
         raise NotImplementedError
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = {f"lowrank/{name}": value for name, value in self.metrics(pl_module).items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._log(pl_module, on_step=True)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log(pl_module, on_step=False)
 
@@ -63,10 +67,12 @@ class _LowRankCallback(Callback):
             pl_module.log(f"lowrank/{name}", value, prog_bar=name == "compression_rate", on_step=on_step,
                           on_epoch=not on_step, batch_size=1)
 
+    @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = split_state(pl_module, checkpoint["state_dict"])
 
+    @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         """Lightning has loaded the merged weights (factorized by the layers); restore the exact factorization."""
@@ -137,6 +143,7 @@ class TuckerCallback(_LowRankCallback):
         self._first_log = True  # the first metrics of a fit also carry every mode's maximum rank
         self._membership: dict[torch.optim.Optimizer, int] = {}  # parameters per optimizer at the last look
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _check_strategy(self, trainer.strategy)
         _check_checkpoint_callbacks(trainer)
@@ -162,6 +169,7 @@ class TuckerCallback(_LowRankCallback):
                                f"{totals.compression_rate:.1%}")
         # else the module builds its layers in `configure_model` and converts them there (checked at fit start)
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         layers = {name: m for name, m in pl_module.named_modules() if isinstance(m, TuckerLayer)}
         if not layers:
@@ -213,6 +221,7 @@ class TuckerCallback(_LowRankCallback):
         if integrator is not None:
             integrator.after_step(optimizer)
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
@@ -222,6 +231,7 @@ class TuckerCallback(_LowRankCallback):
                 if not integrator.frozen:
                     integrator.freeze()
 
+    @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         if self._membership.get(optimizer) != sum(len(group["params"]) for group in optimizer.param_groups):
@@ -240,10 +250,12 @@ class TuckerCallback(_LowRankCallback):
         rank_zero_warn(f"TuckerCallback: non-finite gradient at global step {trainer.global_step}; the optimizer "
                        f"step is skipped ({self.skipped_steps} so far)")
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._check_averaging(trainer, step_idx=trainer.global_step - 1)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_averaging(trainer, epoch_idx=trainer.current_epoch)
         super().on_train_epoch_end(trainer, pl_module)
@@ -279,13 +291,16 @@ class TuckerCallback(_LowRankCallback):
         self._first_log = False
         return metrics
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"integrators": [integrator.state_dict() for integrator in self.integrators.values()],
                 "skipped_steps": self.skipped_steps}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_state = state_dict  # applied at fit start, once the integrators exist
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Print (process 0) the ranks reached, parameters and compression: the table of ``ll.summary``."""
         report = summary(pl_module)
@@ -295,6 +310,7 @@ class TuckerCallback(_LowRankCallback):
             rank_zero_info(f"TuckerCallback: {dense} ended with ranks at which the factors hold as many weights as the "
                            "dense layer or more: `compact` exports them dense, and the compression rate counts them so")
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -326,6 +342,7 @@ class DeepLinearCallback(_LowRankCallback):
         self._handles: list[RemovableHandle] = []
         self._before: dict[nn.Parameter, Tensor] = {}
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _check_strategy(self, trainer.strategy)
         _check_checkpoint_callbacks(trainer)
@@ -337,6 +354,7 @@ class DeepLinearCallback(_LowRankCallback):
             if report.converted:
                 rank_zero_info(f"DeepLinearCallback: {report}")
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.config.alpha == 1:
             return
@@ -368,6 +386,7 @@ class DeepLinearCallback(_LowRankCallback):
     def _blocks(pl_module: pl.LightningModule) -> dict[str, DeepLinear]:
         return {name: m for name, m in pl_module.named_modules() if isinstance(m, DeepLinear)}
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             for handle in self._handles:
