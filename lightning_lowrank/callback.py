@@ -47,9 +47,13 @@ class _LowRankCallback(Callback):
     def metrics(self, pl_module: pl.LightningModule) -> dict[str, float]:
         raise NotImplementedError
 
+    def initial_metrics(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        """What the first log of a fit holds: :meth:`metrics`, plus what does not change during the fit."""
+        return self.metrics(pl_module)
+
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        metrics = {f"lowrank/{name}": value for name, value in self.metrics(pl_module).items()}
+        metrics = {f"lowrank/{name}": value for name, value in self.initial_metrics(pl_module).items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
@@ -140,7 +144,6 @@ class TuckerCallback(_LowRankCallback):
         self._handles: list[RemovableHandle] = []
         self._loaded_state: dict[str, Any] | None = None
         self._layers: dict[str, TuckerLayer] = {}
-        self._first_log = True  # the first metrics of a fit also carry every mode's maximum rank
         self._membership: dict[torch.optim.Optimizer, int] = {}  # parameters per optimizer at the last look
 
     @override
@@ -175,7 +178,7 @@ class TuckerCallback(_LowRankCallback):
         if not layers:
             raise ValueError(f"{type(pl_module).__name__} has no Tucker layers at fit start: if it builds its layers "
                              "in `configure_model`, call `lightning_lowrank.convert` there")
-        self.integrators, self._layers, self._membership, self._first_log = {}, layers, {}, True
+        self.integrators, self._layers, self._membership = {}, layers, {}
         for optimizer in trainer.optimizers:
             self._join(trainer, optimizer)
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
@@ -286,10 +289,15 @@ class TuckerCallback(_LowRankCallback):
                 for mode, (mode_name, rank) in enumerate(zip(layer.mode_names, layer.ranks)):
                     if self.integration.adapts(mode):
                         metrics[f"{name}/rank_{mode_name}"] = float(rank)
-                        if self._first_log:
-                            metrics[f"{name}/max_rank_{mode_name}"] = float(layer.max_ranks[mode])
-        self._first_log = False
         return metrics
+
+    @override
+    def initial_metrics(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        """:meth:`metrics` and the maximum rank of every adapted mode (``<layer>/max_rank_<mode>``)."""
+        return self.metrics(pl_module) | {
+            f"{name}/max_rank_{mode_name}": float(layer.max_ranks[mode])
+            for name, layer in self._layers.items() for mode, mode_name in enumerate(layer.mode_names)
+            if self.integration.adapts(mode)}
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -21,13 +21,7 @@ from lightning_lowrank.conversion import (
     check_patterns,
     pattern_reason,
 )
-from lightning_lowrank.layers import linear_chain
-
-
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        accepted = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"`{name}` must be an int {accepted}, got {value!r}")
+from lightning_lowrank.layers import check_int, linear_chain
 
 
 class DeepLinear(nn.Module):
@@ -42,11 +36,11 @@ class DeepLinear(nn.Module):
                  init_scale: float = 1e-2, bias: bool = False, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        _check_int("in_features", in_features, 1)
-        _check_int("out_features", out_features, 1)
-        _check_int("depth", depth, 2)
+        check_int("in_features", in_features, 1)
+        check_int("out_features", out_features, 1)
+        check_int("depth", depth, 2)
         width = max(in_features, out_features) if width is None else width
-        _check_int("width", width, 1, max(in_features, out_features))
+        check_int("width", width, 1, max(in_features, out_features))
         if not init_scale > 0:
             raise ValueError(f"`init_scale` must be > 0, got {init_scale}")
         self.in_features, self.out_features, self.depth, self.width = in_features, out_features, depth, width
@@ -138,7 +132,7 @@ class DeepLinear(nn.Module):
                              f"{tuple(surrogate.shape)}")
         out_features, in_features = surrogate.shape
         rank = estimate_rank(surrogate) if rank is None else rank
-        _check_int("rank", rank, 1, min(out_features, in_features))
+        check_int("rank", rank, 1, min(out_features, in_features))
         width = min(2 * rank, out_features, in_features)
         module = cls(in_features, out_features, depth, width, init_scale, bias, surrogate.device, surrogate.dtype)
         u, _, vh = torch.linalg.svd(surrogate.detach(), full_matrices=False)
@@ -183,9 +177,9 @@ class DeepLinearConfig:
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        _check_int("depth", self.depth, 2)
+        check_int("depth", self.depth, 2)
         if self.rank is not None:
-            _check_int("rank", self.rank, 1)
+            check_int("rank", self.rank, 1)
         if not self.init_scale > 0:
             raise ValueError(f"`init_scale` must be > 0, got {self.init_scale}")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):

@@ -420,8 +420,7 @@ class TuckerIntegrator:
         decided = torch.stack([c for _, _, candidates in plans for c in candidates])
         if self.broadcast is not None:
             decided = self.broadcast(decided)
-        decided = decided.tolist()
-        decided = iter(decided)
+        decided = iter(decided.tolist())
         rotations = []
         for name, vectors, _ in plans:
             layer = self.layers[name]

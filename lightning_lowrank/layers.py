@@ -24,9 +24,11 @@ _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 DenseConv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
 
-def _check_size(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """``value`` if it is an int in [low, high] (no upper bound without ``high``), else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        accepted = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"`{name}` must be an int {accepted}, got {value!r}")
     return value
 
 
@@ -324,8 +326,8 @@ class TuckerLinear(TuckerLayer):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        self.in_features = _check_size("in_features", in_features)
-        self.out_features = _check_size("out_features", out_features)
+        self.in_features = check_int("in_features", in_features, 1)
+        self.out_features = check_int("out_features", out_features, 1)
         super().__init__((out_features, in_features), rank, max_rank, bias, device, dtype)
 
     @classmethod
@@ -405,8 +407,8 @@ class _TuckerConvNd(TuckerLayer):
         dtype: torch.dtype | None = None,
     ) -> None:
         n = len(self.mode_names) - 2
-        self.in_channels = _check_size("in_channels", in_channels)
-        self.out_channels = _check_size("out_channels", out_channels)
+        self.in_channels = check_int("in_channels", in_channels, 1)
+        self.out_channels = check_int("out_channels", out_channels, 1)
         self.kernel_size, self.stride, self.dilation = (
             _ntuple(value, n, name)
             for value, name in ((kernel_size, "kernel_size"), (stride, "stride"), (dilation, "dilation")))
