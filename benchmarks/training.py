@@ -40,11 +40,13 @@ class Result:
 
 
 def fit_and_test(model: pl.LightningModule, data: pl.LightningDataModule, epochs: int,
-                 callbacks: list[pl.Callback] = ()) -> Result:
-    """Train for ``epochs`` (no validation), test; median epoch time and time per optimizer step."""
+                 callbacks: list[pl.Callback] = (), **trainer_options: object) -> Result:
+    """Train for ``epochs`` (no validation), test; median epoch time and time per optimizer step.
+    ``trainer_options`` go to the Trainer (for example ``gradient_clip_val``)."""
     timer = EpochTimer()
     trainer = pl.Trainer(max_epochs=epochs, callbacks=[*callbacks, timer], limit_val_batches=0, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         **trainer_options)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         trainer.fit(model, data)

@@ -104,7 +104,10 @@ class TuckerCallback(_LowRankCallback):
         tau: relative truncation tolerance in [0, 1).
         rank, max_rank, kernel_rank, include, exclude, min_size, keep_first_last, init, layer_types: which layers
             are converted and at which initial and maximum ranks (:class:`~lightning_lowrank.TuckerConfig`).
-        min_rank, modes, method, interval: the integrator's options (:class:`~lightning_lowrank.IntegratorConfig`).
+        min_rank, modes, method, interval, core_steps: the integrator's options
+            (:class:`~lightning_lowrank.IntegratorConfig`). Layers still at their augmented ranks when training ends
+            (``core_steps`` > 1) are truncated then; logged ranks and compression are those the last truncation
+            decided.
         freeze_after_steps, freeze_after_epochs: from this optimizer step or epoch on, ranks and bases stay fixed
             and only the cores (and the other parameters) train.
     """
@@ -119,6 +122,7 @@ class TuckerCallback(_LowRankCallback):
         modes: Literal["channels", "all"] = "channels",
         method: Literal["parallel", "augmented"] = "parallel",
         interval: int = 1,
+        core_steps: int = 1,
         freeze_after_steps: int | None = None,
         freeze_after_epochs: int | None = None,
         include: Sequence[str] = (),
@@ -132,7 +136,8 @@ class TuckerCallback(_LowRankCallback):
         self.conversion = TuckerConfig(rank=rank, max_rank=max_rank, kernel_rank=kernel_rank, include=include,
                                        exclude=exclude, min_size=min_size, keep_first_last=keep_first_last,
                                        init=init, **conversion)
-        self.integration = IntegratorConfig(tau=tau, min_rank=min_rank, modes=modes, method=method, interval=interval)
+        self.integration = IntegratorConfig(tau=tau, min_rank=min_rank, modes=modes, method=method, interval=interval,
+                                           core_steps=core_steps)
         if isinstance(max_rank, int) and not isinstance(max_rank, bool) and min_rank > max_rank:
             raise ValueError(f"`min_rank` ({min_rank}) must not exceed `max_rank` ({max_rank})")
         for name, value in (("freeze_after_steps", freeze_after_steps), ("freeze_after_epochs", freeze_after_epochs)):
@@ -230,9 +235,9 @@ class TuckerCallback(_LowRankCallback):
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if (self.freeze_after_steps is not None and trainer.global_step >= self.freeze_after_steps
                 or self.freeze_after_epochs is not None and trainer.current_epoch >= self.freeze_after_epochs):
-            for integrator in self.integrators.values():
+            for optimizer, integrator in self.integrators.items():
                 if not integrator.frozen:
-                    integrator.freeze()
+                    integrator.freeze(optimizer)
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -281,12 +286,14 @@ class TuckerCallback(_LowRankCallback):
                                    "before averaging starts")
 
     def metrics(self, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Compression, parameters and the rank of every adapted mode (Python numbers: no device sync)."""
-        report = summary(pl_module)
+        """Compression, parameters and the rank of every adapted mode, at the ranks the last truncation decided
+        (Python numbers: no device sync)."""
+        decided = {name: ranks for integrator in self.integrators.values() for name, ranks in integrator.ranks.items()}
+        report = summary(pl_module, decided)
         metrics = {"compression_rate": report.compression_rate, "params": float(report.params)}
         for integrator in self.integrators.values():
             for name, layer in integrator.layers.items():
-                for mode, (mode_name, rank) in enumerate(zip(layer.mode_names, layer.ranks)):
+                for mode, (mode_name, rank) in enumerate(zip(layer.mode_names, decided[name])):
                     if self.integration.adapts(mode):
                         metrics[f"{name}/rank_{mode_name}"] = float(rank)
         return metrics
@@ -307,6 +314,13 @@ class TuckerCallback(_LowRankCallback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_state = state_dict  # applied at fit start, once the integrators exist
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Truncate the layers still training at their augmented ranks (``core_steps`` > 1), after the last
+        checkpoint of the fit (which resumes in the middle of the schedule)."""
+        for optimizer, integrator in self.integrators.items():
+            integrator.truncate(optimizer)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

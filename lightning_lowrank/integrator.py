@@ -12,7 +12,10 @@ Around the user's optimizer step, for every Tucker layer W = C x_i U_i (arXiv 23
    (non-adapted modes keep their rank); bases, core and the core's optimizer state rotate with the kept vectors.
 
 With ``interval`` k > 1 this happens every k-th step; the steps in between move the cores only and add their dL/dU_i
-to a sum whose directions the next augmentation spans too, so the bases still see every batch.
+to a sum whose directions the next augmentation spans too, so the bases still see every batch. With ``core_steps``
+s > 1 the core trains at the augmented ranks for s optimizer steps (the augmenting one and s - 1 more, bases held)
+before step 3 judges it, so that a new direction has s steps to become significant (the schedule of the authors'
+later code, s = k = 10); the paper's step is s = 1.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_lowrank.layers import TuckerLayer, consistent_ranks, mode_dot, tail_rank, zero_outside
+from lightning_lowrank.layers import TuckerLayer, check_int, consistent_ranks, mode_dot, tail_rank, zero_outside
 from lightning_lowrank.optimizer_state import check_state, fresh_value, rotate
 
 
@@ -47,8 +50,13 @@ class IntegratorConfig:
             with the bases held fixed (the optimizer never sees a basis gradient) and sum each basis gradient dL/dU,
             so the next augmentation spans the directions of every batch of the interval (its core step is the
             Galerkin gradient of its own batch, as at interval 1: a summed step would overshoot under momentum).
-            1 (default) is the paper's method; 5 costs about a fifth of the integrator's time, but its networks were
-            1.1 to 2.8 points less accurate at similar compression on LeNet5 and a VGG-style net (README "Results").
+            1 is the paper's method.
+        core_steps: optimizer steps the core takes at the augmented ranks before truncation, in [1, interval]: the
+            augmenting step and ``core_steps - 1`` more with the augmented bases held (their basis gradients are
+            dropped: those steps train the core only). The remaining ``interval - core_steps`` steps of the interval
+            run at the truncated ranks and sum their basis gradients for the next augmentation. 1 truncates right
+            after the augmenting step (the paper's schedule); ``core_steps == interval`` truncates just before the
+            next augmentation, so the layers always train at their augmented ranks.
     """
 
     tau: float = 0.1
@@ -56,18 +64,21 @@ class IntegratorConfig:
     modes: Literal["channels", "all"] = "channels"
     method: Literal["parallel", "augmented"] = "parallel"
     interval: int = 1
+    core_steps: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 <= self.tau < 1:
             raise ValueError(f"`tau` must be a number in [0, 1), got {self.tau!r}")
-        if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, int) or self.min_rank < 1:
-            raise ValueError(f"`min_rank` must be an int >= 1, got {self.min_rank!r}")
+        check_int("min_rank", self.min_rank, 1)
         if self.modes not in ("channels", "all"):
             raise ValueError(f"`modes` must be 'channels' or 'all', got {self.modes!r}")
         if self.method not in ("parallel", "augmented"):
             raise ValueError(f"`method` must be 'parallel' or 'augmented', got {self.method!r}")
-        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
-            raise ValueError(f"`interval` must be an int >= 1, got {self.interval!r}")
+        check_int("interval", self.interval, 1)
+        if isinstance(self.core_steps, bool) or not isinstance(self.core_steps, int) \
+                or not 1 <= self.core_steps <= self.interval:
+            raise ValueError(f"`core_steps` must be an int in [1, interval] = [1, {self.interval}], "
+                             f"got {self.core_steps!r}")
 
     def adapts(self, mode: int) -> bool:
         return self.modes == "all" or mode < 2
@@ -110,10 +121,11 @@ class TuckerIntegrator:
     """The rank-adaptive integrator for Tucker layers.
 
     Call ``before_step(optimizer)`` after backward and, if it returns True, ``optimizer.step()``, then
-    ``after_step(optimizer)``; or :meth:`step` for all three. Every ``interval`` steps they augment and truncate
-    (:meth:`augment`, :meth:`truncate`); in between, and for good after :meth:`freeze`, they only keep the optimizer
-    off the bases. With ``method="augmented"``, forward hooks keep each layer's input and output gradient of the
-    training passes before an augmenting step (one activation per layer; every micro-batch when gradients accumulate).
+    ``after_step(optimizer)``; or :meth:`step` for all three. Every ``interval`` steps they augment (:meth:`augment`),
+    and ``core_steps`` optimizer steps later they truncate (:meth:`truncate`); otherwise, and for good after
+    :meth:`freeze`, they only keep the optimizer off the bases. With ``method="augmented"``, forward hooks keep each
+    layer's input and output gradient of the training passes before an augmenting step (one activation per layer;
+    every micro-batch when gradients accumulate).
 
     Args:
         module: a module holding Tucker layers, or a mapping of names to the layers to integrate.
@@ -134,7 +146,8 @@ class TuckerIntegrator:
         self.reduce, self.broadcast = reduce, broadcast
         self.layers: dict[str, TuckerLayer] = {}
         self._captures: dict[str, _Capture] = {}
-        self._augmented: dict[str, tuple[int, ...]] = {}  # layer name -> ranks before augmentation
+        self._augmented: dict[str, tuple[int, ...]] = {}  # layer name -> ranks before augmentation, until truncation
+        self._augmenting = False  # whether augment() readied the optimizer step in flight
         self._basis_grads: dict[tuple[str, int], Tensor] = {}  # dL/dU summed over the steps since the last augmentation
         self._prepared = False  # whether before_step readied the optimizer step that after_step completes
         self.steps = 0  # optimizer steps taken (skipped ones do not count)
@@ -160,11 +173,24 @@ class TuckerIntegrator:
 
     @property
     def due(self) -> bool:
-        """Whether the next optimizer step augments and truncates."""
+        """Whether the next optimizer step augments."""
         return not self.frozen and self.steps % self.config.interval == 0
 
-    def freeze(self) -> None:
-        """Fix ranks and bases from now on; later steps train the cores (and every non-basis parameter) only."""
+    @property
+    def truncation_due(self) -> bool:
+        """Whether the next optimizer step ends with truncation (its ``core_steps``-th at the augmented ranks)."""
+        return self.steps % self.config.interval == self.config.core_steps - 1
+
+    @property
+    def ranks(self) -> dict[str, tuple[int, ...]]:
+        """The ranks the last truncation decided, by layer name: a layer still training at its augmented ranks
+        (``core_steps`` > 1) shows the ranks before its augmentation."""
+        return {name: self._augmented.get(name, layer.ranks) for name, layer in self.layers.items()}
+
+    def freeze(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Fix ranks and bases from now on (truncating layers at their augmented ranks first, rotating
+        ``optimizer``'s state); later steps train the cores (and every non-basis parameter) only."""
+        self.truncate(optimizer)
         self.frozen = True
         for capture in self._captures.values():
             capture.active = False
@@ -172,12 +198,15 @@ class TuckerIntegrator:
         self.clear()
 
     def state_dict(self) -> dict[str, object]:
-        """Step count, whether frozen, and the basis gradients summed since the last augmentation."""
+        """Step count, whether frozen, the basis gradients summed since the last augmentation, and the ranks before
+        augmentation of the layers awaiting truncation."""
         return {"steps": self.steps, "frozen": self.frozen,
-                "basis_grads": {f"{name}:{mode}": grad for (name, mode), grad in self._basis_grads.items()}}
+                "basis_grads": {f"{name}:{mode}": grad for (name, mode), grad in self._basis_grads.items()},
+                "augmented": {name: list(ranks) for name, ranks in self._augmented.items()}}
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         self.steps = int(state["steps"])
+        self._augmented = {name: tuple(ranks) for name, ranks in state.get("augmented", {}).items()}
         self._basis_grads.clear()
         for key, grad in state.get("basis_grads", {}).items():
             name, mode = key.rsplit(":", 1)
@@ -195,7 +224,7 @@ class TuckerIntegrator:
         layers'); on failure all of them are dropped, so ``optimizer.step()`` changes nothing. A layer whose core has
         no gradient (frozen with ``requires_grad=False``, or unused by the loss) keeps its ranks, bases and core.
         """
-        if self._augmented:  # an augmenting step whose optimizer step never came (AMP skipped it): undo it
+        if self._augmenting:  # an augmenting step whose optimizer step never came (AMP skipped it): undo it
             self._undo_augmentation(optimizer)
         self._prepared = False
         parameters = [p for layer in self.layers.values() for p in layer.parameters()]
@@ -208,11 +237,13 @@ class TuckerIntegrator:
             return False
         self._prepared = True
         if self.due:
+            self.truncate(optimizer)  # a window left open (resumed with other options) closes first
             self.augment(optimizer)
             return True
         for name, layer in self.layers.items():
+            summed = layer.core.grad is not None and not self.frozen and name not in self._augmented
             for mode, u in enumerate(layer.factors):
-                if u.grad is not None and layer.core.grad is not None and not self.frozen:
+                if u.grad is not None and summed:
                     self._accumulate(name, mode, u.grad[:, : layer.ranks[mode]])
                 u.grad = None
             _mask_outside_block(layer)
@@ -231,6 +262,7 @@ class TuckerIntegrator:
                 if isinstance(value, Tensor) and value.shape == layer.core.shape:
                     zero_outside(value, old)
         self._augmented.clear()
+        self._augmenting = False
 
     def _accumulate(self, name: str, mode: int, grad: Tensor) -> None:
         """Add a basis gradient dL/dU (n x r, the active columns) to the sum the next augmentation uses."""
@@ -245,8 +277,9 @@ class TuckerIntegrator:
         :meth:`before_step` did not prepare (a skipped one, or a step taken around the integrator)."""
         if not self._prepared:
             return
-        self._prepared = False
-        self.truncate(optimizer)
+        self._prepared = self._augmenting = False
+        if self.truncation_due:
+            self.truncate(optimizer)
         self.steps += 1
         for capture in self._captures.values():
             capture.active = self.due
@@ -304,6 +337,7 @@ class TuckerIntegrator:
                 layer.core.grad[block] = grad.to(layer.core.dtype)
                 self._warm_start(optimizer, layer, old, new)
             self._augmented[name] = old
+        self._augmenting = True
         self._basis_grads.clear()
         self.clear()
 
@@ -388,7 +422,8 @@ class TuckerIntegrator:
 
     @torch.no_grad()
     def truncate(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Truncate every augmented layer by HOSVD of its core with tolerance tau and rotate the optimizer state.
+        """Truncate every layer awaiting truncation by HOSVD of its core with tolerance tau and rotate the optimizer
+        state (nothing if none awaits; with ``core_steps`` > 1, call it at the end of training).
 
         The ranks of all layers are decided together: one host sync, and one ``broadcast`` across processes. Each
         core is scaled by its largest entry first, so any finite core works (its Gram matrices cannot overflow).

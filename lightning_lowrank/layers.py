@@ -273,10 +273,12 @@ class TuckerLayer(nn.Module):
             weight = tl.tucker_to_tensor((self.active_core().double(), [u.double() for u in self.active_factors()]))
         return weight.to(self.core.dtype)
 
-    def num_parameters(self) -> int:
-        """Parameters of the factorization at the active ranks: sum_i n_i r_i + prod_i r_i (+ bias)."""
+    def num_parameters(self, ranks: Sequence[int] | None = None) -> int:
+        """Parameters of the factorization at ``ranks`` (default: the active ranks): sum_i n_i r_i + prod_i r_i
+        (+ bias)."""
+        ranks = self.ranks if ranks is None else ranks
         bias = 0 if self.bias is None else self.bias.numel()
-        return sum(n * r for n, r in zip(self.shape, self.ranks)) + math.prod(self.ranks) + bias
+        return sum(n * r for n, r in zip(self.shape, ranks)) + math.prod(ranks) + bias
 
     def dense_num_parameters(self) -> int:
         """Parameters of the dense layer this one replaces: prod_i n_i (+ bias)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from torch import nn
@@ -73,11 +74,21 @@ class Summary:
         return "\n".join(lines)
 
 
-def summary(module: nn.Module) -> Summary:
-    """Summarize the Tucker layers of ``module`` (in registration order) and count its effective parameters."""
+def summary(module: nn.Module, ranks: Mapping[str, tuple[int, ...]] | None = None) -> Summary:
+    """Summarize the Tucker layers of ``module`` (in registration order) and count its effective parameters.
+
+    Args:
+        ranks: ranks to count instead of the active ones, by layer name (for example
+            :attr:`TuckerIntegrator.ranks <lightning_lowrank.TuckerIntegrator.ranks>`, the ranks the last truncation
+            decided, while layers train at their augmented ranks).
+    """
+    ranks = {} if ranks is None else ranks
     layers = [(name, m) for name, m in module.named_modules() if isinstance(m, TuckerLayer)]
     in_tucker = {id(p) for _, m in layers for p in m.parameters()}
     other = sum(p.numel() for p in module.parameters() if id(p) not in in_tucker)
-    rows = tuple(LayerSummary(name, type(m).__name__, m.shape, m.ranks, m.max_ranks, m.num_parameters(),
-                              m.dense_num_parameters(), sum(p.numel() for p in m.parameters())) for name, m in layers)
-    return Summary(rows, other + sum(row.params for row in rows))
+    rows = []
+    for name, m in layers:
+        r = tuple(ranks.get(name, m.ranks))
+        rows.append(LayerSummary(name, type(m).__name__, m.shape, r, m.max_ranks, m.num_parameters(r),
+                                 m.dense_num_parameters(), sum(p.numel() for p in m.parameters())))
+    return Summary(tuple(rows), other + sum(row.params for row in rows))

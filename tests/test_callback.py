@@ -94,20 +94,23 @@ def test_conversion_is_idempotent_across_stages():
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path):
-    """Checkpoint after epoch 1, resume to epoch 3: ranks, parameters and optimizer state as if never stopped."""
+@pytest.mark.parametrize("interval, core_steps", [(3, 1), (5, 5)])
+def test_resume_equals_an_uninterrupted_run(tmp_path, interval, core_steps):
+    """Checkpoint after epoch 1 (8 steps: with 5 core steps, 3 steps into a window at the augmented ranks), resume
+    to epoch 3: ranks, parameters and optimizer state as if never stopped."""
     def run(epochs, ckpt_path=None):
         torch.manual_seed(0)
         model = Student(lr=0.01, optimizer="adam")
-        checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-        fit = trainer(max_epochs=epochs, enable_checkpointing=True,
-                      callbacks=[ll.TuckerCallback(tau=0.2, interval=3), checkpoint])
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / f"{epochs}-{ckpt_path is not None}", save_last=True)
+        callback = ll.TuckerCallback(tau=0.2, interval=interval, core_steps=core_steps)
+        fit = trainer(max_epochs=epochs, enable_checkpointing=True, callbacks=[callback, checkpoint])
         fit.fit(model, ckpt_path=ckpt_path)
         return model, fit
 
     straight, straight_trainer = run(3)
     run(1)
-    resumed, resumed_trainer = run(3, ckpt_path=tmp_path / "last.ckpt")
+    resumed, resumed_trainer = run(3, ckpt_path=tmp_path / "1-False" / "last.ckpt")
+    assert resumed_trainer.fit_loop.epoch_loop._batches_that_stepped == 24 and resumed is not straight
     assert resumed_trainer.global_step == straight_trainer.global_step == 24
     assert [m.ranks for m in tucker_layers(resumed).values()] == [m.ranks for m in tucker_layers(straight).values()]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
@@ -116,6 +119,46 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     for index, state in states[0].items():
         for key, value in state.items():
             assert (value.double() - states[1][index][key].double()).abs().max() <= 1e-6
+
+
+class RanksAtBatchStart(pl.Callback):
+    """The active ranks of every Tucker layer at the start of every training batch, by global step."""
+
+    def __init__(self):
+        self.ranks = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.ranks[trainer.global_step] = {name: m.ranks for name, m in tucker_layers(pl_module).items()}
+
+
+def test_delayed_truncation_logs_the_decided_ranks_and_ends_truncated(tmp_path):
+    """interval = core_steps = 4: the layers train at their augmented ranks inside each window, but the logged ranks
+    and compression are those of the window's start (the last truncation's decision), and the fit ends truncated
+    (18 steps: in the middle of a window) at ranks the logs and ``ll.summary`` agree on."""
+    torch.manual_seed(0)
+    model = Student(lr=0.01, optimizer="adam")
+    seen = RanksAtBatchStart()
+    callback = ll.TuckerCallback(tau=0.2, interval=4, core_steps=4)
+    fit = trainer(max_steps=18, max_epochs=-1, callbacks=[callback, seen], logger=CSVLogger(tmp_path, name="run"))
+    fit.fit(model)
+    rows = [row for row in read_metrics(fit.logger.log_dir) if row["lowrank/net.3/rank_out"] and row["step"]]
+    logged = {}  # the first row of a step is logged at its batch start (a second one at an epoch's end)
+    for row in rows:
+        logged.setdefault(int(row["step"]), row)
+    assert any(seen.ranks[step]["net.3"] != seen.ranks[step - step % 4]["net.3"] for step in range(18))
+    layers = tucker_layers(model)
+    dense = sum(m.dense_num_parameters() for m in layers.values())
+    for step, row in logged.items():
+        if step < 18:
+            decided = seen.ranks[step - step % 4]
+            assert int(float(row["lowrank/net.3/rank_out"])) == decided["net.3"][0], step
+            factorized = sum(min(sum(n * r for n, r in zip(m.shape, decided[name])) + math.prod(decided[name])
+                                 + m.shape[0], m.dense_num_parameters()) for name, m in layers.items())
+            assert float(row["lowrank/compression_rate"]) == pytest.approx(1 - factorized / dense), step
+    integrator = next(iter(callback.integrators.values()))
+    assert integrator.ranks == {name: m.ranks for name, m in tucker_layers(model).items()}
+    grown = [name for name in integrator.ranks if seen.ranks[17][name] != seen.ranks[16][name]]
+    assert grown and all(model.get_submodule(name).ranks < seen.ranks[17][name] for name in grown)
 
 
 FRESH_PROCESS = """

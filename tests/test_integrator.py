@@ -503,6 +503,131 @@ def test_integrator_state_resumes_in_the_middle_of_an_interval():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+def delayed_problem():
+    """A rank-3 TuckerLinear learning a rank-5 map, its backward pass, Adam, and an integrator with interval 3 and
+    core_steps 3: every window augments at its first step and truncates after its third."""
+    layer, backward = interval_problem()
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.1, interval=3, core_steps=3))
+    return layer, backward, integrator, torch.optim.Adam(layer.parameters(), lr=1e-2)
+
+
+def test_delayed_truncation_trains_the_augmented_core_for_core_steps_then_applies_the_tolerance():
+    """interval 3, core_steps 3. Augmentation leaves W unchanged. The two steps after it hold the augmented bases and
+    ranks, and step the core exactly as a plain Adam on that core with the same gradients would (its state carried,
+    not reset or rotated). Truncation after the third step: each rank is the smallest whose discarded singular
+    values of the dense W's unfolding (float64 SVD) have norm <= tau ||W||, and W moves by at most that."""
+    layer, backward, integrator, optimizer = delayed_problem()
+    for window in range(3):
+        optimizer.zero_grad()
+        backward()
+        before = layer.dense_weight()
+        old = layer.ranks
+        assert integrator.before_step(optimizer)
+        augmented = layer.ranks
+        assert all(a > o for a, o in zip(augmented, old))
+        torch.testing.assert_close(layer.dense_weight(), before, rtol=0, atol=1e-12)
+        optimizer.step()
+        integrator.after_step(optimizer)
+        assert layer.ranks == augmented and integrator.ranks == {"0": old}
+        for _ in range(2):
+            bases = [u.detach().clone() for u in layer.factors]
+            optimizer.zero_grad()
+            backward()
+            reference = nn.Parameter(layer.core.detach().clone())
+            reference_optimizer = torch.optim.Adam([reference], lr=1e-2)
+            reference_optimizer.state[reference] = copy.deepcopy(optimizer.state[layer.core])
+            assert integrator.before_step(optimizer)
+            reference.grad = layer.core.grad.clone()
+            reference_optimizer.step()
+            optimizer.step()
+            assert all(torch.equal(u, b) for u, b in zip(layer.factors, bases)) and layer.ranks == augmented
+            torch.testing.assert_close(layer.core, reference, rtol=0, atol=0)
+            w = layer.dense_weight()
+            integrator.after_step(optimizer)
+        theta = 0.1 * torch.linalg.norm(w)
+        for mode, r in enumerate(layer.ranks):
+            s = torch.linalg.svdvals(w.movedim(mode, 0).reshape(w.shape[mode], -1))
+            assert torch.linalg.norm(s[r:]) <= theta < torch.linalg.norm(s[r - 1:])
+        assert torch.linalg.norm(layer.dense_weight() - w) <= math.sqrt(2) * theta
+        assert integrator.ranks == {"0": layer.ranks}
+
+
+def test_delayed_truncation_resumes_exactly_in_the_middle_of_the_core_steps():
+    """Saved after the first of three core steps (layers at their augmented ranks) and loaded into a fresh layer,
+    optimizer and integrator, the next steps, truncations included, equal an uninterrupted run."""
+    layer, backward, integrator, optimizer = delayed_problem()
+    for _ in range(4):  # one window, then the augmenting step of the next
+        optimizer.zero_grad()
+        backward()
+        integrator.step(optimizer)
+    assert integrator.ranks["0"] != layer.ranks  # at the augmented ranks
+    saved = copy.deepcopy((layer.state_dict(), optimizer.state_dict(), integrator.state_dict()))
+    other, other_backward = interval_problem(layer_seed=1)
+    other.load_state_dict(saved[0])
+    other_optimizer = torch.optim.Adam(other.parameters(), lr=1e-2)
+    other_optimizer.load_state_dict(saved[1])
+    other_integrator = TuckerIntegrator(nn.Sequential(other), IntegratorConfig(tau=0.1, interval=3, core_steps=3))
+    other_integrator.load_state_dict(saved[2])
+    assert other_integrator.ranks == integrator.ranks
+    for _ in range(5):
+        for opt, run, integ in ((optimizer, backward, integrator), (other_optimizer, other_backward, other_integrator)):
+            opt.zero_grad()
+            run()
+            integ.step(opt)
+        assert other.ranks == layer.ranks and other_integrator.ranks == integrator.ranks
+    for a, b in zip(layer.state_dict().values(), other.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_a_skipped_core_step_keeps_the_augmented_ranks_and_a_skipped_augmenting_step_undoes_them():
+    """AMP may skip any optimizer step (after_step never comes). A skipped core step of the window is retried at the
+    augmented ranks; a skipped augmenting step is undone (W and ranks as before it)."""
+    layer, backward, integrator, optimizer = delayed_problem()
+    optimizer.zero_grad()
+    backward()
+    integrator.step(optimizer)
+    augmented = layer.ranks
+    optimizer.zero_grad()
+    backward()
+    assert integrator.before_step(optimizer)  # ... and the optimizer step never comes
+    optimizer.zero_grad()
+    backward()
+    assert integrator.before_step(optimizer)
+    assert layer.ranks == augmented and integrator.steps == 1
+    optimizer.step()
+    integrator.after_step(optimizer)
+    optimizer.zero_grad()
+    backward()
+    integrator.step(optimizer)  # the window's third step: truncation
+    truncated, weight = layer.ranks, layer.dense_weight()
+    optimizer.zero_grad()
+    backward()
+    assert integrator.before_step(optimizer) and layer.ranks != truncated  # augmented, step skipped
+    optimizer.zero_grad()
+    backward()
+    assert integrator.before_step(optimizer)  # undoes, then augments again from the truncated ranks
+    assert integrator.ranks == {"0": truncated}
+    torch.testing.assert_close(layer.dense_weight(), weight, rtol=0, atol=1e-12)
+
+
+def test_freeze_in_the_middle_of_the_core_steps_truncates_first():
+    layer, backward, integrator, optimizer = delayed_problem()
+    optimizer.zero_grad()
+    backward()
+    integrator.step(optimizer)
+    augmented, w = layer.ranks, layer.dense_weight()
+    integrator.freeze(optimizer)
+    assert integrator.ranks == {"0": layer.ranks} and all(r < a for r, a in zip(layer.ranks, augmented))
+    theta = 0.1 * torch.linalg.norm(w)
+    assert torch.linalg.norm(layer.dense_weight() - w) <= math.sqrt(2) * theta
+    bases = [u.detach().clone() for u in layer.factors]
+    for _ in range(4):
+        optimizer.zero_grad()
+        backward()
+        integrator.step(optimizer)
+    assert all(torch.equal(u, b) for u, b in zip(layer.factors, bases))
+
+
 @pytest.mark.parametrize("make_optimizer", [
     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.01),
     lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
@@ -550,6 +675,8 @@ def test_evaluation_passes_are_not_captured():
     (dict(modes="spatial"), "`modes` must be 'channels' or 'all'"),
     (dict(method="exact"), "`method` must be 'parallel' or 'augmented'"),
     (dict(interval=0), "`interval` must be an int >= 1, got 0"),
+    (dict(interval=3, core_steps=4), r"`core_steps` must be an int in \[1, interval\] = \[1, 3\], got 4"),
+    (dict(core_steps=0), r"`core_steps` must be an int in \[1, interval\] = \[1, 1\], got 0"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(ValueError, match=message):
