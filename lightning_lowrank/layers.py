@@ -288,6 +288,12 @@ class TuckerLayer(nn.Module):
         """Constructor arguments that rebuild this layer's structure (sizes, options, ranks), for checkpoints."""
         raise NotImplementedError
 
+    def forward_costs(self, input_shape: Sequence[int], ranks: Sequence[int] | None = None) -> tuple[int, int]:
+        """Multiply-adds of one forward pass on an input of ``input_shape`` at ``ranks`` (default: the active ranks):
+        (factor chain, merged weight W formed from the factors, then one dense product). The forward takes the
+        cheaper (the chain on a tie); its backward costs about twice its forward either way."""
+        raise NotImplementedError
+
     def galerkin_gradient(self, factors: Sequence[Tensor], x: Tensor, dy: Tensor) -> Tensor:
         """dL/dW x_i U_i^T for orthonormal bases ``factors`` (n_i x s_i), shape (s_1, ..., s_d).
 
@@ -345,7 +351,19 @@ class TuckerLinear(TuckerLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         (u_out, u_in), core = self._forward_factors()
+        chain, merged = self.forward_costs(x.shape, core.shape)
+        if merged < chain:
+            return F.linear(x, u_out @ (core @ u_in.T), self.bias)
         return F.linear(F.linear(F.linear(x, u_in.T), core), u_out, self.bias)
+
+    def forward_costs(self, input_shape: Sequence[int], ranks: Sequence[int] | None = None) -> tuple[int, int]:
+        """Per row m of the input: chain m (n_in r_in + r_in r_out + r_out n_out), merged m n_in n_out plus forming
+        W = U_out (C U_in^T), r_out r_in n_in + n_out r_out n_in."""
+        r_out, r_in = self.ranks if ranks is None else ranks
+        n_out, n_in = self.shape
+        rows = math.prod(input_shape[:-1])
+        return (rows * (n_in * r_in + r_in * r_out + r_out * n_out),
+                rows * n_in * n_out + r_out * r_in * n_in + n_out * r_out * n_in)
 
     def arguments(self) -> dict[str, object]:
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
@@ -430,6 +448,7 @@ class _TuckerConvNd(TuckerLayer):
         letters = "ijklmn"[:n]
         spatial = ",".join(f"{x}{c}" for x, c in zip("pqr", letters))
         self._kernel_equation = f"ab{letters},{spatial}->ab{'pqr'[:n]}"
+        self._merge_equation = f"ab{letters},ya,zb->yz{letters}"
         self._conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
 
     @classmethod
@@ -457,14 +476,35 @@ class _TuckerConvNd(TuckerLayer):
     def forward(self, x: Tensor) -> Tensor:
         (u_out, u_in, *spatial), core = self._forward_factors()
         kernel = self._kernel(core, spatial)
+        chain, merged = self.forward_costs(x.shape, core.shape)
+        if merged < chain:  # one convolution with W = kernel x_1 U_out x_2 U_in
+            return self._spatial_conv(x, torch.einsum(self._merge_equation, kernel, u_out, u_in), self.bias)
         ones = (1,) * len(self.kernel_size)
         x = self._conv(x, u_in.T.reshape(*u_in.T.shape, *ones))
-        if self.padding_mode == "zeros":
-            x = self._conv(x, kernel, None, self.stride, self.padding, self.dilation)
-        else:
-            x = F.pad(x, self._explicit_padding, mode=self.padding_mode)
-            x = self._conv(x, kernel, None, self.stride, 0, self.dilation)
+        x = self._spatial_conv(x, kernel, None)
         return self._conv(x, u_out.reshape(*u_out.shape, *ones), self.bias)
+
+    def _spatial_conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The convolution with this layer's stride, padding, dilation and padding mode."""
+        if self.padding_mode == "zeros":
+            return self._conv(x, weight, bias, self.stride, self.padding, self.dilation)
+        x = F.pad(x, self._explicit_padding, mode=self.padding_mode)
+        return self._conv(x, weight, bias, self.stride, 0, self.dilation)
+
+    def forward_costs(self, input_shape: Sequence[int], ranks: Sequence[int] | None = None) -> tuple[int, int]:
+        """Per sample with P_in input and P_out output positions and K = prod(kernel_size): chain
+        P_in n_in r_in + P_out r_in r_out K + P_out r_out n_out, merged P_out n_in n_out K plus forming W from the
+        middle kernel, r_out r_in K n_in + n_out r_out K n_in (the kernel itself costs both the same)."""
+        r_out, r_in, *_ = self.ranks if ranks is None else ranks
+        n_out, n_in, *kernel = self.shape
+        spatial = list(input_shape[-len(kernel):])
+        samples = math.prod(input_shape[:-len(kernel) - 1])
+        pads = self._explicit_padding[::-1]  # (right, left) per dimension, first dimension first
+        out = [(size + pads[2 * i] + pads[2 * i + 1] - d * (k - 1) - 1) // s + 1
+               for i, (size, k, s, d) in enumerate(zip(spatial, kernel, self.stride, self.dilation))]
+        p_in, p_out, k = math.prod(spatial), math.prod(out), math.prod(kernel)
+        return (samples * (p_in * n_in * r_in + p_out * r_in * r_out * k + p_out * r_out * n_out),
+                samples * p_out * n_in * n_out * k + r_out * r_in * k * n_in + n_out * r_out * k * n_in)
 
     def galerkin_gradient(self, factors: Sequence[Tensor], x: Tensor, dy: Tensor) -> Tensor:
         """Weight gradient of the middle convolution for inputs U_in^T x and output gradient U_out^T dy, times the

@@ -136,30 +136,94 @@ def test_storage_shapes_fixed_and_rank_is_a_persistent_buffer():
     torch.testing.assert_close(fresh(x), layer(x))
 
 
-def test_forward_cost_scales_with_active_rank():
-    """FLOPs of the forward equal the closed form of the three convolutions at the active ranks."""
+def flops(layer, x):
+    with FlopCounterMode(display=False) as counter:
+        layer(x)
+    return counter.get_total_flops()
+
+
+def test_conv_forward_costs_the_cheaper_of_its_two_forms():
+    """Counted FLOPs (2 per multiply-add) of the forward: the smaller of the three convolutions at the active ranks
+    and one dense convolution with the merged weight (plus forming it); the middle kernel core x_3 U_h x_4 U_w is
+    formed either way. At full rank that is the dense layer's cost plus the merge."""
     n, c_in, c_out, k, h, w = 4, 32, 64, 3, 16, 16
     layer = TuckerConv2d(c_in, c_out, k, padding=1)
     x = torch.randn(n, c_in, h, w)
-    for r_out, r_in in [(64, 32), (16, 8), (4, 2)]:
+    for r_out, r_in in [(64, 32), (40, 24), (36, 20), (16, 8), (4, 2)]:
         layer.set_rank((r_out, r_in, k, k))
-        with FlopCounterMode(display=False) as counter:
-            layer(x)
-        # 1x1 with U_in^T, kxk with the core kernel, 1x1 with U_out (2 FLOPs per multiply-add); the kernel einsum
-        # core x_3 U_h x_4 U_w is counted too
-        convs = 2 * n * h * w * (c_in * r_in + r_in * r_out * k * k + r_out * c_out)
-        einsum = 2 * (r_out * r_in * k * k * k + r_out * r_in * k * k * k)
-        assert counter.get_total_flops() == convs + einsum
+        kernel = 2 * (r_out * r_in * k * k * k + r_out * r_in * k * k * k)
+        chain = 2 * n * h * w * (c_in * r_in + r_in * r_out * k * k + r_out * c_out)
+        merged = 2 * n * h * w * c_in * c_out * k * k + 2 * (r_out * r_in * k * k * c_in + c_out * r_out * k * k * c_in)
+        assert flops(layer, x) == kernel + min(chain, merged), (r_out, r_in)
+        assert layer.forward_costs(x.shape) == (chain // 2, merged // 2)
 
 
-def test_linear_forward_cost_scales_with_active_rank():
+def test_linear_forward_switches_form_at_the_crossover():
+    """Linear(300, 200) on 4 x 256 rows: the chain below the rank where merging gets cheaper, the merged weight from
+    there on (ranks r_out = r_in = r); FLOPs counted, against the closed forms."""
     layer = TuckerLinear(300, 200)
-    x = torch.randn(8, 300)
-    for r_out, r_in in [(200, 200), (10, 20)]:
-        layer.set_rank((r_out, r_in))
-        with FlopCounterMode(display=False) as counter:
-            layer(x)
-        assert counter.get_total_flops() == 2 * 8 * (300 * r_in + r_in * r_out + r_out * 200)
+    x = torch.randn(4, 256, 300)
+    m = 1024
+
+    def chain(r):
+        return m * (300 * r + r * r + r * 200)
+
+    def merged(r):
+        return m * 300 * 200 + r * r * 300 + 200 * r * 300
+
+    crossover = next(r for r in range(1, 201) if merged(r) < chain(r))
+    assert 60 < crossover < 200
+    for rank, cost in ((crossover - 1, chain(crossover - 1)), (crossover, merged(crossover)), (10, chain(10)),
+                       (200, merged(200))):
+        layer.set_rank((rank, rank))
+        assert flops(layer, x) == 2 * cost, rank
+
+
+@pytest.mark.parametrize("form", ["chain", "merged"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dense", [
+    nn.Linear(9, 6), nn.Conv2d(5, 7, (3, 4), 2, (1, 2), (2, 1), padding_mode="reflect"),
+    nn.Conv2d(4, 6, 3, padding="same", bias=False, padding_mode="circular"), nn.Conv1d(4, 6, 3, padding=1),
+    nn.Conv3d(3, 5, (3, 2, 3), padding=1, dilation=2, padding_mode="replicate"),
+])
+def test_either_form_gives_the_dense_layers_output_and_gradients(monkeypatch, form, dtype, dense):
+    """Forced to either form at a reduced rank: output, input gradient and dL/dcore = dL/dW x_i U_i^T equal the dense
+    layer with the same (merged) weight, and dL/dU_i equals dL/dW's contraction with the rest of the factorization."""
+    torch.manual_seed(0)
+    tucker = {nn.Linear: TuckerLinear, nn.Conv1d: TuckerConv1d, nn.Conv2d: TuckerConv2d,
+              nn.Conv3d: TuckerConv3d}[type(dense)].from_dense(dense.to(dtype))
+    tucker.set_rank((3, 2, *tucker.ranks[2:]))
+    costs = (1, 0) if form == "merged" else (0, 1)
+    monkeypatch.setattr(type(tucker), "forward_costs", lambda self, shape, ranks=None: costs)
+    reference = tucker.to_dense()
+    reference.weight.requires_grad_(True)
+    x = torch.randn(2, *_sizes(dense), dtype=dtype, requires_grad=True)
+    y, y_dense = tucker(x), reference(x)
+    torch.testing.assert_close(y, y_dense, **TOL[dtype])
+    g = torch.randn_like(y)
+    (gx, *grads) = torch.autograd.grad(y, [x, tucker.core, *tucker.factors], g)
+    gx_dense, gw = torch.autograd.grad(y_dense, [x, reference.weight], g)
+    torch.testing.assert_close(gx, gx_dense, **TOL[dtype])
+    core, factors = tucker.core.detach(), [u.detach() for u in tucker.factors]
+    expected_core = gw
+    for mode, u in enumerate(factors):
+        expected_core = torch.movedim(torch.tensordot(u.T, expected_core, dims=([1], [mode])), 0, mode)
+    active = tuple(slice(r) for r in tucker.ranks)
+    torch.testing.assert_close(grads[0][active], expected_core[active], **TOL[dtype])
+    for mode in range(len(factors)):  # dL/dU_i = Mat_i(dL/dW) Mat_i(C x_{j != i} U_j)^T
+        rest = core
+        for other, u in enumerate(factors):
+            if other != mode:
+                rest = torch.movedim(torch.tensordot(u, rest, dims=([1], [other])), 0, other)
+        unfold = lambda t: torch.movedim(t, mode, 0).reshape(t.shape[mode], -1)  # noqa: E731
+        expected = unfold(gw) @ unfold(rest).T
+        r = tucker.ranks[mode]
+        torch.testing.assert_close(grads[1 + mode][:, :r], expected[:, :r], **TOL[dtype])
+
+
+def _sizes(dense):
+    spatial = {nn.Linear: (), nn.Conv1d: (13,), nn.Conv2d: (11, 12), nn.Conv3d: (6, 7, 5)}[type(dense)]
+    return (dense.in_features,) if isinstance(dense, nn.Linear) else (dense.in_channels, *spatial)
 
 
 def test_parameter_counts_and_repr():
