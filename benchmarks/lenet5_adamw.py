@@ -21,7 +21,7 @@ import itertools
 
 import lightning.pytorch as pl
 import torch
-from training import fit_and_test
+from training import fit_and_test, schedule
 
 import lightning_lowrank as ll
 from lightning_lowrank.data import MNISTDataModule
@@ -35,12 +35,6 @@ class AdamWClassifier(ImageClassifier):
         optimizer = torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.0)
         cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
-
-
-def schedule(text: str) -> tuple[int, int]:
-    interval, core_steps = (int(part) for part in text.split(":"))
-    ll.IntegratorConfig(interval=interval, core_steps=core_steps)  # validates
-    return interval, core_steps
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 import warnings
 from dataclasses import dataclass
@@ -10,6 +11,30 @@ import lightning.pytorch as pl
 import torch
 
 import lightning_lowrank as ll
+
+
+def schedule(text: str) -> tuple[int, int]:
+    """An integrator schedule ``interval:core_steps`` from the command line (``10:10``), validated."""
+    try:
+        interval, core_steps = (int(part) for part in text.split(":"))
+        ll.IntegratorConfig(interval=interval, core_steps=core_steps)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"a schedule is interval:core_steps with 1 <= core_steps <= interval, for "
+                                         f"example 10:10, got {text!r} ({error})") from None
+    return interval, core_steps
+
+
+def add_schedule_options(parser) -> None:
+    parser.add_argument("--schedules", type=schedule, nargs="+", default=[],
+                        help="interval:core_steps pairs (default, with no --intervals either: the package's)")
+    parser.add_argument("--intervals", type=int, nargs="+", default=[],
+                        help="interval k as the schedule k:1 (what the tables run before core_steps existed ran)")
+
+
+def schedules(args) -> list[tuple[int, int]]:
+    """The ``--schedules`` pairs and the ``--intervals`` k as k:1; the package's default schedule if neither."""
+    default = ll.IntegratorConfig()
+    return [*args.schedules, *((k, 1) for k in args.intervals)] or [(default.interval, default.core_steps)]
 
 
 class EpochTimer(pl.Callback):

@@ -1,9 +1,11 @@
 """A VGG-style network on Fashion-MNIST (32x32, 3 channels): dense against fixed-rank Tucker against TuckerCallback.
 
-    python benchmarks/vgg_fashion.py [--epochs 3] [--tau 0.15] [--intervals 1 5] [--train-size 60000]
+    python benchmarks/vgg_fashion.py [--epochs 3] [--tau 0.15] [--schedules 10:10] [--intervals 1 5]
+                                     [--train-size 60000]
                                      [--widths 32 32 M 64 64 M 128 128 M 256 256 M] [--seed 0] [--no-fixed-rank]
 
-SGD lr 0.05, momentum 0.9, batch 128. Rows, from one run: the dense network; for every integrator interval,
+SGD lr 0.05, momentum 0.9, batch 128. Rows, from one run: the dense network; for every integrator schedule
+(``k:s``: ``interval=k, core_steps=s``; ``--intervals k`` adds ``k:1``; the package's default without either),
 TuckerCallback (full-rank start, rank adapted by the integrator) and the same network built directly at the ranks the
 callback reached, trained with the plain optimizer on factors and core (Tucker layers rebuilt at those ranks,
 re-initialised: the fixed-rank baseline). Test accuracy,
@@ -19,7 +21,7 @@ import copy
 import lightning.pytorch as pl
 import torch
 from torch import nn
-from training import fit_and_test
+from training import add_schedule_options, fit_and_test, schedules
 
 import lightning_lowrank as ll
 from lightning_lowrank.data import MNISTDataModule
@@ -57,7 +59,7 @@ def main() -> None:
     parser.add_argument("--data", default="data/fashion-mnist")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--tau", type=float, default=0.15)
-    parser.add_argument("--intervals", type=int, nargs="+", default=[1, 5])
+    add_schedule_options(parser)
     parser.add_argument("--method", default="parallel", choices=["parallel", "augmented"])
     parser.add_argument("--train-size", type=int, default=60000)
     parser.add_argument("--widths", nargs="+", default="32 32 M 64 64 M 128 128 M 256 256 M".split())
@@ -81,11 +83,11 @@ def main() -> None:
     dense = fit_and_test(classifier(), data, args.epochs)
     print(f"{'dense':<26} {dense.accuracy:>9} {0:11.1%} {dense.step_ms:8.1f} {1:8.2f}  -", flush=True)
 
-    for interval in args.intervals:
+    for interval, core_steps in schedules(args):
         adaptive_model = classifier()
-        adaptive = fit_and_test(adaptive_model, data, args.epochs,
-                                [ll.TuckerCallback(tau=args.tau, method=args.method, interval=interval)])
-        rows = [(f"TuckerCallback, interval {interval}", adaptive)]
+        adaptive = fit_and_test(adaptive_model, data, args.epochs, [ll.TuckerCallback(
+            tau=args.tau, method=args.method, interval=interval, core_steps=core_steps)])
+        rows = [(f"TuckerCallback, {interval}:{core_steps}", adaptive)]
         if not args.no_fixed_rank:
             fixed_model = classifier()
             fixed_model.net = fixed_rank(adaptive_model.net)
