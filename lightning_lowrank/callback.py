@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -121,8 +122,8 @@ class TuckerCallback(_LowRankCallback):
         kernel_rank: RankSpec = "full",
         modes: Literal["channels", "all"] = "channels",
         method: Literal["parallel", "augmented"] = "parallel",
-        interval: int = 1,
-        core_steps: int = 1,
+        interval: int = 10,
+        core_steps: int | None = None,
         freeze_after_steps: int | None = None,
         freeze_after_epochs: int | None = None,
         include: Sequence[str] = (),
@@ -230,9 +231,16 @@ class TuckerCallback(_LowRankCallback):
             integrator.after_step(optimizer)
 
     @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._freeze_if_due(trainer)  # before an averaging callback (placed after this one) takes its epoch's copy
+
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        self._freeze_if_due(trainer)
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def _freeze_if_due(self, trainer: pl.Trainer) -> None:
         if (self.freeze_after_steps is not None and trainer.global_step >= self.freeze_after_steps
                 or self.freeze_after_epochs is not None and trainer.current_epoch >= self.freeze_after_epochs):
             for optimizer, integrator in self.integrators.items():
@@ -305,6 +313,17 @@ class TuckerCallback(_LowRankCallback):
             f"{name}/max_rank_{mode_name}": float(layer.max_ranks[mode])
             for name, layer in self._layers.items() for mode, mode_name in enumerate(layer.mode_names)
             if self.integration.adapts(mode)}
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Also record the layers at their augmented ranks (inside a ``core_steps`` window) and the integrator's
+        options, so that :func:`~lightning_lowrank.load_checkpoint` truncates them as the end of training would."""
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        pending = {name: ranks for integrator in self.integrators.values()
+                   for name, ranks in integrator.state_dict()["augmented"].items()}
+        if pending:
+            checkpoint[CHECKPOINT_KEY]["pending"] = {"config": asdict(self.integration), "ranks": pending}
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -11,12 +11,14 @@ from torch import nn
 from lightning_lowrank.attention import SplitAttention
 from lightning_lowrank.deep_linear import DeepLinear
 from lightning_lowrank.export import compact
+from lightning_lowrank.integrator import IntegratorConfig, TuckerIntegrator
 from lightning_lowrank.layers import TUCKER_LAYERS
 
 CHECKPOINT_KEY = "lightning_lowrank"
 """The checkpoint entry ``{"layers": {name: {"type": class name, "arguments": {...}}}, "state_dict": {...}}``: the
 factorized layers' structure and exact state, while the checkpoint's ``state_dict`` holds their merged dense
-weights."""
+weights; ``"pending": {"config": IntegratorConfig fields, "ranks": {name: ranks before augmentation}}`` names the
+Tucker layers saved at their augmented ranks, awaiting truncation."""
 
 FACTORIZED = (*TUCKER_LAYERS.values(), DeepLinear)
 """The factorized layer classes: each has ``arguments()`` and ``dense_weight()``."""
@@ -83,7 +85,10 @@ def load_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], model: nn.Mo
     By default it returns the **compact** architecture, not the one you pass: every factorized layer becomes plain
     torch layers at the learned ranks (a ``Conv2d`` three convolutions, a ``Linear`` two), the smallest model that
     computes the trained function. ``compact_layers=False`` returns the Tucker layers (to go on training or
-    inspect ranks); ``MyModule.load_from_checkpoint(path)`` gives the original dense architecture.
+    inspect ranks); ``MyModule.load_from_checkpoint(path)`` gives the original dense architecture. Tucker layers
+    saved in the middle of an integrator window (``core_steps`` > 1: training at their augmented ranks) are truncated
+    with the run's tolerance, as the end of training would; resuming with ``Trainer.fit(ckpt_path=...)`` keeps them
+    exact.
 
     Args:
         checkpoint: a path (as saved by Lightning) or the loaded checkpoint dictionary.
@@ -106,4 +111,10 @@ def load_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], model: nn.Mo
               for key in (("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight")
                           if layer["type"] == SplitAttention.__name__ else ("weight",))}
     model.load_state_dict({k: v for k, v in checkpoint["state_dict"].items() if k not in merged} | entry["state_dict"])
+    if "pending" in entry:
+        pending = entry["pending"]
+        layers = {name: model.get_submodule(name) for name in pending["ranks"]}
+        integrator = TuckerIntegrator(layers, IntegratorConfig(**pending["config"]))
+        integrator.load_state_dict({"steps": 0, "frozen": False, "augmented": pending["ranks"]})
+        integrator.truncate()
     return compact(model) if compact_layers else model

@@ -161,6 +161,30 @@ def test_delayed_truncation_logs_the_decided_ranks_and_ends_truncated(tmp_path):
     assert grown and all(model.get_submodule(name).ranks < seen.ranks[17][name] for name in grown)
 
 
+def test_load_checkpoint_truncates_layers_saved_at_their_augmented_ranks(tmp_path):
+    """A checkpoint written 3 steps into a 5-step window holds the layers at their augmented ranks (what resuming
+    needs); ``ll.load_checkpoint`` truncates them with the run's tolerance, giving what the end of that fit gave (the
+    callback truncated the same state at train end), and its compact export computes the same function."""
+    torch.manual_seed(0)
+    model = Student(lr=0.01, optimizer="adam")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit = trainer(max_epochs=1, enable_checkpointing=True,
+                  callbacks=[ll.TuckerCallback(tau=0.2, interval=5, core_steps=5), checkpoint])
+    fit.fit(model)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    pending = saved["lightning_lowrank"]["pending"]["ranks"]
+    stored = {name: tuple(saved["lightning_lowrank"]["state_dict"][f"{name}.rank"].tolist()) for name in pending}
+    assert any(stored[name] != tuple(ranks) for name, ranks in pending.items())
+    loaded = ll.load_checkpoint(tmp_path / "last.ckpt", Student, compact_layers=False)
+    for name, layer in tucker_layers(model).items():
+        assert loaded.get_submodule(name).ranks == layer.ranks, name
+        torch.testing.assert_close(loaded.get_submodule(name).dense_weight(), layer.dense_weight(),
+                                   rtol=1e-5, atol=1e-6)
+    x = torch.randn(5, 3, 6, 6)
+    torch.testing.assert_close(ll.load_checkpoint(tmp_path / "last.ckpt", Student).eval()(x), model.eval()(x),
+                               rtol=1e-5, atol=1e-6)
+
+
 FRESH_PROCESS = """
 import sys, torch, lightning.pytorch as pl
 sys.path.insert(0, {tests!r})
@@ -251,7 +275,7 @@ def test_gradient_accumulation_runs_the_integrator_on_real_steps_only():
     """Reference: the integrator driven by hand, one step per four micro-batches (loss / 4 each, as Lightning)."""
     torch.manual_seed(0)
     model = CountingStudent(lr=0.02)
-    callback = ll.TuckerCallback(tau=0.3)
+    callback = ll.TuckerCallback(tau=0.3, interval=1)
     fit = trainer(max_epochs=2, accumulate_grad_batches=4, callbacks=[callback])
     fit.fit(model)
     assert model.optimizer_steps == fit.global_step == integrator_of(callback).steps == 4  # 2 x 8 batches / 4
@@ -260,7 +284,7 @@ def test_gradient_accumulation_runs_the_integrator_on_real_steps_only():
     torch.manual_seed(0)
     reference = CountingStudent(lr=0.02)
     ll.convert(reference)
-    integrator = ll.TuckerIntegrator(reference, ll.IntegratorConfig(tau=0.3))
+    integrator = ll.TuckerIntegrator(reference, ll.IntegratorConfig(tau=0.3, interval=1))
     optimizer = reference.configure_optimizers()
     for _ in range(2):
         for index, (x, y) in enumerate(reference.train_dataloader()):
@@ -301,7 +325,7 @@ def test_bf16_mixed_on_cpu():
     fit = trainer(max_epochs=3, precision="bf16-mixed", callbacks=[callback])
     fit.fit(model)
     assert integrator_of(callback).steps == fit.global_step == 24
-    assert ll.summary(model).compression_rate > 0.2  # at full rank it is -0.06: ranks fell
+    assert ll.summary(model).compression_rate > 0.1  # at full rank it is -0.06: ranks fell
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert_healthy(model)
 
@@ -318,7 +342,7 @@ def test_scheduler_and_composition_with_lightning_callbacks(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="lowrank/compression_rate", mode="max")
     stopping = EarlyStopping(monitor="lowrank/compression_rate", mode="max", patience=100)
     fit = trainer(max_epochs=3, enable_checkpointing=True, logger=CSVLogger(tmp_path, name="run"),
-                  callbacks=[ll.TuckerCallback(tau=0.3), checkpoint, stopping, LearningRateMonitor()])
+                  callbacks=[ll.TuckerCallback(tau=0.3, interval=1), checkpoint, stopping, LearningRateMonitor()])
     fit.fit(model)
     assert fit.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.02 * 0.5**3)
     best = ll.load_checkpoint(checkpoint.best_model_path, Scheduled(lr=0.02), compact_layers=False)

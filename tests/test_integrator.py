@@ -106,7 +106,7 @@ def test_agrees_with_the_explicit_bug_step(kind, modes, method, tau):
 def test_one_pass_galerkin_gradient_equals_a_second_pass(kind):
     """dL/dC_hat from (x, dy) of the first pass equals core.grad of a second forward/backward at the augmented bases."""
     layer, x_shape = make_layer(kind)
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(modes="all", method="augmented"))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(modes="all", method="augmented", interval=1))
     x = torch.randn(*x_shape)
     layer.zero_grad()
     (layer(x) ** 3).sum().backward()
@@ -138,7 +138,7 @@ def test_augmentation_is_exact_orthonormal_and_capped():
 def test_truncation_error_bound(tau):
     """||W_hat - W_truncated||_F <= sqrt(d) * tau * ||C_hat||_F (HOSVD), with d the number of truncated modes."""
     layer = TuckerConv2d(10, 12, 3, rank=(6, 5, 3, 3))
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=tau, modes="all"))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=tau, modes="all", interval=1))
     layer(torch.randn(2, 10, 8, 8)).pow(2).sum().backward()
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.01)
     integrator.augment()
@@ -154,7 +154,7 @@ def test_truncation_error_bound(tau):
 def test_fixed_rank_step_is_the_projected_gradient_step():
     """With no room to grow (max_rank = rank) and tau = 0: W' = W - lr dL/dW x_i U_i U_i^T."""
     layer = TuckerLinear(9, 7, rank=(3, 3), max_rank=(3, 3))
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, interval=1))
     u_out, u_in = (u.detach().clone() for u in layer.active_factors())
     weight = layer.dense_weight().detach().requires_grad_(True)
     x, target = torch.randn(5, 9), torch.randn(5, 7)
@@ -168,7 +168,7 @@ def test_fixed_rank_step_is_the_projected_gradient_step():
 def test_tau_zero_augmented_step_projects_onto_the_augmented_bases():
     """With tau = 0 nothing is truncated: W' = W - lr dL/dW x_i U_hat_i U_hat_i^T, U_hat_i = orth([U_i | dL/dU_i])."""
     layer = TuckerLinear(9, 7, rank=(2, 2))
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, method="augmented"))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, method="augmented", interval=1))
     x, target = torch.randn(5, 9), torch.randn(5, 7)
     ((layer(x) - target) ** 2).sum().backward()
     hats = []
@@ -185,7 +185,7 @@ def test_tau_zero_augmented_step_projects_onto_the_augmented_bases():
 
 
 def teacher_student(student, teacher, x_shape, steps, lr, tau):
-    integrator = TuckerIntegrator(nn.Sequential(student), IntegratorConfig(tau=tau))
+    integrator = TuckerIntegrator(nn.Sequential(student), IntegratorConfig(tau=tau, interval=1))
     optimizer = torch.optim.SGD(student.parameters(), lr=lr)
     for _ in range(steps):
         x = torch.randn(*x_shape)
@@ -226,7 +226,7 @@ def test_bases_change_only_through_qr_and_svd(optimizer_cls, options):
     """After augment the bases have no gradient, so momentum and decoupled weight decay never move them."""
     torch.manual_seed(0)
     layer = TuckerLinear(16, 12, rank=(4, 4))
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.05))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.05, interval=1))
     optimizer = optimizer_cls(layer.parameters(), **options)
     losses = []
     x = torch.randn(32, 16)
@@ -250,7 +250,7 @@ def test_momentum_follows_the_rotation():
     """With no truncation, the momentum expressed in weight space (m x_i U_i) is the same before and after."""
     torch.manual_seed(0)
     layer = TuckerLinear(10, 8, rank=(3, 3), max_rank=(3, 3))
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, interval=1))
     optimizer = torch.optim.SGD([layer.core], lr=0.1, momentum=0.9)
     x, target = torch.randn(8, 10), torch.randn(8, 8)
     for _ in range(3):
@@ -269,7 +269,7 @@ def test_second_moments_take_the_squared_rotation():
     """Adam's exp_avg_sq becomes diag(P^T diag(v) P), the diagonal of the rotated covariance; it stays >= 0."""
     torch.manual_seed(0)
     layer = TuckerLinear(10, 8, rank=(3, 3), max_rank=(3, 3))
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, interval=1))
     optimizer = torch.optim.Adam([layer.core], lr=0.01)
     ((layer(torch.randn(4, 10))) ** 2).sum().backward()
     integrator.augment()
@@ -288,7 +288,7 @@ def test_fresh_core_entries_take_a_steady_state_adam_step():
     """New entries start from m = g, v = g^2: their first update is lr * sign(g) * sqrt(1 - b2^t) / (1 - b1^t)."""
     torch.manual_seed(0)
     layer = TuckerLinear(10, 8, rank=(2, 2))
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, interval=1))
     lr, (b1, b2) = 0.01, (0.9, 0.999)
     optimizer = torch.optim.Adam(layer.parameters(), lr=lr, betas=(b1, b2), eps=1e-30)
     x = torch.randn(16, 10)
@@ -318,7 +318,7 @@ def test_directions_without_gradient_stay_out(method):
     gradient is exactly zero (so Adam cannot blow it up to lr-sized steps) and truncation drops them again."""
     torch.manual_seed(0)
     layer = TuckerLinear(10, 8, bias=False, rank=(2, 2))  # a bias would add one genuinely new output direction
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=1e-6, method=method))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=1e-6, method=method, interval=1))
     optimizer = torch.optim.Adam(layer.parameters(), lr=0.01)
     for _ in range(3):
         optimizer.zero_grad()
@@ -362,7 +362,7 @@ def test_gradient_accumulation_sums_the_micro_batches(method):
     def run(batches):
         torch.manual_seed(0)
         layer = TuckerLinear(10, 8, rank=(3, 3))
-        integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.1, method=method))
+        integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.1, method=method, interval=1))
         for x in batches:
             layer(x).pow(2).sum().backward()
         integrator.step(torch.optim.SGD(layer.parameters(), lr=0.01))
@@ -378,7 +378,8 @@ def test_interval_holds_bases_between_integrator_steps(method):
     """With interval=3, steps 0, 3, 6 augment and truncate; in between only the core moves, even under AdamW."""
     torch.manual_seed(0)
     layer = TuckerLinear(16, 12, rank=(4, 4))
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.05, method=method, interval=3))
+    config = IntegratorConfig(tau=0.05, method=method, interval=3, core_steps=1)
+    integrator = TuckerIntegrator(nn.Sequential(layer), config)
     optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1)
     x = torch.randn(32, 16)
     target = x @ (torch.randn(12, 3) @ torch.randn(3, 16)).T / 4
@@ -416,7 +417,8 @@ def test_interval_augments_with_the_basis_gradients_of_every_step(method):
     integrator given this batch's gradients, projected onto the augmented bases). A summed core step would be
     k steps in one, which overshoots under momentum."""
     layer, backward = interval_problem()
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.05, method=method, interval=3))
+    config = IntegratorConfig(tau=0.05, method=method, interval=3, core_steps=1)
+    integrator = TuckerIntegrator(nn.Sequential(layer), config)
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.05)
     summed = [0, 0]
     for step in range(4):
@@ -460,7 +462,7 @@ def test_interval_augments_with_the_basis_gradients_of_every_step(method):
 def test_frozen_integrator_moves_only_the_core_and_keeps_no_basis_gradients():
     """After freeze() in the middle of an interval: bases and ranks stay, the core trains, no gradient is summed."""
     layer, backward = interval_problem()
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.05, interval=3))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.05, interval=3, core_steps=1))
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.05)
     for step in range(8):
         if step == 5:  # one basis gradient summed since the augmentation at step 3
@@ -480,7 +482,7 @@ def test_integrator_state_resumes_in_the_middle_of_an_interval():
     """Saved after step 4 of interval 3 (one basis gradient summed) and loaded into a fresh copy, the next steps
     equal an uninterrupted run."""
     layer, backward = interval_problem()
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.05, interval=3))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.05, interval=3, core_steps=1))
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.05, momentum=0.9)
     for _ in range(5):
         optimizer.zero_grad()
@@ -491,7 +493,7 @@ def test_integrator_state_resumes_in_the_middle_of_an_interval():
     other.load_state_dict(saved[0])
     other_optimizer = torch.optim.SGD(other.parameters(), lr=0.05, momentum=0.9)
     other_optimizer.load_state_dict(saved[1])
-    other_integrator = TuckerIntegrator(nn.Sequential(other), IntegratorConfig(tau=0.05, interval=3))
+    other_integrator = TuckerIntegrator(nn.Sequential(other), IntegratorConfig(tau=0.05, interval=3, core_steps=1))
     other_integrator.load_state_dict(saved[2])
     for _ in range(3):
         for opt, run, integ in ((optimizer, backward, integrator), (other_optimizer, other_backward, other_integrator)):
@@ -660,7 +662,7 @@ def test_core_stays_zero_outside_the_active_block(make_optimizer):
 
 def test_evaluation_passes_are_not_captured():
     layer = TuckerLinear(6, 4, rank=(2, 2))
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(method="augmented"))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(method="augmented", interval=1))
     with torch.no_grad():
         layer(torch.randn(3, 6))
     layer.eval()
@@ -676,7 +678,7 @@ def test_evaluation_passes_are_not_captured():
     (dict(method="exact"), "`method` must be 'parallel' or 'augmented'"),
     (dict(interval=0), "`interval` must be an int >= 1, got 0"),
     (dict(interval=3, core_steps=4), r"`core_steps` must be an int in \[1, interval\] = \[1, 3\], got 4"),
-    (dict(core_steps=0), r"`core_steps` must be an int in \[1, interval\] = \[1, 1\], got 0"),
+    (dict(core_steps=0), r"`core_steps` must be an int in \[1, interval\] = \[1, 10\], got 0"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(ValueError, match=message):
@@ -715,7 +717,7 @@ def test_a_huge_finite_gradient_steps_like_float64(method):
     x = torch.randn(2, 4, 5, 5)
     results = []
     for module in (reference, layer):
-        integrator = TuckerIntegrator(nn.Sequential(module), IntegratorConfig(tau=0.1, method=method))
+        integrator = TuckerIntegrator(nn.Sequential(module), IntegratorConfig(tau=0.1, method=method, interval=1))
         optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
         (module(x.to(module.core.dtype)).sum() * 1e30).backward()
         assert integrator.step(optimizer)
@@ -732,7 +734,7 @@ def test_layers_without_a_gradient_stay_as_they_are():
     earlier steps does not move it (the optimizer skips a parameter without gradient)."""
     torch.manual_seed(0)
     used, unused = TuckerLinear(8, 6, rank=(4, 4)), TuckerLinear(8, 6, rank=(4, 4))
-    integrator = TuckerIntegrator({"used": used, "unused": unused}, IntegratorConfig(tau=0.2))
+    integrator = TuckerIntegrator({"used": used, "unused": unused}, IntegratorConfig(tau=0.2, interval=1))
     optimizer = torch.optim.SGD([*used.parameters(), *unused.parameters()], lr=0.1, momentum=0.9)
     x = torch.randn(16, 8)
     (used(x) + unused(x)).pow(2).sum().backward()
@@ -751,7 +753,7 @@ def test_a_step_that_never_came_is_truncated_first_and_not_counted():
     weight unchanged by the augmentation) and the skipped step does not count."""
     torch.manual_seed(0)
     layer = TuckerLinear(10, 8, rank=(3, 3), max_rank=(5, 5))
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, interval=1))
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
     x = torch.randn(6, 10)
     layer(x).pow(2).sum().backward()
@@ -778,7 +780,7 @@ def test_min_rank_holds_ranks_up_and_must_fit_the_storage():
     ranks = {}
     for min_rank in (1, 3):
         layer = TuckerLinear(10, 8, rank=(6, 6))
-        integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.3, min_rank=min_rank))
+        integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.3, min_rank=min_rank, interval=1))
         optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
         for _ in range(100):
             optimizer.zero_grad()
@@ -787,7 +789,7 @@ def test_min_rank_holds_ranks_up_and_must_fit_the_storage():
         ranks[min_rank] = layer.ranks
     assert ranks == {1: (1, 1), 3: (3, 3)}
     with pytest.raises(ValueError, match=r"`min_rank` 5 exceeds the storage rank 4 of mode 0 of Tucker layer '0'"):
-        TuckerIntegrator(nn.Sequential(TuckerLinear(10, 8, max_rank=(4, 4))), IntegratorConfig(min_rank=5))
+        TuckerIntegrator(nn.Sequential(TuckerLinear(10, 8, max_rank=(4, 4))), IntegratorConfig(min_rank=5, interval=1))
 
 
 # --- planted bugs that must fail a fast test (issue 18) ------------------------------------------------------------
@@ -813,7 +815,7 @@ def test_truncation_keeps_the_smallest_rank_within_the_tolerance_on_both_sides_o
         with torch.no_grad():
             layer.core.zero_()
             layer.core[:3, :3] = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
-        integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=tau))
+        integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=tau, interval=1))
         integrator._augmented["0"] = layer.ranks
         integrator.truncate()
         assert layer.ranks == (expected, expected)
@@ -830,7 +832,7 @@ def test_the_rank_decision_is_the_broadcast_one():
         return torch.full_like(decided, 2)
 
     layer = TuckerLinear(10, 8, rank=(6, 6))
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0), broadcast=broadcast)
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, interval=1), broadcast=broadcast)
     layer(torch.randn(16, 10)).pow(2).sum().backward()
     assert integrator.step(torch.optim.SGD(layer.parameters(), lr=0.01))
     assert calls and calls[0][1:].tolist() != [2, 2]  # locally, tau 0 would keep every direction
@@ -843,7 +845,8 @@ def test_the_augmented_methods_galerkin_gradient_goes_through_reduce():
     def core_gradient(reduce):
         torch.manual_seed(0)
         layer = TuckerLinear(10, 8, rank=(3, 3))
-        integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(method="augmented"), reduce=reduce)
+        config = IntegratorConfig(method="augmented", interval=1)
+        integrator = TuckerIntegrator(nn.Sequential(layer), config, reduce=reduce)
         layer(torch.randn(16, 10)).pow(2).sum().backward()
         integrator.augment()
         return layer.core.grad.clone()
@@ -858,7 +861,7 @@ def test_augmentation_keeps_the_old_basis_columns_as_they_were():
     flips sign, so the optimizer state of the old core block still matches it."""
     torch.manual_seed(0)
     layer = TuckerConv2d(4, 6, 3, rank=(3, 3, 3, 3))
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.1))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.1, interval=1))
     old = [u[:, :r].detach().clone() for u, r in zip(layer.factors, layer.ranks)]
     layer(torch.randn(2, 4, 5, 5)).sum().backward()
     integrator.augment()
@@ -874,8 +877,8 @@ def test_a_skipped_augmentation_is_undone_before_the_next_one():
     torch.manual_seed(0)
     layer = TuckerLinear(10, 8, rank=(3, 3), max_rank=(6, 6))
     fresh = copy.deepcopy(layer)
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0))
-    reference = TuckerIntegrator(nn.Sequential(fresh), IntegratorConfig(tau=0.0))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, interval=1))
+    reference = TuckerIntegrator(nn.Sequential(fresh), IntegratorConfig(tau=0.0, interval=1))
     (layer(torch.randn(6, 10)) - torch.randn(6, 8)).pow(2).sum().backward()  # (a target: gradients leave the span)
     assert integrator.before_step() and layer.ranks == (6, 6)  # augmented; the optimizer step is then skipped
     layer.zero_grad(set_to_none=True)

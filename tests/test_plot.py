@@ -29,7 +29,7 @@ def run(tmp_path_factory):
     torch.manual_seed(0)
     record = RecordRanks()
     trainer = pl.Trainer(max_epochs=3, logger=[CSVLogger(root / "csv"), TensorBoardLogger(root / "tb")],
-                         callbacks=[ll.TuckerCallback(tau=0.3), record], log_every_n_steps=1,
+                         callbacks=[ll.TuckerCallback(tau=0.3, interval=1), record], log_every_n_steps=1,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
