@@ -38,7 +38,8 @@ class _LowRankCallback(Callback):
     """What both callbacks share: metrics and checkpoints.
 
     Logs ``lowrank/<name>`` for every entry of :meth:`metrics` through ``pl_module.log``, at the start of every
-    training batch (so step k shows the state after k optimizer steps) and at epoch end, so every logger,
+    training batch whose step Lightning writes (``log_every_n_steps``; step k shows the state after k optimizer
+    steps; the other steps skip the cost of forming the metrics) and at epoch end, so every logger,
     ModelCheckpoint and EarlyStopping see them; compression on the progress bar. The state training starts from goes
     to every logger at its first step (0, or the step a run resumes at), whatever ``log_every_n_steps``.
     Checkpoints hold the merged dense weights in ``state_dict`` (so ``Module.load_from_checkpoint`` builds the
@@ -61,7 +62,8 @@ class _LowRankCallback(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self._log(pl_module, on_step=True)
+        if _writes_logs(trainer):
+            self._log(pl_module, on_step=True)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -441,9 +443,21 @@ def _start_method(strategy: pl.strategies.Strategy) -> str | None:
     after which Lightning loads the trained state back into the main process's model; None for other strategies.
 
     Lightning has no public attribute for it: this is the one place that reads the private
-    ``DDPStrategy._start_method``; ``test_callback.py::test_start_method_of_each_launcher`` fails if it changes.
+    ``DDPStrategy._start_method`` (the other private read is :func:`_writes_logs`);
+    ``test_callback.py::test_start_method_of_each_launcher`` fails if it changes.
     """
     return getattr(strategy, "_start_method", "popen") if isinstance(strategy, DDPStrategy) else None
+
+
+def _writes_logs(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes the step metrics logged now (in ``on_train_batch_start``) to the loggers: every
+    ``log_every_n_steps`` steps, counted in batches that stepped an optimizer.
+
+    Lightning has no public attribute for it: this is the one place that reads the private
+    ``trainer._logger_connector.should_update_logs``; ``test_callback.py::test_step_metrics_reach_the_logger_at_every_
+    logging_step`` fails if it changes.
+    """
+    return bool(trainer._logger_connector.should_update_logs)
 
 
 def _check_conversion_reaches_main_process(strategy: pl.strategies.Strategy, function: str) -> None:

@@ -551,6 +551,32 @@ def test_ddp_processes_end_every_step_identical(tmp_path):
 
 # --- nothing lost on any path (issue 16) ---------------------------------------------------------------------------
 
+def test_step_metrics_reach_the_logger_at_every_logging_step(tmp_path):
+    """With ``log_every_n_steps=3`` the callback forms its metrics only on the steps Lightning writes (the private
+    read of ``_writes_logs``): the CSV has rank columns exactly where it has the module's own step metric (plus the
+    initial row and the epoch ends), each the layer's rank at that batch's start."""
+    torch.manual_seed(0)
+    model = Student(lr=0.02)
+    seen = RanksAtBatchStart()
+    callback = ll.TuckerCallback(tau=0.3, interval=1)
+    formed = []
+    metrics = callback.metrics
+    callback.metrics = lambda module: formed.append(1) or metrics(module)
+    fit = trainer(max_epochs=2, log_every_n_steps=3, logger=CSVLogger(tmp_path, name="run"),
+                  callbacks=[callback, seen])
+    fit.fit(model)
+    assert len(formed) == 1 + 5 + 2  # initial state, 5 logging steps, 2 epoch ends: not at every step
+    rows = read_metrics(fit.logger.log_dir)
+    loss_steps = {int(row["step"]) for row in rows if row["train_loss"]}
+    rank_rows = [row for row in rows if row["lowrank/net.3/rank_out"]]
+    assert loss_steps == {2, 5, 8, 11, 14}
+    assert {int(row["step"]) for row in rank_rows} == loss_steps | {0, 7, 15}  # initial state, epoch ends
+    for row in rank_rows:
+        step = int(row["step"])
+        if step in loss_steps:
+            assert int(float(row["lowrank/net.3/rank_out"])) == seen.ranks[step]["net.3"][0], step
+
+
 def test_start_method_of_each_launcher():
     """The one private Lightning attribute the package reads (`DDPStrategy._start_method`) still tells the
     launchers apart; if Lightning renames it, this fails."""
