@@ -20,16 +20,17 @@ later code, s = k = 10); the paper's step is s = 1.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
-from lightning_lowrank.layers import TuckerLayer, check_int, consistent_ranks, mode_dot, tail_rank, zero_outside
-from lightning_lowrank.optimizer_state import check_state, fresh_value, rotate
+from lightning_lowrank.augmentation import Capture, augmented_basis, parallel_gradient
+from lightning_lowrank.layers import TuckerLayer, check_int, compute_dtype, consistent_ranks, mode_dot, zero_outside
+from lightning_lowrank.optimizer_state import check_state, clear_outside, warm_start
+from lightning_lowrank.truncation import rank_candidates, rotate_layer
 
 
 @dataclass(frozen=True)
@@ -86,39 +87,6 @@ class IntegratorConfig:
         return self.modes == "all" or mode < 2
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """QR and SVD run in float32 at least, whatever the training precision."""
-    return dtype if dtype == torch.float64 else torch.float32
-
-
-def unfold(tensor: Tensor, mode: int) -> Tensor:
-    """Mode-``mode`` unfolding, shape (n_mode, prod of the other sizes)."""
-    return torch.movedim(tensor, mode, 0).reshape(tensor.shape[mode], -1)
-
-
-class _Capture:
-    """Inputs and output gradients of one Tucker layer's training forward passes since the last step."""
-
-    def __init__(self, layer: TuckerLayer) -> None:
-        self.pairs: list[list[Tensor | None]] = []
-        self.active = True
-        self.handle: RemovableHandle = layer.register_forward_hook(self._forward_hook)
-
-    def _forward_hook(self, layer: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-        if not (self.active and layer.training and torch.is_grad_enabled() and output.requires_grad):
-            return
-        pair: list[Tensor | None] = [args[0].detach(), None]
-        self.pairs.append(pair)
-
-        def keep(grad: Tensor) -> None:
-            pair[1] = grad.detach()
-
-        output.register_hook(keep)
-
-    def complete(self) -> Iterator[tuple[Tensor, Tensor]]:
-        return ((x, dy) for x, dy in self.pairs if dy is not None)
-
-
 class TuckerIntegrator:
     """The rank-adaptive integrator for Tucker layers.
 
@@ -147,7 +115,7 @@ class TuckerIntegrator:
             raise ValueError(f"{type(module).__name__} has no Tucker layers; call lightning_lowrank.convert first")
         self.reduce, self.broadcast = reduce, broadcast
         self.layers: dict[str, TuckerLayer] = {}
-        self._captures: dict[str, _Capture] = {}
+        self._captures: dict[str, Capture] = {}
         self._augmented: dict[str, tuple[int, ...]] = {}  # layer name -> ranks before augmentation, until truncation
         self._augmenting = False  # whether augment() readied the optimizer step in flight
         self._basis_grads: dict[tuple[str, int], Tensor] = {}  # dL/dU summed over the steps since the last augmentation
@@ -170,7 +138,7 @@ class TuckerIntegrator:
         self.layers.update(layers)
         if self.config.method == "augmented":
             for name, layer in layers.items():
-                self._captures[name] = _Capture(layer)
+                self._captures[name] = Capture(layer)
                 self._captures[name].active = self.due and not self.frozen
 
     @property
@@ -257,12 +225,8 @@ class TuckerIntegrator:
         0, so W is unchanged, and the first r columns of each basis are the old basis (as the gradients of the
         current backward pass see it); the optimizer state warm-started for the new entries is cleared."""
         for name, old in self._augmented.items():
-            layer = self.layers[name]
-            layer.set_rank(old)
-            state = {} if optimizer is None else optimizer.state.get(layer.core, {})
-            for value in state.values():
-                if isinstance(value, Tensor) and value.shape == layer.core.shape:
-                    zero_outside(value, old)
+            self.layers[name].set_rank(old)
+            clear_outside(optimizer, self.layers[name].core, old)
         self._augmented.clear()
         self._augmenting = False
 
@@ -308,17 +272,17 @@ class TuckerIntegrator:
                 check_state(optimizer, optimizer.state.get(layer.core, {}))
             old = layer.ranks
             earlier = [self._basis_grads.get((name, mode)) for mode in range(len(old))]
-            bases, r_factors, significant = zip(*(self._augmented_basis(layer, mode, grad)
+            bases, r_factors, significant = zip(*(augmented_basis(layer, mode, grad, self.config.adapts(mode))
                                                   for mode, grad in enumerate(earlier)))
             new = tuple(u.shape[1] for u in bases)
-            core = layer.active_core().to(_compute_dtype(layer.core.dtype))
+            core = layer.active_core().to(compute_dtype(layer.core.dtype))
             if name in self._captures:
                 pairs = list(self._captures[name].complete())
                 grad = sum(layer.galerkin_gradient(bases, x, dy) for x, dy in pairs) if pairs else None
                 if grad is not None and self.reduce is not None:
                     grad = self.reduce(grad)
             else:
-                grad = self._parallel_gradient(layer, core, bases, old)
+                grad = parallel_gradient(layer, core, bases, old)
             for mode, r_factor in enumerate(r_factors):
                 if r_factor is not None:
                     core = mode_dot(core, r_factor, mode)
@@ -337,90 +301,11 @@ class TuckerIntegrator:
                     keep = torch.cat([mask.new_ones(old[mode]), mask]).to(grad.dtype)
                     grad = grad * keep.reshape(-1, *(1,) * (grad.ndim - mode - 1))
                 layer.core.grad[block] = grad.to(layer.core.dtype)
-                self._warm_start(optimizer, layer, old, new)
+                warm_start(optimizer, layer.core, old, new)
             self._augmented[name] = old
         self._augmenting = True
         self._basis_grads.clear()
         self.clear()
-
-    @staticmethod
-    def _warm_start(optimizer: torch.optim.Optimizer | None, layer: TuckerLayer, old: tuple[int, ...],
-                    new: tuple[int, ...]) -> None:
-        """State of the new core entries := its rule's fresh value (:mod:`~lightning_lowrank.optimizer_state`): for
-        Adam-type state the steady state of a constant gradient g, m = g, v = g^2.
-
-        Zero state with the optimizer's global bias correction would give a fresh entry a first step of
-        lr * sign(g) / sqrt(1 - beta2) (3.2 lr for Adam), however small its gradient, and noise directions would
-        survive truncation; this way a fresh entry steps like an established one. SGD momentum is left at zero
-        (its first step on a fresh entry is the plain gradient step). Before the optimizer's first step its state is
-        empty and it initialises every entry itself.
-        """
-        state = {} if optimizer is None else optimizer.state.get(layer.core, {})
-        if not state:
-            return
-        rules = check_state(optimizer, state)
-        block = tuple(slice(r) for r in new)
-        fresh = torch.ones(new, dtype=torch.bool, device=layer.core.device)
-        fresh[tuple(slice(r) for r in old)] = False
-        grad = layer.core.grad[block]
-        lr = next(group["lr"] for group in optimizer.param_groups if any(p is layer.core for p in group["params"]))
-        step = state.get("step", 0)
-        for key, value in state.items():
-            fresh_state = fresh_value(rules[key], grad, lr, step)
-            if fresh_state is not None and isinstance(value, Tensor) and value.shape == layer.core.shape:
-                value[block] = torch.where(fresh, fresh_state.to(value.dtype), value[block])
-
-    def _augmented_basis(self, layer: TuckerLayer, mode: int,
-                         earlier: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
-        """QR of [U | G]: the augmented basis Q = [Q_1 | N], R_11 with U = Q_1 R_11 (diag(R_11) > 0), and which
-        columns of N carry more than rounding noise of the gradient.
-
-        G = dL/dU plus ``earlier`` (n x r, the basis gradients summed since the last augmentation); N spans
-        (I - U U^T) G with min(r, max_rank - r) columns. Taking Q_1 (and C x_i R_11 as the core) instead
-        of U keeps W exact and the basis orthonormal to working precision, so rounding never accumulates; R_11 is
-        the identity up to rounding. A mode that neither adapts nor has room to grow is never rotated: U as it is,
-        R_11 None.
-        """
-        u = layer.factors[mode]
-        r = layer.ranks[mode]
-        extra = min(r, layer.max_ranks[mode] - r) if u.grad is not None else 0
-        if extra == 0 and not self.config.adapts(mode):
-            return u[:, :r], None, u.new_zeros(0, dtype=torch.bool)
-        grad = None if extra == 0 else u.grad[:, :r] if earlier is None else u.grad[:, :r] + earlier
-        columns = [u[:, :r]] if grad is None else [u[:, :r], grad[:, :extra]]
-        dtype = _compute_dtype(u.dtype)
-        q, r_factor = torch.linalg.qr(torch.cat(columns, dim=1).to(dtype))
-        diagonal = torch.diagonal(r_factor)
-        signs = torch.where(diagonal < 0, -1.0, 1.0).to(dtype)
-        # a new direction whose share of the gradient is rounding noise is arbitrary: mark it to carry no gradient
-        floor = 100 * torch.finfo(dtype).eps * _norm(grad.to(dtype)) if extra else 0
-        significant = diagonal[r:].abs() > floor
-        return (q * signs).to(u.dtype), r_factor[:r, :r] * signs[:r, None], significant
-
-    @staticmethod
-    def _parallel_gradient(layer: TuckerLayer, core: Tensor, bases: tuple[Tensor, ...],
-                           old: tuple[int, ...]) -> Tensor | None:
-        """Core gradient on the augmented bases of the parallel BUG step.
-
-        Old block: dL/dC. Block with mode i new (N_i) and the others old: N_i^T dL/dK_i Q_i^T, the K-step's new
-        values divided by -lr, where Mat_i(C) = S_i Q_i^T and dL/dK_i = dL/dU_i S_i^{-T}, so
-        N_i^T dL/dU_i (M M^T)^+ M with M = Mat_i(C) (float64). Blocks with two or more new modes: zero.
-        """
-        if layer.core.grad is None:
-            return None
-        grad = core.new_zeros(tuple(u.shape[1] for u in bases))
-        grad[tuple(slice(r) for r in old)] = layer.core.grad[tuple(slice(r) for r in old)]
-        for mode, (basis, r) in enumerate(zip(bases, old)):
-            if basis.shape[1] == r:
-                continue
-            m = unfold(core, mode).double()
-            new_dirs = basis[:, r:].T.double() @ layer.factors[mode].grad[:, :r].double()
-            values = new_dirs @ torch.linalg.pinv(m @ m.T, hermitian=True, rtol=1e-12) @ m
-            other = [old[j] for j in range(len(old)) if j != mode]
-            index = [slice(rank) for rank in old]
-            index[mode] = slice(r, basis.shape[1])
-            grad[tuple(index)] = values.reshape(-1, *other).movedim(0, mode).to(grad.dtype)
-        return grad
 
     @torch.no_grad()
     def truncate(self, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -435,23 +320,7 @@ class TuckerIntegrator:
         """
         plans = []  # per layer: name, singular vectors per mode (None: keep the mode as it is), rank candidates
         for name, old_ranks in self._augmented.items():
-            layer = self.layers[name]
-            core = layer.active_core().to(_compute_dtype(layer.core.dtype))
-            largest = core.abs().amax()
-            core = torch.nan_to_num(core / largest.clamp_min(torch.finfo(core.dtype).tiny), 0.0, 0.0, 0.0)
-            theta = self.config.tau * torch.linalg.vector_norm(core)
-            vectors, candidates = [], [torch.isfinite(largest).long()]
-            for mode, r in enumerate(layer.ranks):
-                if not self.config.adapts(mode) and old_ranks[mode] == r:
-                    vectors.append(None)
-                    candidates.append(torch.tensor(r, device=core.device))
-                    continue
-                p, s = _singular_pairs(core, mode)
-                vectors.append(p.to(layer.core.dtype))
-                adapted = self.config.adapts(mode)
-                candidates.append(tail_rank(s, theta) if adapted
-                                  else torch.tensor(old_ranks[mode], device=core.device))
-            plans.append((name, vectors, candidates))
+            plans.append((name, *rank_candidates(self.layers[name], old_ranks, self.config.tau, self.config.adapts)))
         if not plans:
             return
         decided = torch.stack([c for _, _, candidates in plans for c in candidates])
@@ -469,31 +338,8 @@ class TuckerIntegrator:
                     for mode, size in enumerate(layer.ranks)]
             rotations.append((layer, [p if p is None else p[:, :r] for p, r in zip(vectors, consistent_ranks(keep))]))
         for layer, rotation in rotations:
-            self._rotate_layer(layer, rotation, optimizer)
+            rotate_layer(layer, rotation, optimizer)
         self._augmented.clear()
-
-    @staticmethod
-    def _rotate_layer(layer: TuckerLayer, rotations: list[Tensor | None],
-                      optimizer: torch.optim.Optimizer | None) -> None:
-        """U_i <- U_i P_i, C <- C x_i P_i^T for every mode with a rotation P_i (orthonormal columns); the core's
-        optimizer state follows, each entry by its rule (:mod:`~lightning_lowrank.optimizer_state`)."""
-        core = layer.active_core()
-        block = tuple(slice(r) for r in layer.ranks)
-        state = {} if optimizer is None else optimizer.state.get(layer.core, {})
-        rules = check_state(optimizer, state) if state else {}
-        moments = {key: value for key, value in state.items()
-                   if rules[key].kind != "scalar" and isinstance(value, Tensor) and value.shape == layer.core.shape}
-        new_core = rotate(core, rotations)
-        new_moments = {key: rotate(value[block], rotations, rules[key].kind) for key, value in moments.items()}
-        for u, p in zip(layer.factors, rotations):
-            if p is not None:
-                u[:, : p.shape[1]] = u[:, : p.shape[0]] @ p
-        new_block = tuple(slice(r) for r in new_core.shape)
-        layer.core[new_block] = new_core
-        layer.set_rank(new_core.shape)
-        for key, value in new_moments.items():
-            moments[key].zero_()
-            moments[key][new_block] = value
 
     def _clamp(self, rank: int, size: int, max_rank: int) -> int:
         """``rank`` clamped to [min_rank, max_rank] and to the ``size`` of the augmented mode."""
@@ -525,24 +371,7 @@ def gradients_finite(parameters: Sequence[Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack(sums)).all()) if sums else True
 
 
-def _norm(tensor: Tensor) -> Tensor:
-    """Frobenius norm, computed on the tensor scaled by its largest entry so that no square overflows."""
-    largest = tensor.abs().amax().clamp_min(torch.finfo(tensor.dtype).tiny)
-    return largest * torch.linalg.vector_norm(tensor / largest)
-
-
 def _mask_outside_block(layer: TuckerLayer) -> None:
     """Zero the core's gradient outside the active block (a compiled forward computes at the storage ranks)."""
     if layer.core.grad is not None:
         zero_outside(layer.core.grad, layer.ranks)
-
-
-def _singular_pairs(tensor: Tensor, mode: int) -> tuple[Tensor, Tensor]:
-    """Left singular vectors and singular values (descending) of the mode unfolding M, by eigh of M M^T.
-
-    The Gram matrix is only r x r, so this costs far less than an SVD of the r x prod(others) unfolding. In float32
-    singular values are resolved down to about 3e-4 s_max, far below any useful truncation tolerance.
-    """
-    m = unfold(tensor, mode)
-    eigenvalues, eigenvectors = torch.linalg.eigh(m @ m.T)
-    return eigenvectors.flip(-1), eigenvalues.flip(-1).clamp_min(0).sqrt()

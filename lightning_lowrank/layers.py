@@ -50,6 +50,16 @@ def mode_dot(tensor: Tensor, matrix: Tensor, mode: int) -> Tensor:
     return torch.movedim(torch.tensordot(matrix, tensor, dims=([1], [mode])), 0, mode)
 
 
+def unfold(tensor: Tensor, mode: int) -> Tensor:
+    """Mode-``mode`` unfolding, shape (n_mode, prod of the other sizes)."""
+    return torch.movedim(tensor, mode, 0).reshape(tensor.shape[mode], -1)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the integrator's QR and eigen-decompositions: float32 at least, whatever the training precision."""
+    return dtype if dtype == torch.float64 else torch.float32
+
+
 def full_ranks(shape: Sequence[int]) -> tuple[int, ...]:
     """The largest useful rank per mode: the rank bound of the mode-i unfolding, min(n_i, prod_{j != i} n_j)."""
     return tuple(min(n, math.prod(shape) // n) for n in shape)

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_lowrank.layers import mode_dot
+from lightning_lowrank.layers import mode_dot, zero_outside
 
 Kind = Literal["linear", "squared", "magnitude", "scalar"]
 Fresh = Literal["zero", "grad", "grad_squared", "grad_squared_sum", "grad_abs", "lr"]
@@ -124,3 +124,57 @@ def fresh_value(rule: StateRule, grad: Tensor, lr: float | Tensor, step: Tensor 
     if rule.fresh == "lr":
         return torch.zeros_like(grad).add_(lr)
     return None
+
+
+def _core_state(optimizer: torch.optim.Optimizer | None, core: Tensor) -> dict[str, object]:
+    return {} if optimizer is None else optimizer.state.get(core, {})
+
+
+def warm_start(optimizer: torch.optim.Optimizer | None, core: Tensor, old: Sequence[int],
+               new: Sequence[int]) -> None:
+    """State of the core entries that augmentation added (the block ``new`` outside ``old``) := its rule's fresh
+    value, given the core's gradient: for Adam-type state the steady state of a constant gradient g, m = g, v = g^2.
+
+    Zero state with the optimizer's global bias correction would give a fresh entry a first step of
+    lr * sign(g) / sqrt(1 - beta2) (3.2 lr for Adam), however small its gradient, and noise directions would
+    survive truncation; this way a fresh entry steps like an established one. SGD momentum is left at zero
+    (its first step on a fresh entry is the plain gradient step). Before the optimizer's first step its state is
+    empty and it initialises every entry itself.
+    """
+    state = _core_state(optimizer, core)
+    if not state:
+        return
+    rules = check_state(optimizer, state)
+    block = tuple(slice(r) for r in new)
+    fresh = torch.ones(tuple(new), dtype=torch.bool, device=core.device)
+    fresh[tuple(slice(r) for r in old)] = False
+    grad = core.grad[block]
+    lr = next(group["lr"] for group in optimizer.param_groups if any(p is core for p in group["params"]))
+    step = state.get("step", 0)
+    for key, value in state.items():
+        fresh_state = fresh_value(rules[key], grad, lr, step)
+        if fresh_state is not None and isinstance(value, Tensor) and value.shape == core.shape:
+            value[block] = torch.where(fresh, fresh_state.to(value.dtype), value[block])
+
+
+def clear_outside(optimizer: torch.optim.Optimizer | None, core: Tensor, ranks: Sequence[int]) -> None:
+    """Zero the core's per-entry state outside the block ``ranks`` (an augmentation undone)."""
+    for value in _core_state(optimizer, core).values():
+        if isinstance(value, Tensor) and value.shape == core.shape:
+            zero_outside(value, ranks)
+
+
+def transport_state(optimizer: torch.optim.Optimizer | None, core: Tensor, ranks: Sequence[int],
+                    rotations: Sequence[Tensor | None]) -> None:
+    """Carry the core's per-entry state on its active block ``ranks`` through C <- C x_i P_i^T, each entry by its
+    rule; the entries outside the new block become 0."""
+    state = _core_state(optimizer, core)
+    if not state:
+        return
+    rules = check_state(optimizer, state)
+    block = tuple(slice(r) for r in ranks)
+    for key, value in state.items():
+        if rules[key].kind != "scalar" and isinstance(value, Tensor) and value.shape == core.shape:
+            new = rotate(value[block], rotations, rules[key].kind)
+            value.zero_()
+            value[tuple(slice(r) for r in new.shape)] = new

@@ -1,0 +1,64 @@
+"""Truncation, the second half of the integrator's step: per adapted mode, the SVD of the core's unfolding keeps
+the smallest rank whose discarded singular values have 2-norm <= tau ||C||_F (:func:`rank_candidates`); bases, core
+and the core's optimizer state rotate with the kept singular vectors (:func:`rotate_layer`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_lowrank.layers import TuckerLayer, compute_dtype, tail_rank, unfold
+from lightning_lowrank.optimizer_state import rotate, transport_state
+
+
+def rank_candidates(layer: TuckerLayer, old_ranks: Sequence[int], tau: float,
+                    adapts: Callable[[int], bool]) -> tuple[list[Tensor | None], list[Tensor]]:
+    """Singular vectors per mode (None: the mode keeps its basis) and the rank candidates, as 0-d tensors (no host
+    sync): first whether the core is finite, then per mode the tail rank with tolerance tau (a mode that ``adapts``)
+    or the rank before augmentation (a mode that only rotated).
+
+    The core is scaled by its largest entry first, so any finite core works (its Gram matrices cannot overflow).
+    """
+    core = layer.active_core().to(compute_dtype(layer.core.dtype))
+    largest = core.abs().amax()
+    core = torch.nan_to_num(core / largest.clamp_min(torch.finfo(core.dtype).tiny), 0.0, 0.0, 0.0)
+    theta = tau * torch.linalg.vector_norm(core)
+    vectors: list[Tensor | None] = []
+    candidates = [torch.isfinite(largest).long()]
+    for mode, r in enumerate(layer.ranks):
+        if not adapts(mode) and old_ranks[mode] == r:
+            vectors.append(None)
+            candidates.append(torch.tensor(r, device=core.device))
+            continue
+        p, s = singular_pairs(core, mode)
+        vectors.append(p.to(layer.core.dtype))
+        candidates.append(tail_rank(s, theta) if adapts(mode) else torch.tensor(old_ranks[mode], device=core.device))
+    return vectors, candidates
+
+
+@torch.no_grad()
+def rotate_layer(layer: TuckerLayer, rotations: Sequence[Tensor | None],
+                 optimizer: torch.optim.Optimizer | None) -> None:
+    """U_i <- U_i P_i, C <- C x_i P_i^T for every mode with a rotation P_i (orthonormal columns); the core's
+    optimizer state follows (:func:`~lightning_lowrank.optimizer_state.transport_state`)."""
+    new_core = rotate(layer.active_core(), rotations)
+    transport_state(optimizer, layer.core, layer.ranks, rotations)
+    for u, p in zip(layer.factors, rotations):
+        if p is not None:
+            u[:, : p.shape[1]] = u[:, : p.shape[0]] @ p
+    layer.core[tuple(slice(r) for r in new_core.shape)] = new_core
+    layer.set_rank(new_core.shape)
+
+
+def singular_pairs(tensor: Tensor, mode: int) -> tuple[Tensor, Tensor]:
+    """Left singular vectors and singular values (descending) of the mode unfolding M, by eigh of M M^T.
+
+    The Gram matrix is only r x r, so this costs far less than an SVD of the r x prod(others) unfolding. In float32
+    singular values are resolved down to about 3e-4 s_max, far below any useful truncation tolerance.
+    """
+    m = unfold(tensor, mode)
+    eigenvalues, eigenvectors = torch.linalg.eigh(m @ m.T)
+    return eigenvectors.flip(-1), eigenvalues.flip(-1).clamp_min(0).sqrt()
