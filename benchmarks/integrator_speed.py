@@ -1,10 +1,12 @@
 """Time per training step of the rank-adaptive integrator against fixed-rank training, as ratios from one run.
 
-    python benchmarks/integrator_speed.py [--steps 30] [--batches 32 128] [--ranks 0.5 0.1] [--intervals 1 5 10]
+    python benchmarks/integrator_speed.py [--steps 30] [--batches 32 128] [--ranks 0.5 0.1]
+                                          [--schedules 1:1 5:1 10:1 10:10] [--intervals k ...]
 
 For each model (LeNet5 and a VGG-style network, 32x32 inputs, random data), batch size, starting rank (a fraction
 of the channels: 0.5 is the integrator's worst case, QR and eigen-decompositions of size up to the full channel
-count; 0.1 is the regime of >= 90% compression) and integrator variant (method, interval): convert at that rank, run
+count; 0.1 is the regime of >= 90% compression) and integrator variant (method, schedule ``interval:core_steps``;
+``--intervals k`` gives k:1; default 1:1 5:1 10:1 and the package's 10:10): convert at that rank, run
 the integrator (SGD, tau=0.1) for the warm-up steps, then time its steps alternating with steps of the same model at
 the ranks it reached trained without it (plain SGD on cores and factors: forward, backward, optimizer step). The
 breakdown shows where the integrator's time goes. Its cost is per step, independent of the batch size; forward and
@@ -21,6 +23,7 @@ from collections import defaultdict
 
 import torch
 from torch import nn
+from training import add_schedule_options, schedules
 
 import lightning_lowrank as ll
 from lightning_lowrank.models import lenet5, vgg
@@ -63,13 +66,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--ranks", type=float, nargs="+", default=[0.5, 0.1])
     parser.add_argument("--methods", nargs="+", default=["parallel", "augmented"], choices=["parallel", "augmented"])
-    parser.add_argument("--intervals", type=int, nargs="+", default=[1, 5, 10])
+    add_schedule_options(parser)
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.steps} timed steps after {args.warmup} warm-up steps; ms per step")
-    variants = list(itertools.product(args.methods, args.intervals))
-    print(f"{'model':<10} {'batch':>5} {'rank':>5} {'method':<10} {'interval':>8} {'fixed ms':>9} {'integr. ms':>10} "
+    variants = list(itertools.product(args.methods, schedules(args, [(1, 1), (5, 1), (10, 1), (10, 10)])))
+    print(f"{'model':<10} {'batch':>5} {'rank':>5} {'method':<10} {'schedule':>8} {'fixed ms':>9} {'integr. ms':>10} "
           f"{'ratio':>6}  breakdown (ms)")
     models = (("LeNet5", lambda: lenet5(3, image_size=32)), ("VGG-style", vgg))
     for (name, build), batch, rank in itertools.product(models, args.batches, args.ranks):
@@ -78,9 +81,10 @@ def main() -> None:
         torch.manual_seed(0)
         start = build()
         ll.convert(start, rank=rank, keep_first_last=True)
-        for method, interval in variants:
+        for method, (interval, core_steps) in variants:
             model = copy.deepcopy(start)
-            integrator = ll.TuckerIntegrator(model, ll.IntegratorConfig(tau=0.1, method=method, interval=interval))
+            config = ll.IntegratorConfig(tau=0.1, method=method, interval=interval, core_steps=core_steps)
+            integrator = ll.TuckerIntegrator(model, config)
             optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
             for x, y in batches[: args.warmup]:
                 step(model, optimizer, integrator, x, y, Clock())
@@ -96,8 +100,8 @@ def main() -> None:
             adaptive_ms = sum(adaptive.total.values()) / args.steps * 1e3
             fixed_ms = sum(fixed.total.values()) / args.steps * 1e3
             breakdown = ", ".join(f"{k} {v / args.steps * 1e3:.1f}" for k, v in adaptive.total.items())
-            print(f"{name:<10} {batch:>5} {rank:>5} {method:<10} {interval:>8} {fixed_ms:9.1f} {adaptive_ms:10.1f} "
-                  f"{adaptive_ms / fixed_ms:6.2f}  {breakdown}")
+            print(f"{name:<10} {batch:>5} {rank:>5} {method:<10} {f'{interval}:{core_steps}':>8} {fixed_ms:9.1f} "
+                  f"{adaptive_ms:10.1f} {adaptive_ms / fixed_ms:6.2f}  {breakdown}")
 
 
 if __name__ == "__main__":

@@ -31,10 +31,11 @@ def add_schedule_options(parser) -> None:
                         help="interval k as the schedule k:1 (what the tables run before core_steps existed ran)")
 
 
-def schedules(args) -> list[tuple[int, int]]:
-    """The ``--schedules`` pairs and the ``--intervals`` k as k:1; the package's default schedule if neither."""
-    default = ll.IntegratorConfig()
-    return [*args.schedules, *((k, 1) for k in args.intervals)] or [(default.interval, default.core_steps)]
+def schedules(args, default: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+    """The ``--schedules`` pairs and the ``--intervals`` k as k:1; if neither, ``default`` (the package's default
+    schedule if None)."""
+    package = ll.IntegratorConfig()
+    return [*args.schedules, *((k, 1) for k in args.intervals)] or default or [(package.interval, package.core_steps)]
 
 
 class EpochTimer(pl.Callback):
