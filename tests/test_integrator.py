@@ -888,3 +888,33 @@ def test_a_skipped_augmentation_is_undone_before_the_next_one():
         assert each.before_step()
     for u, v in zip(layer.active_factors(), fresh.active_factors()):
         torch.testing.assert_close(u @ u.T, v @ v.T, rtol=0, atol=1e-10)
+
+
+def test_delayed_truncation_grows_ranks_to_a_teacher_five_times_the_start():
+    """Growth from below (no rank known in advance): a rank-(2, 2) student of a rank-10 teacher. With 10 core steps
+    at the augmented ranks before each truncation, new directions become significant and the ranks climb to the
+    teacher's 10 while the error falls below 10%; truncating right after each augmenting step (the paper's schedule),
+    a direction must reach tau ||C|| within one step and the ranks stall near the start."""
+    torch.manual_seed(0)
+    n = 64
+    teacher = (torch.randn(n, 10) @ torch.randn(10, n)) / n
+
+    def train(interval, core_steps):
+        torch.manual_seed(1)
+        layer = TuckerLinear(n, n, bias=False, rank=(2, 2), dtype=torch.float32)
+        config = IntegratorConfig(tau=0.05, interval=interval, core_steps=core_steps)
+        integrator = TuckerIntegrator(nn.Sequential(layer), config)
+        optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
+        for _ in range(400):
+            x = torch.randn(128, n, dtype=torch.float32)
+            optimizer.zero_grad()
+            ((layer(x) - x @ teacher.float().T) ** 2).mean().backward()
+            integrator.step(optimizer)
+        integrator.truncate(optimizer)
+        error = torch.linalg.norm(layer.dense_weight().double() - teacher) / torch.linalg.norm(teacher)
+        return layer.ranks, float(error)
+
+    ranks, error = train(10, 10)
+    assert ranks == (10, 10) and error < 0.1, (ranks, error)
+    ranks, error = train(1, 1)
+    assert max(ranks) <= 4 and error > 0.5, (ranks, error)
