@@ -132,7 +132,7 @@ class TuckerCallback(_LowRankCallback):
         exclude: Sequence[str] = (),
         min_size: int = 0,
         keep_first_last: bool = False,
-        init: Literal["hosvd", "random"] = "hosvd",
+        init: Literal["hosvd", "hosvd_scaled", "random"] = "hosvd",
         layer_types: Sequence[type[nn.Module]] | None = None,
     ) -> None:
         conversion = {} if layer_types is None else {"layer_types": layer_types}

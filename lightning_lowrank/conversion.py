@@ -64,8 +64,10 @@ class TuckerConfig:
         exclude: glob patterns of layers to keep dense.
         min_size: layers whose dense weight has fewer elements stay dense.
         keep_first_last: keep the first and the last candidate layer (in registration order) dense.
-        init: ``"hosvd"`` (factors from the dense weights, exact at full rank) or ``"random"`` (random orthonormal
-            factors, the dense weights projected onto them).
+        init: ``"hosvd"`` (factors from the dense weights, exact at full rank; below it the best approximation, for
+            pretrained weights), ``"hosvd_scaled"`` (the same with the core scaled to ||W||_F: a start below full rank
+            keeps the scale of a random dense init) or ``"random"`` (random orthonormal factors, the dense weights
+            projected onto them).
     """
 
     rank: RankSpec = "full"
@@ -97,8 +99,8 @@ class TuckerConfig:
         object.__setattr__(self, "layer_types", tuple(by_name.get(t, t) for t in self.layer_types))
         if not isinstance(self.min_size, int) or self.min_size < 0:
             raise ValueError(f"`min_size` must be an int >= 0, got {self.min_size!r}")
-        if self.init not in ("hosvd", "random"):
-            raise ValueError(f"`init` must be 'hosvd' or 'random', got {self.init!r}")
+        if self.init not in ("hosvd", "hosvd_scaled", "random"):
+            raise ValueError(f"`init` must be 'hosvd', 'hosvd_scaled' or 'random', got {self.init!r}")
 
     def ranks_for(self, shape: tuple[int, ...], layer_name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Initial and maximum rank of every mode of a weight of ``shape``."""

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tensorly.decomposition import partial_tucker
 from torch import Tensor, nn
 
-Init = Literal["hosvd", "random"]
+Init = Literal["hosvd", "hosvd_scaled", "random"]
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 DenseConv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
@@ -194,14 +194,23 @@ class TuckerLayer(nn.Module):
 
     @torch.no_grad()
     def load_weight(self, weight: Tensor, init: Init = "hosvd") -> None:
-        """Decompose the dense ``weight`` (shape ``self.shape``) into factors and core at the maximum ranks."""
+        """Decompose the dense ``weight`` (shape ``self.shape``) into factors and core at the maximum ranks.
+
+        ``init="hosvd_scaled"``: the truncated HOSVD with the active core scaled to ||W||_F, so that a start below
+        full rank keeps the scale of a random dense init (whose energy spreads over all directions: truncation alone
+        would shrink every layer's output, and the signal layer by layer); ``"hosvd"`` keeps the best approximation
+        (pretrained weights). Both are exact at full rank.
+        """
         if tuple(weight.shape) != self.shape:
             raise ValueError(f"`weight` must have shape {self.shape}, got {tuple(weight.shape)}")
-        core, factors = tucker_decomposition(weight, self.max_ranks, init)
+        core, factors = tucker_decomposition(weight, self.max_ranks, "random" if init == "random" else "hosvd")
         self.core.copy_(core)
         for u, new in zip(self.factors, factors):
             u.copy_(new)
         zero_outside(self.core, self.ranks)
+        if init == "hosvd_scaled":
+            kept = torch.linalg.vector_norm(self.active_core().double())
+            self.core.mul_((torch.linalg.vector_norm(weight.double()) / kept.clamp_min(1e-300)).to(self.core.dtype))
 
     @staticmethod
     def _load_pre_hook(module: TuckerLayer, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

@@ -133,7 +133,7 @@ def test_device_and_dtype_follow_the_layer():
     (dict(rank=8, max_rank=4), "`rank` \\(8\\) must not exceed `max_rank` \\(4\\)"),
     (dict(include=["net.*", 3]), "`include` must be a glob pattern or a sequence of them"),
     (dict(min_size=-1), "`min_size` must be an int >= 0"),
-    (dict(init="svd"), "`init` must be 'hosvd' or 'random'"),
+    (dict(init="svd"), "`init` must be 'hosvd', 'hosvd_scaled' or 'random'"),
     (dict(layer_types=[nn.LSTM]), "`layer_types` must be among"),
 ])
 def test_bad_options_are_refused_at_construction(options, message):

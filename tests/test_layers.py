@@ -406,3 +406,23 @@ def test_a_state_dict_with_impossible_ranks_is_refused(rank, message):
     with pytest.raises(ValueError, match=message):
         layer.load_state_dict(source)
     assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+
+
+def test_hosvd_scaled_keeps_the_scale_of_a_random_init_below_full_rank():
+    """From torch's random init at 10% of the channels: the truncated HOSVD keeps a small part of W's energy and its
+    output shrinks (about sqrt(r/n)); ``hosvd_scaled`` has ||W_r|| = ||W|| and an output of the dense layer's scale,
+    in the span of the truncated HOSVD. At full rank both are exact."""
+    torch.manual_seed(0)
+    dense = nn.Conv2d(32, 64, 3, padding=1, dtype=torch.float64)
+    x = torch.randn(8, 32, 10, 10, dtype=torch.float64)
+    reference = dense(x).std()
+    truncated = TuckerConv2d.from_dense(dense, rank=(6, 4, 3, 3))
+    scaled = TuckerConv2d.from_dense(dense, rank=(6, 4, 3, 3), init="hosvd_scaled")
+    assert float(torch.linalg.norm(truncated.dense_weight())) < 0.5 * float(torch.linalg.norm(dense.weight))
+    torch.testing.assert_close(torch.linalg.norm(scaled.dense_weight()), torch.linalg.norm(dense.weight))
+    no_bias = (dense.weight.detach(), truncated.dense_weight(), scaled.dense_weight())
+    ratio = torch.linalg.norm(no_bias[2]) / torch.linalg.norm(no_bias[1])
+    torch.testing.assert_close(no_bias[2], ratio * no_bias[1])  # the same directions, rescaled
+    assert 0.7 < float(scaled(x).std() / reference) < 1.3 and float(truncated(x).std() / reference) < 0.6
+    full = TuckerConv2d.from_dense(dense, init="hosvd_scaled")
+    torch.testing.assert_close(full.dense_weight(), dense.weight.detach(), rtol=1e-10, atol=1e-12)
