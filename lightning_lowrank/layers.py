@@ -287,7 +287,8 @@ class TuckerLayer(nn.Module):
 
     def dense_weight(self) -> Tensor:
         """W = core x_1 U_1 ... x_d U_d, shape ``self.shape``, formed in float64 and rounded once to the layer's dtype
-        (for export, checkpoints and the ``weight`` property; the forward never forms it)."""
+        (for export, checkpoints and the ``weight`` property; the forward, where it merges, forms W in the layer's
+        dtype with autograd)."""
         with tl.backend_context("pytorch"):
             weight = tl.tucker_to_tensor((self.active_core().double(), [u.double() for u in self.active_factors()]))
         return weight.to(self.core.dtype)
@@ -339,7 +340,8 @@ class TuckerLayer(nn.Module):
 
 
 class TuckerLinear(TuckerLayer):
-    """Linear layer with W = U_out core U_in^T (the order-2 Tucker case); y = x W^T + b over any leading dims."""
+    """Linear layer with W = U_out core U_in^T (the order-2 Tucker case); y = x W^T + b over any leading dims, as
+    three small products or, where cheaper (:meth:`forward_costs`), one with the merged W."""
 
     mode_names = ("out", "in")
 
@@ -422,9 +424,10 @@ def linear_chain(weights: Sequence[Tensor], bias: Tensor | None, training: bool)
 
 
 class _TuckerConvNd(TuckerLayer):
-    """Convolution with W = core x_1 U_out x_2 U_in x_3 U_k1 ... computed as three convolutions.
+    """Convolution with W = core x_1 U_out x_2 U_in x_3 U_k1 ..., computed as three convolutions or, where cheaper
+    (:meth:`forward_costs`), as one with the merged W.
 
-    y = conv_1x1(conv_kxk(conv_1x1(x, U_in^T), core x_3 U_k1 ...), U_out) + b, never forming W; stride, padding,
+    The chain is y = conv_1x1(conv_kxk(conv_1x1(x, U_in^T), core x_3 U_k1 ...), U_out) + b; stride, padding,
     dilation and padding mode act on the middle (kxk) convolution, which commutes with the 1x1 channel maps.
     """
 
