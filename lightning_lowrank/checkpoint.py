@@ -117,4 +117,5 @@ def load_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], model: nn.Mo
         integrator = TuckerIntegrator(layers, IntegratorConfig(**pending["config"]))
         integrator.load_state_dict({"steps": 0, "frozen": False, "augmented": pending["ranks"]})
         integrator.truncate()
+        integrator.remove()  # no forward hooks stay on the returned model
     return compact(model) if compact_layers else model
