@@ -47,14 +47,15 @@ def augmented_basis(layer: TuckerLayer, mode: int, earlier: Tensor | None,
     columns of N carry more than rounding noise of the gradient.
 
     G = dL/dU plus ``earlier`` (n x r, the basis gradients summed since the last augmentation); N spans
-    (I - U U^T) G with min(r, max_rank - r) columns. Taking Q_1 (and C x_i R_11 as the core) instead
+    (I - U U^T) G with min(r, n - r) columns (capped by the mode size n, not by ``max_rank``: a mode at its
+    largest rank still rotates; the truncation brings it back to ``max_rank``); the layer's storage must hold them. Taking Q_1 (and C x_i R_11 as the core) instead
     of U keeps W exact and the basis orthonormal to working precision, so rounding never accumulates; R_11 is
     the identity up to rounding. A mode that neither ``adapts`` nor has room to grow is never rotated: U as it is,
     R_11 None.
     """
     u = layer.factors[mode]
     r = layer.ranks[mode]
-    extra = min(r, layer.max_ranks[mode] - r) if u.grad is not None else 0
+    extra = min(r, layer.shape[mode] - r) if u.grad is not None else 0
     if extra == 0 and not adapts:
         return u[:, :r], None, u.new_zeros(0, dtype=torch.bool)
     grad = None if extra == 0 else u.grad[:, :r] if earlier is None else u.grad[:, :r] + earlier

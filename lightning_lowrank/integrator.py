@@ -28,8 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_lowrank.augmentation import Capture, augmented_basis, parallel_gradient
-from lightning_lowrank.layers import TuckerLayer, check_int, compute_dtype, consistent_ranks, mode_dot, zero_outside
-from lightning_lowrank.optimizer_state import check_state, clear_outside, warm_start
+from lightning_lowrank.layers import (
+    TuckerLayer, check_int, compute_dtype, consistent_ranks, mode_dot, storage_size, zero_outside)
+from lightning_lowrank.optimizer_state import check_state, clear_outside, resize_state, warm_start
 from lightning_lowrank.truncation import rank_candidates, rotate_layer
 
 
@@ -290,6 +291,7 @@ class TuckerIntegrator:
                 if r_factor is not None:
                     core = mode_dot(core, r_factor, mode)
             block = tuple(slice(r) for r in new)
+            fit_storage(layer, optimizer)  # room for the augmented bases (already there, unless ranks were set)
             layer.core[tuple(slice(r) for r in old)] = core.to(layer.core.dtype)
             layer.set_rank(new)  # the new entries of the core are 0: W is unchanged
             for u, basis, r_factor in zip(layer.factors, bases, r_factors):
@@ -342,6 +344,7 @@ class TuckerIntegrator:
             rotations.append((layer, [p if p is None else p[:, :r] for p, r in zip(vectors, consistent_ranks(keep))]))
         for layer, rotation in rotations:
             rotate_layer(layer, rotation, optimizer)
+            fit_storage(layer, optimizer)
         self._augmented.clear()
 
     def _clamp(self, rank: int, size: int, max_rank: int) -> int:
@@ -360,6 +363,14 @@ class TuckerIntegrator:
         """Forget the captured inputs and output gradients."""
         for capture in self._captures.values():
             capture.pairs.clear()
+
+
+def fit_storage(layer: TuckerLayer, optimizer: torch.optim.Optimizer | None) -> None:
+    """Reallocate the layer's storage for its active ranks (:func:`~lightning_lowrank.layers.storage_size`: room
+    for the next augmentation, changed only when the ranks moved far enough) and the optimizer's state with it."""
+    storage = tuple(storage_size(n, r, s) for n, r, s in zip(layer.shape, layer.ranks, layer.storage))
+    if storage != layer.storage:
+        resize_state(optimizer, layer.resize(storage))
 
 
 def gradients_finite(parameters: Sequence[Tensor]) -> bool:

@@ -2,8 +2,10 @@
 
 A weight tensor W of shape (n_1, ..., n_d) is kept as W = core x_1 U_1 x_2 U_2 ... x_d U_d with orthonormal factors
 U_i (n_i x r_i) and a core (r_1 x ... x r_d). Mode 0 is the output, mode 1 the input, further modes are the
-kernel's spatial modes. Storage is fixed at a maximum rank per mode; the active rank of each mode is the persistent
-buffer ``rank``, so parameter shapes never change while ranks do, and the forward pass only touches the active block.
+kernel's spatial modes. The active rank of each mode is the persistent buffer ``rank``; the parameters hold a storage
+s_i >= r_i columns per mode (:func:`storage_size`: room for the next augmentation, 2 r_i columns capped by n_i, in
+coarse steps), so storage follows the rank while most rank changes leave the parameter shapes as they are, and the
+forward pass only touches the active block.
 """
 
 from __future__ import annotations
@@ -89,6 +91,43 @@ def zero_outside(tensor: Tensor, ranks: Sequence[int], extent: Sequence[int] | N
             tensor[tuple(index)] = 0
 
 
+def storage_size(size: int, rank: int, current: int | None = None) -> int:
+    """Columns to store for a mode of ``size`` at ``rank``: room for the augmented basis, need = min(size, 2 rank).
+
+    Sizes come from the ladder 1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and 1.5 times them, capped by ``size``):
+    at most 1.5 need. From a ``current`` storage it grows to the ladder size above need when need exceeds it, and
+    shrinks to that size only once that is at most half of ``current``; otherwise it stays, so the rank must
+    change by a factor of about 1.4 or more before the parameters are reallocated again.
+    """
+    need = min(size, 2 * rank)
+    step = 1 << max(need - 1, 0).bit_length()  # smallest power of two >= need
+    fitted = min(size, 3 * step // 4 if 3 * step // 4 >= need and step >= 4 else step)
+    if current is None or need > current or 2 * fitted <= current:
+        return fitted
+    return current
+
+
+def resized(tensor: Tensor, shape: Sequence[int]) -> Tensor:
+    """A new tensor of ``shape`` holding the leading block ``tensor`` and ``shape`` share, zero elsewhere."""
+    new = tensor.new_zeros(tuple(shape))
+    block = tuple(slice(min(a, b)) for a, b in zip(tensor.shape, shape))
+    new[block] = tensor[block]
+    return new
+
+
+def replace_data(parameter: nn.Parameter, data: Tensor) -> None:
+    """``parameter.data = data`` for ``data`` of another shape, keeping the Parameter object.
+
+    Autograd reuses a parameter's gradient accumulator while any graph still holds it (a previous step's loss kept
+    alive, say), and that accumulator checks gradients against the shape it was made for; assigning ``.data`` drops
+    it only when dtype or device change (``VariableHooks::set_data``), so an empty tensor of another dtype goes in
+    first. The one place that relies on this; ``test_resize_while_an_old_graph_is_alive`` fails if it changes.
+    """
+    other = torch.float64 if data.dtype != torch.float64 else torch.float32
+    parameter.data = torch.empty(0, dtype=other, device=data.device)
+    parameter.data = data
+
+
 def tail_rank(singular_values: Tensor, theta: Tensor) -> Tensor:
     """Smallest r with ||s[r:]||_2 <= theta, for descending singular values s (a 0-d tensor: no host sync)."""
     tail = torch.sqrt(torch.flip(torch.cumsum(torch.flip(singular_values**2, [0]), 0), [0]))  # ||s[r:]||
@@ -121,7 +160,11 @@ class TuckerLayer(nn.Module):
     Args:
         shape: shape of the dense weight (n_1, ..., n_d); mode 0 is the output, mode 1 the input.
         rank: active rank per mode, each in [1, max_rank].
-        max_rank: storage rank per mode, each in [1, min(n_i, prod_{j != i} n_j)] (default: that bound).
+        max_rank: largest rank per mode that truncation keeps, each in [1, min(n_i, prod_{j != i} n_j)] (default:
+            that bound). Augmentation may exceed it for one interval (up to 2 r_i, capped by n_i).
+
+    The parameters ``factors`` (n_i x s_i) and ``core`` (s_1 x ... x s_d) start at the storage s_i =
+    ``storage_size(n_i, r_i)`` and are reallocated by :meth:`resize` (the integrator does, as ranks change).
     """
 
     mode_names: tuple[str, ...]
@@ -144,10 +187,12 @@ class TuckerLayer(nn.Module):
         if rank != consistent_ranks(rank):
             raise ValueError(f"`rank` {rank} must satisfy r_i <= product of the other ranks, as "
                              f"{consistent_ranks(rank)} does: a mode's extra directions would carry nothing")
+        self.max_ranks = max_rank
+        storage = tuple(storage_size(n, r) for n, r in zip(self.shape, rank))
         factory = dict(device=device, dtype=dtype)
-        self.factors = nn.ParameterList(nn.Parameter(torch.empty(n, r, **factory))
-                                        for n, r in zip(self.shape, max_rank))
-        self.core = nn.Parameter(torch.empty(max_rank, **factory))
+        self.factors = nn.ParameterList(nn.Parameter(torch.empty(n, s, **factory))
+                                        for n, s in zip(self.shape, storage))
+        self.core = nn.Parameter(torch.empty(storage, **factory))
         self.bias = nn.Parameter(torch.empty(self.shape[0], **factory)) if bias else None
         self.register_buffer("rank", torch.tensor(rank, dtype=torch.long, device=device))
         self.ranks = rank
@@ -156,8 +201,31 @@ class TuckerLayer(nn.Module):
         self.reset_parameters()
 
     @property
-    def max_ranks(self) -> tuple[int, ...]:
+    def storage(self) -> tuple[int, ...]:
+        """Columns stored per mode, s_i: the core's shape."""
         return tuple(self.core.shape)
+
+    @torch.no_grad()
+    def resize(self, storage: Sequence[int]) -> list[tuple[nn.Parameter, torch.Size]]:
+        """Reallocate factors (n_i x s_i) and core (``storage``) keeping their leading blocks, each s_i in
+        [r_i, n_i]; the Parameter objects stay (an optimizer holding them goes on), and so do their gradients'
+        leading blocks. Returns each changed parameter with its old shape, for its optimizer state
+        (:func:`~lightning_lowrank.optimizer_state.resize_state`)."""
+        storage = _check_ranks("storage", storage, self.shape, "the mode size")
+        if any(s < r for s, r in zip(storage, self.ranks)):
+            raise ValueError(f"`storage` {storage} must hold the active ranks {self.ranks}")
+        return self._reallocate(storage)
+
+    def _reallocate(self, storage: tuple[int, ...]) -> list[tuple[nn.Parameter, torch.Size]]:
+        changed = []
+        for p, shape in [(u, (n, s)) for u, n, s in zip(self.factors, self.shape, storage)] + [(self.core, storage)]:
+            if tuple(p.shape) != shape:
+                changed.append((p, p.shape))
+                grad = None if p.grad is None else resized(p.grad, shape)
+                p.grad = None
+                replace_data(p, resized(p.data, shape))
+                p.grad = grad
+        return changed
 
     def reset_parameters(self) -> None:
         """Random orthonormal factors; core and bias uniform in +-1/sqrt(fan_in); the ``rank`` buffer from the active
@@ -174,7 +242,9 @@ class TuckerLayer(nn.Module):
 
     @torch.no_grad()
     def set_rank(self, ranks: Sequence[int]) -> None:
-        """Set the active rank of every mode (each in [1, max_rank]); core entries outside the active block become 0.
+        """Set the active rank of every mode (each in [1, n_i]); core entries outside the active block become 0.
+        A rank above the storage first grows it (:func:`storage_size`; the parameters are reallocated, and an
+        optimizer's state for them is not: the integrator resizes both).
 
         So the weight is the same whatever rank at least the active one the forward uses: raising a rank extends
         the core by zeros (W unchanged), and a compiled forward can use the storage ranks. The core is 0 outside the
@@ -182,7 +252,10 @@ class TuckerLayer(nn.Module):
         previous block outside the new one is cleared: the cost follows the ranks, not the storage.
         """
         old = self.ranks
-        self.ranks = _check_ranks("rank", ranks, self.max_ranks, "max_rank")
+        ranks = _check_ranks("rank", ranks, self.shape, "the mode size")
+        if any(r > s for r, s in zip(ranks, self.storage)):
+            self._reallocate(tuple(storage_size(n, r, s) for n, r, s in zip(self.shape, ranks, self.storage)))
+        self.ranks = ranks
         self.rank.copy_(torch.tensor(self.ranks, dtype=torch.long), non_blocking=True)
         zero_outside(self.core, self.ranks, extent=[max(a, b) for a, b in zip(old, self.ranks)])
 
@@ -194,7 +267,8 @@ class TuckerLayer(nn.Module):
 
     @torch.no_grad()
     def load_weight(self, weight: Tensor, init: Init = "hosvd") -> None:
-        """Decompose the dense ``weight`` (shape ``self.shape``) into factors and core at the maximum ranks.
+        """Decompose the dense ``weight`` (shape ``self.shape``) into factors and core at the active ranks (the
+        storage beyond them is zero).
 
         ``init="hosvd_scaled"``: the truncated HOSVD with the active core scaled to ||W||_F, so that a start below
         full rank keeps the scale of a random dense init (whose energy spreads over all directions: truncation alone
@@ -203,33 +277,33 @@ class TuckerLayer(nn.Module):
         """
         if tuple(weight.shape) != self.shape:
             raise ValueError(f"`weight` must have shape {self.shape}, got {tuple(weight.shape)}")
-        core, factors = tucker_decomposition(weight, self.max_ranks, "random" if init == "random" else "hosvd")
-        self.core.copy_(core)
+        core, factors = tucker_decomposition(weight, self.ranks, "random" if init == "random" else "hosvd")
+        self.core.copy_(resized(core, self.storage))
         for u, new in zip(self.factors, factors):
-            u.copy_(new)
-        zero_outside(self.core, self.ranks)
+            u.copy_(resized(new, u.shape))
         if init == "hosvd_scaled":
             kept = torch.linalg.vector_norm(self.active_core().double())
             self.core.mul_((torch.linalg.vector_norm(weight.double()) / kept.clamp_min(1e-300)).to(self.core.dtype))
 
     @staticmethod
     def _load_pre_hook(module: TuckerLayer, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        """Check a loaded ``rank`` against the storage, and take the state of the dense layer this one replaces
-        (``weight``, ``bias``): the weight is decomposed at the storage ranks, keeping it up to its dtype's rounding."""
+        """Check a loaded ``rank`` against the loaded storage, reallocate the parameters to that storage, and take
+        the state of the dense layer this one replaces (``weight``, ``bias``): the weight is decomposed keeping it up
+        to its dtype's rounding."""
         weight = state_dict.get(prefix + "weight")
         if weight is not None and prefix + "core" not in state_dict and tuple(weight.shape) == module.shape:
             del state_dict[prefix + "weight"]
             state_dict.update(module._tucker_entries(weight, prefix))
-        rank = state_dict.get(prefix + "rank")
-        if rank is not None:
-            core = state_dict.get(prefix + "core")
-            storage = module.max_ranks if core is None else tuple(core.shape)
-            try:
-                ranks = _check_ranks("rank", rank.tolist(), storage, "the stored core's shape")
-            except (ValueError, TypeError) as error:
-                raise ValueError(f"state entry {prefix}rank: {error}") from None
-            if ranks != consistent_ranks(ranks):
-                raise ValueError(f"state entry {prefix}rank {ranks} must satisfy r_i <= product of the other ranks")
+        core = state_dict.get(prefix + "core")
+        storage = module.storage if core is None else tuple(core.shape)
+        try:
+            storage = _check_ranks("storage", storage, module.shape, "the mode size")
+            rank = state_dict.get(prefix + "rank")
+            if rank is not None:
+                _check_ranks("rank", rank.tolist(), storage, "the stored core's shape")
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"state entry {prefix}{'core' if 'storage' in str(error) else 'rank'}: {error}") from None
+        module._reallocate(storage)
 
     def _tucker_entries(self, weight: Tensor, prefix: str) -> dict[str, Tensor]:
         """State entries (core, factors, rank) of the dense ``weight``. Each mode keeps the smallest rank whose
@@ -248,8 +322,9 @@ class TuckerLayer(nn.Module):
             ranks.append(max(1, int(tail_rank(s, theta))))
         ranks = consistent_ranks(ranks)
         zero_outside(core, ranks)
-        return {prefix + "core": core, prefix + "rank": torch.tensor(ranks, dtype=torch.long),
-                **{f"{prefix}factors.{i}": u for i, u in enumerate(factors)}}
+        storage = [storage_size(n, r) for n, r in zip(self.shape, ranks)]
+        return {prefix + "core": resized(core, storage), prefix + "rank": torch.tensor(ranks, dtype=torch.long),
+                **{f"{prefix}factors.{i}": resized(u, (u.shape[0], s)) for i, (u, s) in enumerate(zip(factors, storage))}}
 
     def _copy_from(self, layer: nn.Linear | DenseConv, init: Init) -> None:
         """Take weight (decomposed), bias, ``requires_grad`` (factors and core follow the weight's) and train/eval
@@ -308,6 +383,11 @@ class TuckerLayer(nn.Module):
         """Constructor arguments that rebuild this layer's structure (sizes, options, ranks), for checkpoints."""
         raise NotImplementedError
 
+    def _constructor_ranks(self) -> tuple[int, ...]:
+        """Active ranks as the constructor accepts them (augmented ranks may exceed ``max_rank``; the loaded state
+        then restores them)."""
+        return consistent_ranks([min(r, m) for r, m in zip(self.ranks, self.max_ranks)])
+
     def forward_costs(self, input_shape: Sequence[int], ranks: Sequence[int] | None = None) -> tuple[int, int]:
         """Multiply-adds of one forward pass on an input of ``input_shape`` at ``ranks`` (default: the active ranks):
         (factor chain, merged weight W formed from the factors, then one dense product). The forward takes the
@@ -336,7 +416,7 @@ class TuckerLayer(nn.Module):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"rank={self.ranks}, max_rank={self.max_ranks}, bias={self.bias is not None}"
+        return f"rank={self.ranks}, max_rank={self.max_ranks}, storage={self.storage}, bias={self.bias is not None}"
 
 
 class TuckerLinear(TuckerLayer):
@@ -388,7 +468,7 @@ class TuckerLinear(TuckerLayer):
 
     def arguments(self) -> dict[str, object]:
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
-                "rank": self.ranks, "max_rank": self.max_ranks}
+                "rank": self._constructor_ranks(), "max_rank": self.max_ranks}
 
     def galerkin_gradient(self, factors: Sequence[Tensor], x: Tensor, dy: Tensor) -> Tensor:
         """(dy U_out)^T (x U_in), summed over all leading dims."""
@@ -562,7 +642,7 @@ class _TuckerConvNd(TuckerLayer):
 
     def arguments(self) -> dict[str, object]:
         return {"in_channels": self.in_channels, "out_channels": self.out_channels, "kernel_size": self.kernel_size,
-                **self._options(), "bias": self.bias is not None, "rank": self.ranks, "max_rank": self.max_ranks}
+                **self._options(), "bias": self.bias is not None, "rank": self._constructor_ranks(), "max_rank": self.max_ranks}
 
     def _factor_chain(self) -> nn.Sequential:
         """Three convolutions: 1x1 (C_in -> r_in), kxk (r_in -> r_out) with the spatial factors merged,

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_lowrank.layers import mode_dot, zero_outside
+from lightning_lowrank.layers import mode_dot, resized, zero_outside
 
 Kind = Literal["linear", "squared", "magnitude", "scalar"]
 Fresh = Literal["zero", "grad", "grad_squared", "grad_squared_sum", "grad_abs", "lr"]
@@ -178,3 +178,14 @@ def transport_state(optimizer: torch.optim.Optimizer | None, core: Tensor, ranks
             new = rotate(value[block], rotations, rules[key].kind)
             value.zero_()
             value[tuple(slice(r) for r in new.shape)] = new
+
+
+def resize_state(optimizer: torch.optim.Optimizer | None, changed: Sequence[tuple[Tensor, torch.Size]]) -> None:
+    """Follow :meth:`~lightning_lowrank.layers.TuckerLayer.resize`: every per-entry state tensor of a resized
+    parameter (shape ``old``) is reallocated at the parameter's new shape, keeping its leading block (zero beyond,
+    where the core is zero too); scalar state stays."""
+    for param, old in changed:
+        state = _core_state(optimizer, param)
+        for key, value in state.items():
+            if isinstance(value, Tensor) and value.shape == old:
+                state[key] = resized(value, param.shape)

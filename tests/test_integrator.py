@@ -35,6 +35,11 @@ def dense_forward(layer, weight, bias, x):
     return F.conv2d(x, weight, bias, layer.stride, 0, layer.dilation)
 
 
+def active(tensor: torch.Tensor, ranks) -> torch.Tensor:
+    """The leading block ``ranks`` of a core-shaped tensor."""
+    return tensor[tuple(slice(r) for r in ranks)]
+
+
 def make_layer(kind):
     torch.manual_seed(0)
     if kind == "linear":
@@ -127,11 +132,14 @@ def test_augmentation_is_exact_orthonormal_and_capped():
     weight = layer.dense_weight().detach()
     layer(torch.randn(2, 6, 6, 6)).sum().backward()
     integrator.augment()
-    assert layer.ranks == (5, 6, 3, 3)  # 2r capped by max_rank (5) and by the mode size (6)
+    # 2r capped by the mode size (6 input channels), not by max_rank (out 5): a mode at max_rank still rotates
+    assert layer.ranks == (6, 6, 3, 3)
     torch.testing.assert_close(layer.dense_weight(), weight, rtol=0, atol=1e-13)
     for u in layer.active_factors():
         assert_orthonormal(u, atol=1e-12)
     assert all(u.grad is None for u in layer.factors)
+    integrator.truncate()
+    assert all(r <= m for r, m in zip(layer.ranks, layer.max_ranks))
 
 
 @pytest.mark.parametrize("tau", [0.02, 0.1, 0.3])
@@ -151,17 +159,25 @@ def test_truncation_error_bound(tau):
     assert layer.ranks[0] < 12 or tau == 0.02
 
 
-def test_fixed_rank_step_is_the_projected_gradient_step():
-    """With no room to grow (max_rank = rank) and tau = 0: W' = W - lr dL/dW x_i U_i U_i^T."""
+def test_at_max_rank_the_step_is_the_augmented_step_truncated_back():
+    """A layer at its max_rank still augments (storage beyond max_rank): with tau = 0 the step is the best
+    rank-r approximation (truncated SVD) of W - lr dL/dW x_i U_hat_i U_hat_i^T, U_hat_i = orth([U_i | dL/dU_i])."""
+    torch.manual_seed(0)
     layer = TuckerLinear(9, 7, rank=(3, 3), max_rank=(3, 3))
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, interval=1))
-    u_out, u_in = (u.detach().clone() for u in layer.active_factors())
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, method="augmented", interval=1))
     weight = layer.dense_weight().detach().requires_grad_(True)
     x, target = torch.randn(5, 9), torch.randn(5, 7)
-    grad = torch.autograd.grad(((F.linear(x, weight, layer.bias) - target) ** 2).sum(), weight)[0]
-    expected = weight.detach() - 0.1 * (u_out @ u_out.T) @ grad @ (u_in @ u_in.T)
+    loss = ((F.linear(x, weight, layer.bias) - target) ** 2).sum()
+    grad = torch.autograd.grad(loss, weight)[0]
+    u_out, u_in = (u.detach() for u in layer.active_factors())
+    hat_out = torch.linalg.qr(torch.cat([u_out, grad @ u_in], 1))[0]  # dL/dU_out = G U_in C^T spans G U_in
+    hat_in = torch.linalg.qr(torch.cat([u_in, grad.T @ u_out], 1))[0]
+    stepped = weight.detach() - 0.1 * (hat_out @ hat_out.T) @ grad @ (hat_in @ hat_in.T)
+    u, s, vh = torch.linalg.svd(stepped)
+    expected = u[:, :3] @ torch.diag(s[:3]) @ vh[:3]
     ((layer(x) - target) ** 2).sum().backward()
     integrator.step(torch.optim.SGD([layer.core], lr=0.1))
+    assert layer.ranks == (3, 3)
     torch.testing.assert_close(layer.dense_weight(), expected, rtol=0, atol=1e-12)
 
 
@@ -249,39 +265,44 @@ def test_bases_change_only_through_qr_and_svd(optimizer_cls, options):
 def test_momentum_follows_the_rotation():
     """With no truncation, the momentum expressed in weight space (m x_i U_i) is the same before and after."""
     torch.manual_seed(0)
-    layer = TuckerLinear(10, 8, rank=(3, 3), max_rank=(3, 3))
+    layer = TuckerLinear(40, 30, rank=(3, 3))
     integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, interval=1))
     optimizer = torch.optim.SGD([layer.core], lr=0.1, momentum=0.9)
-    x, target = torch.randn(8, 10), torch.randn(8, 8)
-    for _ in range(3):
+    x, target = torch.randn(32, 40), torch.randn(32, 30)
+    for _ in range(1):  # ranks 3 -> 6, nothing cut; the storage grows from 6 to 12 after the truncation
         optimizer.zero_grad()
         ((layer(x) - target) ** 2).sum().backward()
         integrator.augment()
         optimizer.step()
-        block = tuple(slice(r) for r in layer.ranks)
-        before = tucker_to_dense(optimizer.state[layer.core]["momentum_buffer"][block], layer.active_factors())
+        before = tucker_to_dense(active(optimizer.state[layer.core]["momentum_buffer"], layer.ranks),
+                                 layer.active_factors())
         integrator.truncate(optimizer)
-        after = tucker_to_dense(optimizer.state[layer.core]["momentum_buffer"][block], layer.active_factors())
+        after = tucker_to_dense(active(optimizer.state[layer.core]["momentum_buffer"], layer.ranks),
+                                layer.active_factors())
         torch.testing.assert_close(after, before, rtol=0, atol=1e-12)
+    assert layer.ranks == (6, 6) and layer.storage == (12, 12)
 
 
 def test_second_moments_take_the_squared_rotation():
     """Adam's exp_avg_sq becomes diag(P^T diag(v) P), the diagonal of the rotated covariance; it stays >= 0."""
     torch.manual_seed(0)
-    layer = TuckerLinear(10, 8, rank=(3, 3), max_rank=(3, 3))
+    layer = TuckerLinear(10, 8, rank=(3, 3))
     integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, interval=1))
     optimizer = torch.optim.Adam([layer.core], lr=0.01)
     ((layer(torch.randn(4, 10))) ** 2).sum().backward()
     integrator.augment()
     optimizer.step()
-    v = optimizer.state[layer.core]["exp_avg_sq"].clone()
+    v = active(optimizer.state[layer.core]["exp_avg_sq"], layer.ranks).clone()
     core = layer.active_core().detach().clone()
     integrator.truncate(optimizer)
-    p_out = torch.linalg.svd(core, full_matrices=False)[0]
-    p_in = torch.linalg.svd(core.T, full_matrices=False)[0]
+    r_out, r_in = layer.ranks  # a rank-3 loss gradient: the 6 x 6 core has rank 4 and only zeros are cut
+    p_out = torch.linalg.svd(core, full_matrices=False)[0][:, :r_out]
+    p_in = torch.linalg.svd(core.T, full_matrices=False)[0][:, :r_in]
     expected = (p_out**2).T @ v @ (p_in**2)
     # singular vectors are defined up to sign, which the squares do not see
-    torch.testing.assert_close(optimizer.state[layer.core]["exp_avg_sq"], expected, rtol=1e-10, atol=1e-14)
+    state = optimizer.state[layer.core]["exp_avg_sq"]
+    torch.testing.assert_close(active(state, layer.ranks), expected, rtol=1e-10, atol=1e-14)
+    assert torch.count_nonzero(state) == torch.count_nonzero(active(state, layer.ranks))  # zero outside the block
 
 
 def test_fresh_core_entries_take_a_steady_state_adam_step():
@@ -758,8 +779,8 @@ def test_a_step_that_never_came_is_truncated_first_and_not_counted():
     x = torch.randn(6, 10)
     layer(x).pow(2).sum().backward()
     weight = layer.dense_weight().detach().clone()
-    assert integrator.before_step(optimizer)  # augmented to (5, 5); the optimizer step is then skipped
-    assert layer.ranks == (5, 5)
+    assert integrator.before_step(optimizer)  # augmented to (6, 6); the optimizer step is then skipped
+    assert layer.ranks == (6, 6)
     optimizer.zero_grad(set_to_none=True)
     layer(x).pow(2).sum().backward()
     assert integrator.before_step(optimizer)
