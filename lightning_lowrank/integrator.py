@@ -137,7 +137,7 @@ class TuckerIntegrator:
         for name, layer in layers.items():
             for mode, n in enumerate(layer.max_ranks):
                 if self.config.adapts(mode) and n < self.config.min_rank:
-                    raise ValueError(f"`min_rank` {self.config.min_rank} exceeds the storage rank {n} of mode {mode} "
+                    raise ValueError(f"`min_rank` {self.config.min_rank} exceeds the max_rank {n} of mode {mode} "
                                      f"of Tucker layer {name!r}: lower `min_rank`, or exclude the layer")
         self.layers.update(layers)
         if self.config.method == "augmented":

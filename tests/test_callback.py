@@ -757,8 +757,8 @@ def test_single_values_are_taken_whole(options, converted):
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(min_rank=5, max_rank=0.25), r"`min_rank` 5 exceeds the storage rank 2 of mode 0 of Tucker layer 'net.0'"),
-    (dict(min_rank=9), r"`min_rank` 9 exceeds the storage rank 8 of mode 0 of Tucker layer 'net.0'"),
+    (dict(min_rank=5, max_rank=0.25), r"`min_rank` 5 exceeds the max_rank 2 of mode 0 of Tucker layer 'net.0'"),
+    (dict(min_rank=9), r"`min_rank` 9 exceeds the max_rank 8 of mode 0 of Tucker layer 'net.0'"),
     (dict(layer_types="Embedding"), r"`layer_types` must be among \['Linear', 'Conv1d', 'Conv2d', 'Conv3d', 'Multi"),
 ])
 def test_options_that_fit_no_layer_are_refused_before_training(options, message):

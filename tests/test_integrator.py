@@ -17,6 +17,7 @@ from lightning_lowrank import (
     TuckerIntegrator,
     TuckerLinear,
 )
+from lightning_lowrank.layers import storage_size
 
 
 @pytest.fixture(autouse=True)
@@ -209,6 +210,62 @@ def teacher_student(student, teacher, x_shape, steps, lr, tau):
         ((student(x) - teacher(x)) ** 2).mean().backward()
         integrator.step(optimizer)
     return student
+
+
+def test_a_mode_at_full_rank_still_rotates_its_basis():
+    """A Linear(64, 8) student at full rank (8, 8) of a rank-8 teacher whose input subspace is another: the input
+    basis augments beyond the rank bound (storage 16), so at tau = 0 it learns the teacher exactly as dense training
+    does (same error, step for step: at full rank the integrator is dense gradient descent)."""
+    torch.manual_seed(0)
+    teacher = nn.Linear(64, 8, bias=False).requires_grad_(False)
+    dense = nn.Linear(64, 8, bias=False)
+    student = TuckerLinear.from_dense(dense)
+    assert student.ranks == (8, 8) and student.storage == (8, 16)
+    integrator = TuckerIntegrator(nn.Sequential(student), IntegratorConfig(tau=0.0, interval=1))
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.25)
+    dense_optimizer = torch.optim.SGD(dense.parameters(), lr=0.25)
+    for _ in range(100):
+        x = torch.randn(64, 64)
+        for model, opt in ((student, optimizer), (dense, dense_optimizer)):
+            opt.zero_grad()
+            ((model(x) - teacher(x)) ** 2).mean().backward()
+            integrator.step(opt) if model is student else opt.step()
+    error = (student.dense_weight() - teacher.weight).norm() / teacher.weight.norm()
+    assert error < 1e-2  # a basis that cannot rotate stays near 0.9
+    torch.testing.assert_close(student.dense_weight(), dense.weight, rtol=0, atol=1e-10)
+
+
+def test_a_run_whose_storage_follows_the_rank_equals_one_at_fixed_storage(monkeypatch):
+    """Reallocating factors, core, gradients and Adam's state (storage shrinking as ranks fall) changes nothing:
+    the same run with the storage held at the mode sizes gives the same weights and optimizer state."""
+    def run(follows):
+        torch.manual_seed(0)
+        teacher = TuckerLinear(40, 30, rank=(4, 4)).requires_grad_(False)
+        student = TuckerLinear(40, 30)
+        integrator = TuckerIntegrator(nn.Sequential(student), IntegratorConfig(tau=0.2, interval=2, core_steps=1))
+        optimizer = torch.optim.Adam(student.parameters(), lr=0.01)
+        storages = {student.storage}
+        for _ in range(40):
+            x = torch.randn(64, 40)
+            optimizer.zero_grad()
+            ((student(x) - teacher(x)) ** 2).mean().backward()
+            integrator.step(optimizer)
+            storages.add(student.storage)
+            # right after each truncation: room for the next augmentation, nothing left to reallocate
+            assert not follows or all(min(n, 2 * r) <= s == storage_size(n, r, s)
+                                      for n, r, s in zip(student.shape, student.ranks, student.storage))
+        return student, optimizer.state[student.core], storages
+
+    follows, state, storages = run(True)
+    assert min(storages) < (30, 40)  # it shrank
+    monkeypatch.setattr("lightning_lowrank.integrator.storage_size", lambda size, rank, current=None: size)
+    fixed, fixed_state, fixed_storages = run(False)
+    assert fixed_storages == {(30, 40)}
+    assert follows.ranks == fixed.ranks
+    torch.testing.assert_close(follows.dense_weight(), fixed.dense_weight(), rtol=0, atol=1e-12)
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(active(state[key], follows.ranks), active(fixed_state[key], fixed.ranks),
+                                   rtol=0, atol=1e-12)
 
 
 def test_ranks_settle_at_the_teacher_ranks_linear():
@@ -809,7 +866,7 @@ def test_min_rank_holds_ranks_up_and_must_fit_the_storage():
             integrator.step(optimizer)
         ranks[min_rank] = layer.ranks
     assert ranks == {1: (1, 1), 3: (3, 3)}
-    with pytest.raises(ValueError, match=r"`min_rank` 5 exceeds the storage rank 4 of mode 0 of Tucker layer '0'"):
+    with pytest.raises(ValueError, match=r"`min_rank` 5 exceeds the max_rank 4 of mode 0 of Tucker layer '0'"):
         TuckerIntegrator(nn.Sequential(TuckerLinear(10, 8, max_rank=(4, 4))), IntegratorConfig(min_rank=5, interval=1))
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_lowrank import TuckerConv1d, TuckerConv2d, TuckerConv3d, TuckerLinear
+from lightning_lowrank.layers import storage_size
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 DTYPES = [torch.float32, torch.float64]
@@ -121,8 +122,9 @@ def test_random_init_core_is_the_projection_of_the_dense_weight():
     torch.testing.assert_close(tucker.dense_weight(), dense.weight, rtol=1e-10, atol=1e-12)
 
 
-def test_storage_shapes_fixed_and_rank_is_a_persistent_buffer():
+def test_set_rank_keeps_the_storage_and_rank_is_a_persistent_buffer():
     layer = TuckerConv2d(8, 12, 3, rank=(6, 4, 3, 3), max_rank=(10, 8, 3, 3))
+    assert layer.storage == (12, 8, 3, 3)  # 2r capped by the mode size, beyond max_rank
     shapes = [p.shape for p in layer.parameters()]
     layer.set_rank((2, 3, 2, 3))
     assert [p.shape for p in layer.parameters()] == shapes
@@ -134,6 +136,70 @@ def test_storage_shapes_fixed_and_rank_is_a_persistent_buffer():
     assert fresh.ranks == (2, 3, 2, 3)
     x = torch.randn(1, 8, 6, 6)
     torch.testing.assert_close(fresh(x), layer(x))
+
+
+def test_storage_size_is_twice_the_rank_on_a_ladder_with_hysteresis():
+    """Room for the augmented basis (2r, capped by the mode size) on the ladder 2, 3, 4, 6, 8, 12, 16, 24, ...;
+    from a current storage: grow when 2r exceeds it, shrink only to half of it or less."""
+    assert [storage_size(100, r) for r in (1, 2, 3, 5, 6, 9, 13, 40, 50)] == [2, 4, 6, 12, 12, 24, 32, 96, 100]
+    assert storage_size(10, 8) == 10
+    assert storage_size(100, 21, current=96) == 48  # 48 <= 96 / 2: shrink
+    assert storage_size(100, 25, current=96) == 96  # 64 > 96 / 2: stay
+    assert storage_size(100, 49, current=96) == 100  # 98 > 96: grow
+    for size, rank, current in itertools.product((7, 64, 100), range(1, 64), (2, 12, 48, 64)):
+        if rank <= current <= size:
+            s = storage_size(size, rank, current)
+            assert min(size, 2 * rank) <= s <= size
+
+
+def test_resize_keeps_the_parameters_their_leading_blocks_and_the_function():
+    torch.manual_seed(0)
+    layer = TuckerConv2d(8, 12, 3, rank=(3, 2, 3, 3))
+    layer(torch.randn(1, 8, 5, 5)).sum().backward()
+    params = list(layer.parameters())
+    x = torch.randn(2, 8, 6, 6)
+    expected, weight = layer(x).detach(), layer.dense_weight().detach()
+    core, grad = layer.active_core().detach().clone(), layer.core.grad[:3, :2].clone()
+    for storage in [(12, 8, 3, 3), (3, 2, 3, 3)]:
+        changed = layer.resize(storage)
+        assert layer.storage == storage and [p.shape[1] for p in layer.factors] == list(storage)
+        assert all(a is b for a, b in zip(layer.parameters(), params)) and changed
+        assert layer.core.grad.shape == storage
+        torch.testing.assert_close(layer.active_core(), core, rtol=0, atol=0)
+        torch.testing.assert_close(layer.core.grad[:3, :2], grad, rtol=0, atol=0)
+        torch.testing.assert_close(layer.dense_weight(), weight, rtol=0, atol=0)
+        torch.testing.assert_close(layer(x), expected)
+    with pytest.raises(ValueError, match=r"`storage` \(2, 2, 3, 3\) must hold the active ranks \(3, 2, 3, 3\)"):
+        layer.resize((2, 2, 3, 3))
+    with pytest.raises(ValueError, match=r"`storage` of mode 0 must be in \[1, 12\] \(the mode size\)"):
+        layer.resize((13, 2, 3, 3))
+
+
+def test_resize_while_an_old_graph_is_alive():
+    """A previous step's loss still alive holds the parameters' gradient accumulators: after a resize, a new
+    backward must not check gradients against the old shapes (guards ``replace_data``'s reliance on torch)."""
+    layer = TuckerLinear(10, 8, rank=(2, 2))
+    x = torch.randn(4, 10)
+    old = layer(x).sum()
+    old.backward(retain_graph=True)
+    layer.resize((8, 10))
+    layer.zero_grad()
+    layer(x).sum().backward()
+    assert layer.core.grad.shape == (8, 10) and layer.factors[1].grad.shape == (10, 10)
+    del old
+
+
+def test_a_state_dict_of_another_storage_loads_at_that_storage():
+    torch.manual_seed(0)
+    source = TuckerLinear(16, 12, rank=(3, 3))
+    source.resize((12, 16))
+    target = TuckerLinear(16, 12, rank=(6, 6))
+    params = list(target.parameters())
+    target.load_state_dict(source.state_dict())
+    assert target.storage == (12, 16) and target.ranks == (3, 3)
+    assert all(a is b for a, b in zip(target.parameters(), params))
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
 
 
 def flops(layer, x):
