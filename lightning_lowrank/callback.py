@@ -22,6 +22,7 @@ from typing_extensions import override
 from lightning_lowrank.checkpoint import CHECKPOINT_KEY, split_state
 from lightning_lowrank.conversion import RankSpec, TuckerConfig, convert
 from lightning_lowrank.deep_linear import DeepLinear, DeepLinearConfig, overparameterize
+from lightning_lowrank.distributed import broadcast_layers, keep_out_of_ddp
 from lightning_lowrank.integrator import IntegratorConfig, TuckerIntegrator, gradients_finite
 from lightning_lowrank.layers import TuckerLayer
 from lightning_lowrank.optimizer_state import state_rules
@@ -153,6 +154,7 @@ class TuckerCallback(_LowRankCallback):
         self._loaded_state: dict[str, Any] | None = None
         self._layers: dict[str, TuckerLayer] = {}
         self._membership: dict[torch.optim.Optimizer, int] = {}  # parameters per optimizer at the last look
+        self._out_of_ddp: set[str] = set()  # Tucker layers kept out of DDP at setup
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -179,6 +181,9 @@ class TuckerCallback(_LowRankCallback):
                                f"at the active ranks ({totals.dense_params:,} dense); compression "
                                f"{totals.compression_rate:.1%}")
         # else the module builds its layers in `configure_model` and converts them there (checked at fit start)
+        if isinstance(trainer.strategy, DDPStrategy):  # before the strategy wraps the module
+            keep_out_of_ddp(pl_module)
+            self._out_of_ddp = {name for name, m in pl_module.named_modules() if isinstance(m, TuckerLayer)}
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -186,6 +191,15 @@ class TuckerCallback(_LowRankCallback):
         if not layers:
             raise ValueError(f"{type(pl_module).__name__} has no Tucker layers at fit start: if it builds its layers "
                              "in `configure_model`, call `lightning_lowrank.convert` there")
+        if isinstance(trainer.strategy, DDPStrategy):
+            wrapped = sorted(set(layers) - self._out_of_ddp)
+            if wrapped:
+                raise ValueError(f"Tucker layers {wrapped} were converted after TuckerCallback's setup (in "
+                                 "`configure_model`?), so DDP holds their parameters, whose shapes change as the "
+                                 "storage follows the rank: under DDP convert in the module's __init__ or setup, "
+                                 "or let the callback convert")
+            if trainer.world_size > 1:
+                broadcast_layers(layers, lambda tensor: trainer.strategy.broadcast(tensor, src=0))
         self.integrators, self._layers, self._membership = {}, layers, {}
         for optimizer in trainer.optimizers:
             self._join(trainer, optimizer)

@@ -28,8 +28,16 @@ import torch
 from torch import Tensor, nn
 
 from lightning_lowrank.augmentation import Capture, augmented_basis, parallel_gradient
+from lightning_lowrank.distributed import average_gradients
 from lightning_lowrank.layers import (
-    TuckerLayer, check_int, compute_dtype, consistent_ranks, mode_dot, storage_size, zero_outside)
+    TuckerLayer,
+    check_int,
+    compute_dtype,
+    consistent_ranks,
+    mode_dot,
+    storage_size,
+    zero_outside,
+)
 from lightning_lowrank.optimizer_state import check_state, clear_outside, resize_state, warm_start
 from lightning_lowrank.truncation import rank_candidates, rotate_layer
 
@@ -104,7 +112,9 @@ class TuckerIntegrator:
     Args:
         module: a module holding Tucker layers, or a mapping of names to the layers to integrate.
         config: the integrator's options.
-        reduce: averages a hand-made gradient across data-parallel processes (``method="augmented"``); None: identity.
+        reduce: averages a tensor across data-parallel processes: the Tucker layers' gradients, which DDP does not
+            hold (:mod:`lightning_lowrank.distributed`), at the start of every step, and the hand-made gradient of
+            ``method="augmented"``; None: one process.
         broadcast: makes the rank decision (a 1-D integer tensor) the same on every process, for example by
             broadcasting it from the first one; None: identity.
     """
@@ -132,7 +142,7 @@ class TuckerIntegrator:
         """Integrate these layers too, from the next step on.
 
         Raises:
-            ValueError: ``min_rank`` exceeds the storage rank of an adapted mode.
+            ValueError: ``min_rank`` exceeds the max_rank of an adapted mode.
         """
         for name, layer in layers.items():
             for mode, n in enumerate(layer.max_ranks):
@@ -201,6 +211,8 @@ class TuckerIntegrator:
         if self._augmenting:  # an augmenting step whose optimizer step never came (AMP skipped it): undo it
             self._undo_augmentation(optimizer)
         self._prepared = False
+        if self.reduce is not None:
+            average_gradients(self.layers.values(), self.reduce)
         parameters = [p for layer in self.layers.values() for p in layer.parameters()]
         if optimizer is not None:
             parameters += [p for group in optimizer.param_groups for p in group["params"]]

@@ -324,7 +324,8 @@ class TuckerLayer(nn.Module):
         zero_outside(core, ranks)
         storage = [storage_size(n, r) for n, r in zip(self.shape, ranks)]
         return {prefix + "core": resized(core, storage), prefix + "rank": torch.tensor(ranks, dtype=torch.long),
-                **{f"{prefix}factors.{i}": resized(u, (u.shape[0], s)) for i, (u, s) in enumerate(zip(factors, storage))}}
+                **{f"{prefix}factors.{i}": resized(u, (u.shape[0], s))
+                   for i, (u, s) in enumerate(zip(factors, storage))}}
 
     def _copy_from(self, layer: nn.Linear | DenseConv, init: Init) -> None:
         """Take weight (decomposed), bias, ``requires_grad`` (factors and core follow the weight's) and train/eval
@@ -642,7 +643,8 @@ class _TuckerConvNd(TuckerLayer):
 
     def arguments(self) -> dict[str, object]:
         return {"in_channels": self.in_channels, "out_channels": self.out_channels, "kernel_size": self.kernel_size,
-                **self._options(), "bias": self.bias is not None, "rank": self._constructor_ranks(), "max_rank": self.max_ranks}
+                **self._options(), "bias": self.bias is not None, "rank": self._constructor_ranks(),
+                "max_rank": self.max_ranks}
 
     def _factor_chain(self) -> nn.Sequential:
         """Three convolutions: 1x1 (C_in -> r_in), kxk (r_in -> r_out) with the spatial factors merged,

@@ -17,23 +17,26 @@ import lightning_lowrank as ll
 class RankHistory(pl.Callback):
     def __init__(self):
         self.ranks = []
+        self.storages = []
 
     def on_train_batch_end(self, trainer, pl_module, *args):
-        self.ranks.append([r for m in pl_module.modules() if isinstance(m, ll.TuckerLayer) for r in m.ranks])
+        layers = [m for m in pl_module.modules() if isinstance(m, ll.TuckerLayer)]
+        self.ranks.append([r for m in layers for r in m.ranks])
+        self.storages.append([s for m in layers for s in m.storage])
 
 
 def main(out: Path) -> None:
     torch.manual_seed(0)  # the same initial model everywhere (DDP also broadcasts it)
     history = RankHistory()
     # each process a different tolerance: only the broadcast of the first process's rank decision keeps them identical
-    callback = ll.TuckerCallback(tau=0.3 if os.environ.get("LOCAL_RANK", "0") == "0" else 0.05)
+    callback = ll.TuckerCallback(tau=0.3 if os.environ.get("LOCAL_RANK", "0") == "0" else 0.05, interval=1)
     trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=3, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[callback, history])
     model = Student(lr=0.02, batch_size=16)
     trainer.fit(model)
-    torch.save({"steps": trainer.global_step, "ranks": history.ranks, "state_dict": model.state_dict()},
-               out / f"rank{trainer.global_rank}.pt")
+    torch.save({"steps": trainer.global_step, "ranks": history.ranks, "storages": history.storages,
+                "state_dict": model.state_dict()}, out / f"rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import csv
 import math
+import os
 import subprocess
 import sys
 import warnings
@@ -252,6 +253,28 @@ def test_module_converting_in_configure_model_loads_with_load_from_checkpoint(tm
     x = torch.randn(3, 3, 6, 6)
     torch.testing.assert_close(loaded(x), model(x))
     assert [m.ranks for m in tucker_layers(loaded).values()] == [m.ranks for m in tucker_layers(model).values()]
+
+
+@pytest.fixture
+def in_process_ddp():
+    """Lightning's DDP with one device runs in this process: restore the environment and the process group after."""
+    environment = dict(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environment)
+
+
+def test_under_ddp_a_module_converting_in_configure_model_is_refused_at_fit_start(in_process_ddp):
+    """Its layers are converted after the callback's setup kept the Tucker parameters out of DDP, so DDP would hold
+    parameters whose shapes change: refused before the first step, naming the fix. Converted in __init__ it trains."""
+    with pytest.raises(ValueError, match=r"Tucker layers \['net.0', 'net.3', 'net.4'\] were converted after "
+                                         r"TuckerCallback's setup \(in `configure_model`\?\), so DDP holds"):
+        trainer(strategy="ddp", max_epochs=1, callbacks=[ll.TuckerCallback()]).fit(ConfiguredStudent())
+    model = Student()
+    trainer(strategy="ddp", max_epochs=1, callbacks=[ll.TuckerCallback(interval=1, tau=0.3)]).fit(model)
+    assert any(layer.storage != (8, 3, 3, 3) for layer in tucker_layers(model).values())
 
 
 class CountingStudent(Student):
@@ -545,6 +568,8 @@ def test_ddp_processes_end_every_step_identical(tmp_path):
     assert states[0]["steps"] == states[1]["steps"] > 0
     assert states[0]["ranks"] == states[1]["ranks"]  # identical rank history, step by step
     assert len(set(map(tuple, states[0]["ranks"]))) > 1  # ranks did change
+    assert states[0]["storages"] == states[1]["storages"]
+    assert len(set(map(tuple, states[0]["storages"]))) > 1  # and the storage with them
     for key, value in states[0]["state_dict"].items():
         assert torch.equal(value, states[1]["state_dict"][key]), key
 
