@@ -50,8 +50,8 @@ def augmented_basis(layer: TuckerLayer, mode: int, earlier: Tensor | None,
     (I - U U^T) G with min(r, n - r) columns (capped by the mode size n, not by ``max_rank``: a mode at its
     largest rank still rotates; the truncation brings it back to ``max_rank``); the layer's storage must hold
     them. Taking Q_1 (and C x_i R_11 as the core) instead of U keeps W exact and the basis orthonormal to working
-    precision, so rounding never accumulates; R_11 is the identity up to rounding. A mode that neither ``adapts`` nor has room to grow is never rotated: U as it is,
-    R_11 None.
+    precision, so rounding never accumulates; R_11 is the identity up to rounding. A mode that neither ``adapts``
+    nor has room to grow is never rotated: U as it is, R_11 None.
     """
     u = layer.factors[mode]
     r = layer.ranks[mode]
