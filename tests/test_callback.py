@@ -98,12 +98,13 @@ def test_conversion_is_idempotent_across_stages():
 @pytest.mark.parametrize("interval, core_steps", [(3, 1), (5, 5)])
 def test_resume_equals_an_uninterrupted_run(tmp_path, interval, core_steps):
     """Checkpoint after epoch 1 (8 steps: with 5 core steps, 3 steps into a window at the augmented ranks), resume
-    to epoch 3: ranks, parameters and optimizer state as if never stopped."""
+    to epoch 3: ranks, parameters and optimizer state as if never stopped, though the storage (parameter and state
+    shapes) at the checkpoint differs from the fresh module's and from the end's."""
     def run(epochs, ckpt_path=None):
         torch.manual_seed(0)
-        model = Student(lr=0.01, optimizer="adam")
+        model = Student(lr=0.03, optimizer="adam")
         checkpoint = ModelCheckpoint(dirpath=tmp_path / f"{epochs}-{ckpt_path is not None}", save_last=True)
-        callback = ll.TuckerCallback(tau=0.2, interval=interval, core_steps=core_steps)
+        callback = ll.TuckerCallback(tau=0.4, interval=interval, core_steps=core_steps)
         fit = trainer(max_epochs=epochs, enable_checkpointing=True, callbacks=[callback, checkpoint])
         fit.fit(model, ckpt_path=ckpt_path)
         return model, fit
@@ -111,6 +112,14 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, interval, core_steps):
     straight, straight_trainer = run(3)
     run(1)
     resumed, resumed_trainer = run(3, ckpt_path=tmp_path / "1-False" / "last.ckpt")
+    fresh = Student()
+    ll.convert(fresh)
+    stored = torch.load(tmp_path / "1-False" / "last.ckpt", weights_only=False)["lightning_lowrank"]["state_dict"]
+    at_start = [m.storage for m in tucker_layers(fresh).values()]
+    at_checkpoint = [tuple(stored[f"{name}.core"].shape) for name in tucker_layers(fresh)]
+    at_end = [m.storage for m in tucker_layers(straight).values()]
+    assert at_checkpoint != at_end  # the resumed run reallocates parameters and optimizer state
+    assert at_start != at_checkpoint or core_steps > 1  # (5, 5): the checkpoint is inside a window, storage as fresh
     assert resumed_trainer.fit_loop.epoch_loop._batches_that_stepped == 24 and resumed is not straight
     assert resumed_trainer.global_step == straight_trainer.global_step == 24
     assert [m.ranks for m in tucker_layers(resumed).values()] == [m.ranks for m in tucker_layers(straight).values()]
