@@ -432,7 +432,9 @@ def test_factors_in_another_optimizer_than_the_core_are_refused():
         trainer(max_epochs=1, callbacks=[ll.TuckerCallback()]).fit(Split())
 
 
-def test_torch_compile_does_not_recompile_when_ranks_change():
+def test_torch_compile_recompiles_once_per_storage_not_per_rank():
+    """A compiled forward computes at the storage (the core is 0 outside the active block), so a rank change within
+    the storage reuses the graph; each reallocation of the storage compiles once more."""
     compiles = []
 
     def counting_backend(graph, example_inputs):
@@ -444,14 +446,23 @@ def test_torch_compile_does_not_recompile_when_ranks_change():
             if not isinstance(self.net, torch._dynamo.eval_frame.OptimizedModule):
                 self.net = torch.compile(self.net, backend=counting_backend)
 
+    class Storages(pl.Callback):
+        def __init__(self):
+            self.seen, self.ranks = set(), set()
+
+        def on_train_batch_start(self, trainer, pl_module, *args):
+            layers = tucker_layers(pl_module).values()
+            self.seen.add(tuple(m.storage for m in layers))
+            self.ranks.add(tuple(m.ranks for m in layers))
+
     torch.manual_seed(0)
     model = Compiled(lr=0.02)
-    callback = ll.TuckerCallback(tau=0.3)
-    fit = trainer(max_epochs=3, callbacks=[callback], num_sanity_val_steps=0, limit_val_batches=0)
+    storages = Storages()
+    fit = trainer(max_epochs=3, callbacks=[ll.TuckerCallback(tau=0.3, interval=1), storages],
+                  num_sanity_val_steps=0, limit_val_batches=0)
     fit.fit(model)
-    ranks = [m.ranks for m in tucker_layers(model).values()]
-    assert ranks != [m.max_ranks for m in tucker_layers(model).values()]  # ranks changed during training
-    assert len(compiles) <= 2, compiles  # forward graph (and at most one more), not one per rank change
+    assert len(storages.ranks) > len(storages.seen) > 1  # ranks changed more often than the storage did
+    assert len(compiles) <= len(storages.seen), (compiles, storages.seen)
     x = torch.randn(4, 3, 6, 6)
     eager = ll.compact(model.net._orig_mod)
     torch.testing.assert_close(model.net(x), eager(x), rtol=1e-5, atol=1e-6)
