@@ -35,6 +35,9 @@ except ImportError:
     _AVERAGING = (StochasticWeightAveraging,)
 
 
+_PROGRESS_BAR = ("compression_rate", "params", "stored_params")
+
+
 class _LowRankCallback(Callback):
     """What both callbacks share: metrics and checkpoints.
 
@@ -72,7 +75,7 @@ class _LowRankCallback(Callback):
 
     def _log(self, pl_module: pl.LightningModule, on_step: bool) -> None:
         for name, value in self.metrics(pl_module).items():
-            pl_module.log(f"lowrank/{name}", value, prog_bar=name == "compression_rate", on_step=on_step,
+            pl_module.log(f"lowrank/{name}", value, prog_bar=name in _PROGRESS_BAR, on_step=on_step,
                           on_epoch=not on_step, batch_size=1)
 
     @override
@@ -176,10 +179,10 @@ class TuckerCallback(_LowRankCallback):
             if report.converted:
                 totals = summary(pl_module)
                 rank_zero_info(f"TuckerCallback: {report}\nTuckerCallback: the converted layers store "
-                               f"{totals.stored_params:,} parameters (factors at their maximum ranks: what "
-                               f"Lightning's model summary counts) for {totals.factorized_params:,} effective ones "
-                               f"at the active ranks ({totals.dense_params:,} dense); compression "
-                               f"{totals.compression_rate:.1%}")
+                               f"{totals.stored_params:,} parameters (factors and core at their storage, room for "
+                               f"the next augmentation: what Lightning's model summary counts) for "
+                               f"{totals.factorized_params:,} effective ones at the active ranks "
+                               f"({totals.dense_params:,} dense); compression {totals.compression_rate:.1%}")
         # else the module builds its layers in `configure_model` and converts them there (checked at fit start)
         if isinstance(trainer.strategy, DDPStrategy):  # before the strategy wraps the module
             keep_out_of_ddp(pl_module)
@@ -314,7 +317,8 @@ class TuckerCallback(_LowRankCallback):
         (Python numbers: no device sync)."""
         decided = {name: ranks for integrator in self.integrators.values() for name, ranks in integrator.ranks.items()}
         report = summary(pl_module, decided)
-        metrics = {"compression_rate": report.compression_rate, "params": float(report.params)}
+        metrics = {"compression_rate": report.compression_rate, "params": float(report.params),
+                   "stored_params": float(report.stored)}
         for integrator in self.integrators.values():
             for name, layer in integrator.layers.items():
                 for mode, (mode_name, rank) in enumerate(zip(layer.mode_names, decided[name])):

@@ -12,14 +12,15 @@ from lightning_lowrank.layers import TuckerLayer
 
 @dataclass(frozen=True)
 class LayerSummary:
-    """One Tucker layer: its name, type, dense weight shape, active and maximum ranks, and parameters: effective (the
-    factorization at the active ranks), stored (the tensors it holds, at the maximum ranks) and dense."""
+    """One Tucker layer: its name, type, dense weight shape, active and maximum ranks, storage, and parameters:
+    effective (the factorization at the active ranks), stored (the tensors it holds, at its storage) and dense."""
 
     name: str
     kind: str
     shape: tuple[int, ...]
     ranks: tuple[int, ...]
     max_ranks: tuple[int, ...]
+    storage: tuple[int, ...]
     params: int
     dense_params: int
     stored_params: int
@@ -33,10 +34,13 @@ class LayerSummary:
 
 @dataclass(frozen=True)
 class Summary:
-    """Ranks and parameters of a model; ``params`` counts the whole model with Tucker layers at active ranks."""
+    """Ranks and parameters of a model; ``params`` counts the whole model with Tucker layers at active ranks,
+    ``stored`` the tensors it holds (what Lightning's model summary counts, and what gradients and optimizer state
+    follow)."""
 
     layers: tuple[LayerSummary, ...]
     params: int
+    stored: int
 
     @property
     def factorized_params(self) -> int:
@@ -49,8 +53,7 @@ class Summary:
 
     @property
     def stored_params(self) -> int:
-        """Parameters the converted layers hold (what Lightning's model summary counts): factors and core at the
-        maximum ranks."""
+        """Parameters the converted layers hold: factors and core at their storage."""
         return sum(layer.stored_params for layer in self.layers)
 
     @property
@@ -60,17 +63,19 @@ class Summary:
         return 1.0 - self.factorized_params / self.dense_params if self.layers else 0.0
 
     def __str__(self) -> str:
-        header = ("layer", "type", "shape", "rank", "max rank", "params", "dense")
+        header = ("layer", "type", "shape", "rank", "max rank", "storage", "params", "stored", "dense")
         rows = [header] + [(s.name, s.kind, "x".join(map(str, s.shape)), str(s.ranks), str(s.max_ranks),
-                            f"{s.params:,}" + ("" if s.pays else " (dense)"), f"{s.dense_params:,}")
+                            str(s.storage), f"{s.params:,}" + ("" if s.pays else " (dense)"), f"{s.stored_params:,}",
+                            f"{s.dense_params:,}")
                            for s in self.layers]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append(f"converted layers: {self.factorized_params:,} of {self.dense_params:,} dense parameters, "
                      f"compression rate {self.compression_rate:.2%}; whole model: {self.params:,} parameters")
-        lines.append(f"stored: {self.stored_params:,} parameters in the converted layers (factors at their maximum "
-                     "ranks: what Lightning's model summary counts); effective: the factors at the active ranks")
+        lines.append(f"stored: {self.stored_params:,} parameters in the converted layers, {self.stored:,} in the whole "
+                     "model (factors and core at their storage, room for the next augmentation: what Lightning's "
+                     "model summary counts, and what gradients and optimizer state follow)")
         return "\n".join(lines)
 
 
@@ -89,6 +94,7 @@ def summary(module: nn.Module, ranks: Mapping[str, tuple[int, ...]] | None = Non
     rows = []
     for name, m in layers:
         r = tuple(ranks.get(name, m.ranks))
-        rows.append(LayerSummary(name, type(m).__name__, m.shape, r, m.max_ranks, m.num_parameters(r),
+        rows.append(LayerSummary(name, type(m).__name__, m.shape, r, m.max_ranks, m.storage, m.num_parameters(r),
                                  m.dense_num_parameters(), sum(p.numel() for p in m.parameters())))
-    return Summary(tuple(rows), other + sum(row.params for row in rows))
+    return Summary(tuple(rows), other + sum(row.params for row in rows),
+                   other + sum(row.stored_params for row in rows))

@@ -829,6 +829,18 @@ def test_bf16_true_training_reloads_at_its_ranks_with_load_from_checkpoint(tmp_p
     assert (loaded(x) - expected).norm() / expected.norm() < 0.02
 
 
+def test_progress_bar_shows_compression_and_the_effective_and_stored_parameters():
+    torch.manual_seed(0)
+    model = Student(lr=0.02)
+    fit = trainer(max_epochs=2, callbacks=[ll.TuckerCallback(tau=0.3, interval=1)])
+    fit.fit(model)
+    shown = fit.progress_bar_metrics
+    report = ll.summary(model)
+    assert shown["lowrank/stored_params"] == sum(p.numel() for p in model.parameters())
+    assert shown["lowrank/params"] == report.params < shown["lowrank/stored_params"]
+    assert shown["lowrank/compression_rate"] == pytest.approx(report.compression_rate)
+
+
 def test_fit_prints_the_stored_and_effective_parameters_and_the_final_ranks(caplog):
     """The setup line reconciles Lightning's model summary (stored parameters) with the compression (effective ones);
     at the end of fit the table is `ll.summary`'s, numbers included."""
@@ -842,3 +854,4 @@ def test_fit_prints_the_stored_and_effective_parameters_and_the_final_ranks(capl
     stored = sum(p.numel() for m in tucker_layers(model).values() for p in m.parameters())
     assert f"the converted layers store {stored:,} parameters" in text
     assert f"ranks at the end of fit\n{ll.summary(model)}" in text
+    assert f"{sum(p.numel() for p in model.parameters()):,} in the whole model" in text

@@ -233,6 +233,11 @@ def test_summary_counts_and_compression_rate():
     assert s.compression_rate == pytest.approx(1 - (tucker4 + tucker8) / s.dense_params)
     dense_rest = sum(p.numel() for i in (0, 2, 10) for p in small_cnn()[i].parameters())
     assert s.params == dense_rest + tucker4 + tucker8
+    # stored: factors and core at the storage (2r = 8 columns per channel mode, the kernel modes at 3)
+    stored4, stored8 = 32 * 8 + 32 * 8 + 2 * 9 + 8 * 8 * 9, 64 * 8 + 128 * 8 + 64 + 64
+    assert (s.layers[0].storage, s.layers[1].storage) == ((8, 8, 3, 3), (8, 8))
+    assert (s.layers[0].stored_params, s.layers[1].stored_params) == (stored4, stored8)
+    assert s.stored == sum(p.numel() for p in model.parameters()) == dense_rest + stored4 + stored8
     text = str(s)
     assert "TuckerConv2d" in text and "(4, 4, 3, 3)" in text and f"{s.compression_rate:.2%}" in text
     assert ll.summary(nn.Linear(2, 2)).compression_rate == 0.0
