@@ -644,11 +644,13 @@ def test_ddp_spawn_refuses_a_dense_model_and_returns_a_converted_one_trained(tmp
     model = Student(lr=0.02)
     ll.convert(model)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
+    storages = [m.storage for m in tucker_layers(model).values()]
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer(strategy="ddp_spawn", devices=1, max_epochs=2, enable_checkpointing=True,
-            callbacks=[ll.TuckerCallback(tau=0.3), checkpoint]).fit(model)
+            callbacks=[ll.TuckerCallback(tau=0.3, interval=1), checkpoint]).fit(model)
     worker = ll.load_checkpoint(tmp_path / "last.ckpt", Student(lr=0.02), compact_layers=False).state_dict()
     assert [m.ranks for m in tucker_layers(model).values()] != [m.max_ranks for m in tucker_layers(model).values()]
+    assert [m.storage for m in tucker_layers(model).values()] != storages  # came back at the worker's storage
     assert any(not torch.equal(v, initial[k]) for k, v in model.state_dict().items() if k.endswith("core"))
     for key, value in worker.items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)
