@@ -350,14 +350,19 @@ def test_gradient_clipping_clips_the_galerkin_gradient():
     assert_healthy(model)
 
 
-def test_bf16_mixed_on_cpu():
+@pytest.mark.parametrize("interval", [10, 1])
+def test_bf16_mixed_on_cpu(interval):
     torch.manual_seed(0)
     model = Student(lr=0.02)
-    callback = ll.TuckerCallback(tau=0.3)
+    fresh = Student()
+    ll.convert(fresh)
+    callback = ll.TuckerCallback(tau=0.3, interval=interval)
     fit = trainer(max_epochs=3, precision="bf16-mixed", callbacks=[callback])
     fit.fit(model)
     assert integrator_of(callback).steps == fit.global_step == 24
     assert ll.summary(model).compression_rate > 0.1  # at full rank it is -0.06: ranks fell
+    storages = [[m.storage for m in tucker_layers(module).values()] for module in (fresh, model)]
+    assert interval == 10 or storages[0] != storages[1]  # every step: through a storage change
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert_healthy(model)
 
