@@ -277,7 +277,7 @@ class TuckerCallback(_LowRankCallback):
                 return
         else:
             parameters = [p for group in optimizer.param_groups for p in group["params"]]
-            if gradients_finite(parameters):
+            if gradients_finite(parameters)[0]:
                 return
             for p in parameters:  # the whole step becomes a no-op: nothing is lost
                 p.grad = None

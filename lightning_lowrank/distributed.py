@@ -9,7 +9,7 @@ values are taken from the first process (:func:`broadcast_layers`), as DDP does 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -41,23 +41,30 @@ def _parameters(layers: Iterable[TuckerLayer]) -> list[nn.Parameter]:
 
 
 @torch.no_grad()
-def average_gradients(layers: Iterable[TuckerLayer], reduce: Callable[[Tensor], Tensor]) -> None:
+def average_gradients(layers: Iterable[TuckerLayer], reduce: Callable[[Tensor], Tensor]) -> Tensor | None:
     """Average the factors' and cores' gradients across processes in one ``reduce`` (a mean) of one flat buffer.
 
-    As DDP does, a process on which a parameter got no gradient contributes zeros; a parameter that got none on any
-    process keeps ``None``.
+    As DDP does, a process on which a parameter got no gradient contributes zeros. Returns, per parameter (in
+    :func:`drop_absent`'s order), the share of processes that had a gradient for it (a device tensor: the caller
+    reads it with its own host sync and passes it to :func:`drop_absent`); None without parameters.
     """
     parameters = _parameters(layers)
     if not parameters:
-        return
+        return None
     reference = parameters[0]
     present = torch.tensor([p.grad is not None for p in parameters], dtype=reference.dtype, device=reference.device)
-    flat = torch.cat([p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in parameters]
-                     + [present])
-    flat = reduce(flat)
-    grads = flat[:-len(parameters)].split([p.numel() for p in parameters])
-    for p, grad, seen in zip(parameters, grads, flat[-len(parameters):].tolist()):
-        p.grad = grad.view_as(p).clone() if seen > 0 else None
+    flat = reduce(torch.cat([p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel())
+                             for p in parameters] + [present]))
+    for p, grad in zip(parameters, flat[:-len(parameters)].split([p.numel() for p in parameters])):
+        p.grad = grad.view_as(p)
+    return flat[-len(parameters):]
+
+
+def drop_absent(layers: Iterable[TuckerLayer], present: Sequence[float]) -> None:
+    """Set to None the gradients that no process had (``present`` from :func:`average_gradients`, read)."""
+    for p, share in zip(_parameters(layers), present):
+        if share == 0:
+            p.grad = None
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_lowrank.augmentation import Capture, augmented_basis, parallel_gradient
-from lightning_lowrank.distributed import average_gradients
+from lightning_lowrank.distributed import average_gradients, drop_absent
 from lightning_lowrank.layers import (
     TuckerLayer,
     check_int,
@@ -211,12 +211,14 @@ class TuckerIntegrator:
         if self._augmenting:  # an augmenting step whose optimizer step never came (AMP skipped it): undo it
             self._undo_augmentation(optimizer)
         self._prepared = False
-        if self.reduce is not None:
-            average_gradients(self.layers.values(), self.reduce)
+        present = None if self.reduce is None else average_gradients(self.layers.values(), self.reduce)
         parameters = [p for layer in self.layers.values() for p in layer.parameters()]
         if optimizer is not None:
             parameters += [p for group in optimizer.param_groups for p in group["params"]]
-        if not gradients_finite(parameters):
+        finite, present = gradients_finite(parameters, present)  # one host sync for both
+        if present:
+            drop_absent(self.layers.values(), present)
+        if not finite:
             for p in parameters:
                 p.grad = None
             self.clear()
@@ -385,8 +387,9 @@ def fit_storage(layer: TuckerLayer, optimizer: torch.optim.Optimizer | None) -> 
         resize_state(optimizer, layer.resize(storage))
 
 
-def gradients_finite(parameters: Sequence[Tensor]) -> bool:
-    """Whether every gradient of ``parameters`` is finite (one host sync).
+def gradients_finite(parameters: Sequence[Tensor], fetch: Tensor | None = None) -> tuple[bool, list[float]]:
+    """Whether every gradient of ``parameters`` is finite, and the values of ``fetch`` (a 1-D tensor on the same
+    device), read in one host sync.
 
     Checked on the sums of the gradients (accumulated in float32 at least): a NaN or inf entry makes its sum
     non-finite, and one reduction per gradient reads memory once, where ``isfinite`` writes a mask of its size. A
@@ -394,7 +397,12 @@ def gradients_finite(parameters: Sequence[Tensor]) -> bool:
     """
     sums = [p.grad.sum(dtype=torch.promote_types(p.grad.dtype, torch.float32))
             for p in {id(p): p for p in parameters}.values() if p.grad is not None]
-    return bool(torch.isfinite(torch.stack(sums)).all()) if sums else True
+    if not sums:
+        return True, [] if fetch is None else fetch.tolist()
+    finite = torch.isfinite(torch.stack(sums)).all().reshape(1)
+    values = finite if fetch is None else torch.cat([finite.to(fetch.dtype), fetch.to(finite.device)])
+    first, *rest = values.tolist()
+    return bool(first), rest
 
 
 def _mask_outside_block(layer: TuckerLayer) -> None:

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_lowrank import TuckerConv2d, TuckerLinear
-from lightning_lowrank.distributed import average_gradients, broadcast_layers, keep_out_of_ddp
+from lightning_lowrank.distributed import average_gradients, broadcast_layers, drop_absent, keep_out_of_ddp
 
 
 @pytest.fixture
@@ -61,8 +61,10 @@ def test_average_gradients_is_the_mean_over_processes_with_zeros_for_absent_grad
     buffers = []
     average_gradients([second], lambda flat: buffers.append(flat.clone()) or flat)
     calls = []
-    average_gradients([first], lambda flat: calls.append(1) or (flat + buffers[0]) / 2)
+    present = average_gradients([first], lambda flat: calls.append(1) or (flat + buffers[0]) / 2)
     assert calls == [1]
+    assert present.tolist() == [0.0, 1.0, 0.5]  # factors.0 on neither, factors.1 on both, core on one
+    drop_absent([first], present.tolist())
     torch.testing.assert_close(first.core.grad, expected["core"])
     torch.testing.assert_close(first.factors[1].grad, expected["in"])
     assert first.factors[0].grad is None
