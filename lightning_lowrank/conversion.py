@@ -55,8 +55,9 @@ class TuckerConfig:
 
     Args:
         rank: initial active rank of the channel modes (output and input); "full" starts at `max_rank`.
-        max_rank: storage rank of the channel modes; ranks never grow beyond it.
-        kernel_rank: initial rank of the spatial modes of convolutions (their storage is always full).
+        max_rank: largest rank of the channel modes that truncation keeps (augmentation may exceed it for one
+            interval); the storage follows the rank (:func:`~lightning_lowrank.layers.storage_size`).
+        kernel_rank: initial rank of the spatial modes of convolutions.
         layer_types: dense module types to convert (exact type match, so subclasses with their own forward stay), as
             classes or class names (``"Conv2d"``): ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.MultiheadAttention``
             (split into four projections, each converted).
