@@ -106,7 +106,7 @@ def plot(results: list[dict[str, object]], path: str, title: str) -> None:
         label = "dense" if result["arm"] == "dense" else f"TuckerCallback, rank={result['arm']}"
         axes.plot([b / 2**20 for b in result["bytes"]], label=label)
     axes.set_xlabel("optimizer step")
-    axes.set_ylabel("parameters + gradients + optimizer state (MiB)")
+    axes.set_ylabel("MiB")
     axes.set_title(title)
     axes.set_ylim(bottom=0)
     axes.legend()
@@ -148,7 +148,7 @@ def main() -> None:
               f"{cell('last_ms', 1, ''):>14}  {r['ranks']}")
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        plot(results, args.plot, f"{args.model}: training state over steps (tau {args.tau})")
+        plot(results, args.plot, f"{args.model}: parameters + gradients + optimizer state (tau {args.tau})")
         print(f"wrote {args.plot}")
 
 
