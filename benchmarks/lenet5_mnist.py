@@ -35,6 +35,10 @@ def main() -> None:
     add_schedule_options(parser)
     parser.add_argument("--momentum", type=float, default=0.0)
     parser.add_argument("--ranks", nargs="+", default=["full"], help="initial ranks: 'full' or fractions in (0, 1]")
+    parser.add_argument("--init", default="hosvd", choices=["hosvd", "hosvd_scaled", "random"],
+                        help="factors of a start below full rank (TuckerConfig.init)")
+    parser.add_argument("--growth", type=float, default=ll.IntegratorConfig.growth,
+                        help="the integrator's growth margin (0: the paper's rule)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline row")
     args = parser.parse_args()
@@ -44,7 +48,8 @@ def main() -> None:
         pl.seed_everything(args.seed, verbose=False)
         return fit_and_test(ImageClassifier("lenet5", lr=0.05, momentum=args.momentum), data, args.epochs, callbacks)
 
-    print(f"LeNet5 / MNIST, SGD lr 0.05 momentum {args.momentum}, batch 128, {args.epochs} epochs, seed {args.seed}")
+    print(f"LeNet5 / MNIST, SGD lr 0.05 momentum {args.momentum}, batch 128, {args.epochs} epochs, seed {args.seed}, "
+          f"init {args.init}, growth {args.growth}")
     header = f"{'tau':>6} {'method':>9} {'schedule':>8} {'rank':>5} {'test acc':>9} {'compression':>11} " \
              f"{'s/epoch':>8} {'vs dense':>8}  final ranks (out/in per layer)"
     print(header, flush=True)
@@ -55,7 +60,8 @@ def main() -> None:
     for tau, method, (interval, core_steps), rank in itertools.product(args.taus, args.methods, schedules(args),
                                                                        args.ranks):
         result = run([ll.TuckerCallback(tau=tau, method=method, interval=interval, core_steps=core_steps,
-                                        rank=rank if rank == "full" else float(rank))])
+                                        rank=rank if rank == "full" else float(rank), init=args.init,
+                                        growth=args.growth)])
         ratio = f"{result.epoch_seconds / dense.epoch_seconds:8.2f}" if dense else f"{'-':>8}"
         print(f"{tau:6.2f} {method:>9} {f'{interval}:{core_steps}':>8} {rank:>5} {result.test_acc:9.2%} "
               f"{result.compression_rate:11.1%} {result.epoch_seconds:8.1f} {ratio}  {result.ranks}", flush=True)

@@ -111,7 +111,7 @@ class TuckerCallback(_LowRankCallback):
         tau: relative truncation tolerance in [0, 1).
         rank, max_rank, kernel_rank, include, exclude, min_size, keep_first_last, init, layer_types: which layers
             are converted and at which initial and maximum ranks (:class:`~lightning_lowrank.TuckerConfig`).
-        min_rank, modes, method, interval, core_steps: the integrator's options
+        min_rank, modes, method, interval, core_steps, growth: the integrator's options
             (:class:`~lightning_lowrank.IntegratorConfig`). Layers still at their augmented ranks when training ends
             (``core_steps`` > 1) are truncated then; logged ranks and compression are those the last truncation
             decided.
@@ -130,6 +130,7 @@ class TuckerCallback(_LowRankCallback):
         method: Literal["parallel", "augmented"] = "parallel",
         interval: int = 10,
         core_steps: int | None = None,
+        growth: float = 0.25,
         freeze_after_steps: int | None = None,
         freeze_after_epochs: int | None = None,
         include: Sequence[str] = (),
@@ -144,7 +145,7 @@ class TuckerCallback(_LowRankCallback):
                                        exclude=exclude, min_size=min_size, keep_first_last=keep_first_last,
                                        init=init, **conversion)
         self.integration = IntegratorConfig(tau=tau, min_rank=min_rank, modes=modes, method=method, interval=interval,
-                                           core_steps=core_steps)
+                                           core_steps=core_steps, growth=growth)
         if isinstance(max_rank, int) and not isinstance(max_rank, bool) and min_rank > max_rank:
             raise ValueError(f"`min_rank` ({min_rank}) must not exceed `max_rank` ({max_rank})")
         for name, value in (("freeze_after_steps", freeze_after_steps), ("freeze_after_epochs", freeze_after_epochs)):
@@ -341,7 +342,7 @@ class TuckerCallback(_LowRankCallback):
         options, so that :func:`~lightning_lowrank.load_checkpoint` truncates them as the end of training would."""
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
         pending = {name: ranks for integrator in self.integrators.values()
-                   for name, ranks in integrator.state_dict()["augmented"].items()}
+                   for name, ranks in integrator.unfinished.items()}
         if pending:
             checkpoint[CHECKPOINT_KEY]["pending"] = {"config": asdict(self.integration), "ranks": pending}
 
@@ -359,7 +360,7 @@ class TuckerCallback(_LowRankCallback):
         """Truncate the layers still training at their augmented ranks (``core_steps`` > 1), after the last
         checkpoint of the fit (which resumes in the middle of the schedule)."""
         for optimizer, integrator in self.integrators.items():
-            integrator.truncate(optimizer)
+            integrator.truncate(optimizer, final=True)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -116,6 +116,6 @@ def load_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], model: nn.Mo
         layers = {name: model.get_submodule(name) for name in pending["ranks"]}
         integrator = TuckerIntegrator(layers, IntegratorConfig(**pending["config"]))
         integrator.load_state_dict({"steps": 0, "frozen": False, "augmented": pending["ranks"]})
-        integrator.truncate()
+        integrator.truncate(final=True)
         integrator.remove()  # no forward hooks stay on the returned model
     return compact(model) if compact_layers else model

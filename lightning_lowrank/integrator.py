@@ -7,19 +7,32 @@ Around the user's optimizer step, for every Tucker layer W = C x_i U_i (arXiv 23
    so W is exactly unchanged, and its gradient becomes the Galerkin gradient dL/dW x_i U_hat_i^T, formed from the
    layer's input x and output gradient dy of the same pass (no second forward/backward).
 2. The optimizer steps the core and every non-basis parameter; bases have no gradient, so it skips them.
-3. :meth:`TuckerIntegrator.truncate` (after the step): per adapted mode, the SVD of the core's unfolding keeps the
-   smallest rank whose discarded singular values have 2-norm <= tau * ||C||_F, clamped to [min_rank, max_rank]
-   (non-adapted modes keep their rank); bases, core and the core's optimizer state rotate with the kept vectors.
+3. :meth:`TuckerIntegrator.truncate` (after the step): per adapted mode, the SVD of the core's unfolding gives the
+   tolerance rank d, the smallest whose discarded singular values have 2-norm <= tau * ||C||_F, clamped to
+   [min_rank, max_rank] (non-adapted modes keep their rank); it keeps d + ceil(growth * d) directions (the growth
+   rule below) and rotates bases, core and the core's optimizer state with the kept vectors.
 
 With ``interval`` k > 1 this happens every k-th step; the steps in between move the cores only and add their dL/dU_i
 to a sum whose directions the next augmentation spans too, so the bases still see every batch. With ``core_steps``
 s > 1 the core trains at the augmented ranks for s optimizer steps (the augmenting one and s - 1 more, bases held)
 before step 3 judges it, so that a new direction has s steps to become significant (the schedule of the authors'
 later code, s = k = 10); the paper's step is s = 1.
+
+The growth rule: a new direction starts at zero, so under the paper's rule (``growth=0``) it survives only if it
+reaches tau ||C|| within one window; a rank that starts below what the task needs then never grows (the directions
+the loss needs are found again, from zero, every window). Keeping the next ceil(growth * d) singular directions as
+well lets them go on training, with their optimizer state, into the next windows: one the loss needs grows until the
+tolerance rule keeps it, and a new growth margin forms above it. A mode keeps a margin until its tolerance rank
+first falls: from then on it holds more than the loss needs, and the margin would only hold noise (with Adam, whose
+normalized steps move noise directions as fast as signal ones, long enough to pass the tolerance). So a full-rank
+start runs the paper's rule. Keeping more directions only lowers the truncation error, so the paper's bound
+(discarded part <= tau ||C||_F per mode) holds at every step; the end of training (``truncate(final=True)``,
+:meth:`~TuckerIntegrator.freeze`) drops the margin by the tolerance rule alone.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -70,6 +83,9 @@ class IntegratorConfig:
             ``interval=k`` meant before this option); ``interval`` truncates just before the next augmentation, so
             the layers always train at their augmented ranks and a new direction has ``interval`` steps to become
             significant.
+        growth: directions kept beyond each adapted mode's tolerance rank d, ceil(growth * d) of them (within
+            ``max_rank``), until d first falls, so that ranks started low grow where the loss needs them (module
+            docstring); 0 is the paper's rule. Logged ranks, compression and the end of training use d.
     """
 
     tau: float = 0.1
@@ -78,6 +94,7 @@ class IntegratorConfig:
     method: Literal["parallel", "augmented"] = "parallel"
     interval: int = 10
     core_steps: int | None = None
+    growth: float = 0.25
 
     def __post_init__(self) -> None:
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 <= self.tau < 1:
@@ -88,6 +105,8 @@ class IntegratorConfig:
         if self.method not in ("parallel", "augmented"):
             raise ValueError(f"`method` must be 'parallel' or 'augmented', got {self.method!r}")
         check_int("interval", self.interval, 1)
+        if isinstance(self.growth, bool) or not isinstance(self.growth, (int, float)) or not 0 <= self.growth <= 1:
+            raise ValueError(f"`growth` must be a number in [0, 1], got {self.growth!r}")
         if self.core_steps is None:
             object.__setattr__(self, "core_steps", self.interval)
         if isinstance(self.core_steps, bool) or not isinstance(self.core_steps, int) \
@@ -131,6 +150,8 @@ class TuckerIntegrator:
         self.layers: dict[str, TuckerLayer] = {}
         self._captures: dict[str, Capture] = {}
         self._augmented: dict[str, tuple[int, ...]] = {}  # layer name -> ranks before augmentation, until truncation
+        self._decided: dict[str, tuple[int, ...]] = {}  # layer name -> tolerance ranks, while it keeps a growth margin
+        self._settled: set[tuple[str, int]] = set()  # (layer name, mode) whose tolerance rank fell: no more margin
         self._augmenting = False  # whether augment() readied the optimizer step in flight
         self._basis_grads: dict[tuple[str, int], Tensor] = {}  # dL/dU summed over the steps since the last augmentation
         self._prepared = False  # whether before_step readied the optimizer step that after_step completes
@@ -167,14 +188,22 @@ class TuckerIntegrator:
 
     @property
     def ranks(self) -> dict[str, tuple[int, ...]]:
-        """The ranks the last truncation decided, by layer name: a layer still training at its augmented ranks
-        (``core_steps`` > 1) shows the ranks before its augmentation."""
-        return {name: self._augmented.get(name, layer.ranks) for name, layer in self.layers.items()}
+        """The tolerance ranks the last truncation decided, by layer name (without the growth margin; a layer still
+        training at its augmented ranks shows the ranks before its augmentation)."""
+        return {name: self._decided.get(name, self._augmented.get(name, layer.ranks))
+                for name, layer in self.layers.items()}
+
+    @property
+    def unfinished(self) -> dict[str, tuple[int, ...]]:
+        """The layers that ``truncate(final=True)`` truncates, by name, with their ranks before augmentation: those
+        at their augmented ranks and those keeping a growth margin."""
+        return {name: self._augmented.get(name, self.layers[name].ranks)
+                for name in {**self._augmented, **self._decided}}
 
     def freeze(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Fix ranks and bases from now on (truncating layers at their augmented ranks first, rotating
+        """Fix ranks and bases from now on (truncating the layers to their tolerance ranks first, rotating
         ``optimizer``'s state); later steps train the cores (and every non-basis parameter) only."""
-        self.truncate(optimizer)
+        self.truncate(optimizer, final=True)
         self.frozen = True
         for capture in self._captures.values():
             capture.active = False
@@ -182,15 +211,19 @@ class TuckerIntegrator:
         self.clear()
 
     def state_dict(self) -> dict[str, object]:
-        """Step count, whether frozen, the basis gradients summed since the last augmentation, and the ranks before
-        augmentation of the layers awaiting truncation."""
+        """Step count, whether frozen, the basis gradients summed since the last augmentation, the ranks before
+        augmentation of the layers awaiting truncation and the tolerance ranks of those keeping a growth margin."""
         return {"steps": self.steps, "frozen": self.frozen,
                 "basis_grads": {f"{name}:{mode}": grad for (name, mode), grad in self._basis_grads.items()},
-                "augmented": {name: list(ranks) for name, ranks in self._augmented.items()}}
+                "augmented": {name: list(ranks) for name, ranks in self._augmented.items()},
+                "decided": {name: list(ranks) for name, ranks in self._decided.items()},
+                "settled": sorted(f"{name}:{mode}" for name, mode in self._settled)}
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         self.steps = int(state["steps"])
         self._augmented = {name: tuple(ranks) for name, ranks in state.get("augmented", {}).items()}
+        self._decided = {name: tuple(ranks) for name, ranks in state.get("decided", {}).items()}
+        self._settled = {(name, int(mode)) for name, mode in (key.rsplit(":", 1) for key in state.get("settled", ()))}
         self._basis_grads.clear()
         for key, grad in state.get("basis_grads", {}).items():
             name, mode = key.rsplit(":", 1)
@@ -327,9 +360,12 @@ class TuckerIntegrator:
         self.clear()
 
     @torch.no_grad()
-    def truncate(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Truncate every layer awaiting truncation by HOSVD of its core with tolerance tau and rotate the optimizer
-        state (nothing if none awaits; with ``core_steps`` > 1, call it at the end of training).
+    def truncate(self, optimizer: torch.optim.Optimizer | None = None, final: bool = False) -> None:
+        """Truncate every layer awaiting truncation by HOSVD of its core with tolerance tau (plus the growth margin)
+        and rotate the optimizer state (nothing if none awaits).
+
+        ``final``: the end of training (call it then): every layer in :attr:`unfinished` is truncated to its
+        tolerance ranks, without a growth margin.
 
         The ranks of all layers are decided together: one host sync, and one ``broadcast`` across processes. Each
         core is scaled by its largest entry first, so any finite core works (its Gram matrices cannot overflow).
@@ -338,7 +374,7 @@ class TuckerIntegrator:
             FloatingPointError: the optimizer step made a core non-finite (nothing is rotated).
         """
         plans = []  # per layer: name, singular vectors per mode (None: keep the mode as it is), rank candidates
-        for name, old_ranks in self._augmented.items():
+        for name, old_ranks in (self.unfinished if final else self._augmented).items():
             plans.append((name, *rank_candidates(self.layers[name], old_ranks, self.config.tau, self.config.adapts)))
         if not plans:
             return
@@ -352,17 +388,26 @@ class TuckerIntegrator:
             if not next(decided):
                 raise FloatingPointError(f"the optimizer step made the core of Tucker layer {name!r} non-finite; its "
                                          "ranks cannot be decided (lower the learning rate, or clip gradients)")
-            keep = [self._clamp(next(decided), size, layer.max_ranks[mode]) if self.config.adapts(mode)
-                    else next(decided)
-                    for mode, size in enumerate(layer.ranks)]
-            rotations.append((layer, [p if p is None else p[:, :r] for p, r in zip(vectors, consistent_ranks(keep))]))
+            tolerance = [self._clamp(next(decided), size, layer.max_ranks[mode]) if self.config.adapts(mode)
+                         else next(decided) for mode, size in enumerate(layer.ranks)]
+            self._settled.update((name, mode) for mode, (r, before) in enumerate(zip(tolerance, self.ranks[name]))
+                                 if r < before)
+            grows = [self.config.adapts(mode) and not final and (name, mode) not in self._settled
+                     for mode in range(len(tolerance))]
+            keep = consistent_ranks([self._clamp(r + math.ceil(self.config.growth * r), size, layer.max_ranks[mode])
+                                     if grow else r
+                                     for mode, (r, size, grow) in enumerate(zip(tolerance, layer.ranks, grows))])
+            self._decided.pop(name, None)
+            if keep != consistent_ranks(tolerance):
+                self._decided[name] = consistent_ranks(tolerance)
+            rotations.append((layer, [p if p is None else p[:, :r] for p, r in zip(vectors, keep)]))
         for layer, rotation in rotations:
             rotate_layer(layer, rotation, optimizer)
             fit_storage(layer, optimizer)
         self._augmented.clear()
 
     def _clamp(self, rank: int, size: int, max_rank: int) -> int:
-        """``rank`` clamped to [min_rank, max_rank] and to the ``size`` of the augmented mode."""
+        """``rank`` clamped to [min_rank, max_rank] and to the ``size`` of the (augmented) mode."""
         return max(min(rank, max_rank, size), min(self.config.min_rank, size))
 
     def step(self, optimizer: torch.optim.Optimizer) -> bool:

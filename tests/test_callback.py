@@ -171,21 +171,62 @@ def test_delayed_truncation_logs_the_decided_ranks_and_ends_truncated(tmp_path):
     assert grown and all(model.get_submodule(name).ranks < seen.ranks[17][name] for name in grown)
 
 
-def test_load_checkpoint_truncates_layers_saved_at_their_augmented_ranks(tmp_path):
-    """A checkpoint written 3 steps into a 5-step window holds the layers at their augmented ranks (what resuming
-    needs); ``ll.load_checkpoint`` truncates them with the run's tolerance, giving what the end of that fit gave (the
-    callback truncated the same state at train end), and its compact export computes the same function."""
+class DecidedAtBatchStart(pl.Callback):
+    """The active ranks and the integrator's decided (tolerance) ranks at the start of every training batch."""
+
+    def __init__(self, callback):
+        self.callback, self.active, self.decided = callback, {}, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.active[trainer.global_step] = {name: m.ranks for name, m in tucker_layers(pl_module).items()}
+        self.decided[trainer.global_step] = next(iter(self.callback.integrators.values())).ranks
+
+
+def test_a_growth_margin_trains_while_logs_and_the_end_of_fit_show_the_tolerance_ranks(tmp_path):
+    """From rank 1 under a rank-2 teacher the layers keep a growth margin above their tolerance ranks (they train at
+    more than those ranks), yet every logged rank is the tolerance rank of that step, and the fit ends without the
+    margin: the final ranks are the tolerance ranks of the last truncation, as ``ll.summary`` reports them."""
+    torch.manual_seed(0)
+    model = Student(lr=0.01, optimizer="adam")
+    callback = ll.TuckerCallback(tau=0.2, rank=1, interval=2, core_steps=1, growth=1.0)
+    seen = DecidedAtBatchStart(callback)
+    fit = trainer(max_steps=29, max_epochs=-1, callbacks=[callback, seen], logger=CSVLogger(tmp_path, name="run"))
+    fit.fit(model)
+    assert any(seen.active[step]["net.4"] > seen.decided[step]["net.4"] for step in seen.active)  # a margin
+    assert seen.decided[28]["net.4"] == (2, 2)  # grew to the teacher's rank (growth 0 stays at 1)
+    rows = {}
+    for row in read_metrics(fit.logger.log_dir):
+        if row["lowrank/net.4/rank_out"] and row["step"]:
+            rows.setdefault(int(row["step"]), row)
+    assert len(rows) > 10
+    for step, row in rows.items():
+        if step < 29:
+            for name in ("net.3", "net.4"):
+                assert int(float(row[f"lowrank/{name}/rank_out"])) == seen.decided[step][name][0], (step, name)
+    integrator = next(iter(callback.integrators.values()))
+    assert not integrator.unfinished
+    assert integrator.ranks == {name: m.ranks for name, m in tucker_layers(model).items()}
+    assert {layer.name: layer.ranks for layer in ll.summary(model).layers} == integrator.ranks
+
+
+@pytest.mark.parametrize("options", [dict(interval=5, core_steps=5), dict(rank=1, interval=5, core_steps=5)],
+                         ids=["window", "growth_margin"])
+def test_load_checkpoint_truncates_layers_saved_at_their_augmented_ranks(tmp_path, options):
+    """A checkpoint written 3 steps into a 5-step window holds the layers at their augmented ranks, or, from a small
+    start, above a growth margin (what resuming needs); ``ll.load_checkpoint`` truncates them with the run's
+    tolerance, giving what the end of that fit gave (the callback truncated the same state at train end), and its
+    compact export computes the same function."""
     torch.manual_seed(0)
     model = Student(lr=0.01, optimizer="adam")
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     fit = trainer(max_epochs=1, enable_checkpointing=True,
-                  callbacks=[ll.TuckerCallback(tau=0.2, interval=5, core_steps=5), checkpoint])
+                  callbacks=[ll.TuckerCallback(tau=0.2, growth=1.0, **options), checkpoint])
     fit.fit(model)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     pending = saved["lightning_lowrank"]["pending"]["ranks"]
     stored = {name: tuple(saved["lightning_lowrank"]["state_dict"][f"{name}.rank"].tolist()) for name in pending}
-    assert any(stored[name] != tuple(ranks) for name, ranks in pending.items())
     loaded = ll.load_checkpoint(tmp_path / "last.ckpt", Student, compact_layers=False)
+    assert any(loaded.get_submodule(name).ranks != stored[name] for name in pending)  # it truncated
     for name, layer in tucker_layers(model).items():
         assert loaded.get_submodule(name).ranks == layer.ranks, name
         torch.testing.assert_close(loaded.get_submodule(name).dense_weight(), layer.dense_weight(),

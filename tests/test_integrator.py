@@ -78,7 +78,7 @@ def test_agrees_with_the_explicit_bug_step(kind, modes, method, tau):
     teacher = TuckerLayerLike(layer, rank=3)
     layer.set_rank((2, 2, *layer.ranks[2:]))  # ranks grow towards the teacher's, and (conv_all) fall again
     lr = 0.3
-    config = IntegratorConfig(tau=tau, modes=modes, method=method, interval=1)  # the paper's step, every step
+    config = IntegratorConfig(tau=tau, modes=modes, method=method, interval=1, growth=0)  # the paper's step, every step
     integrator = TuckerIntegrator(nn.Sequential(layer), config)
     optimizer = torch.optim.SGD(layer.parameters(), lr=lr)
     core, factors, bias = layer_state(layer)
@@ -242,7 +242,8 @@ def test_a_run_whose_storage_follows_the_rank_equals_one_at_fixed_storage(monkey
         torch.manual_seed(0)
         teacher = TuckerLinear(40, 30, rank=(4, 4)).requires_grad_(False)
         student = TuckerLinear(40, 30)
-        integrator = TuckerIntegrator(nn.Sequential(student), IntegratorConfig(tau=0.2, interval=2, core_steps=1))
+        config = IntegratorConfig(tau=0.2, interval=2, core_steps=1, growth=0)
+        integrator = TuckerIntegrator(nn.Sequential(student), config)
         optimizer = torch.optim.Adam(student.parameters(), lr=0.01)
         storages = {student.storage}
         for _ in range(40):
@@ -344,7 +345,7 @@ def test_second_moments_take_the_squared_rotation():
     """Adam's exp_avg_sq becomes diag(P^T diag(v) P), the diagonal of the rotated covariance; it stays >= 0."""
     torch.manual_seed(0)
     layer = TuckerLinear(10, 8, rank=(3, 3))
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, interval=1))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, interval=1, growth=0))
     optimizer = torch.optim.Adam([layer.core], lr=0.01)
     ((layer(torch.randn(4, 10))) ** 2).sum().backward()
     integrator.augment()
@@ -396,7 +397,7 @@ def test_directions_without_gradient_stay_out(method):
     gradient is exactly zero (so Adam cannot blow it up to lr-sized steps) and truncation drops them again."""
     torch.manual_seed(0)
     layer = TuckerLinear(10, 8, bias=False, rank=(2, 2))  # a bias would add one genuinely new output direction
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=1e-6, method=method, interval=1))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=1e-6, method=method, interval=1, growth=0))
     optimizer = torch.optim.Adam(layer.parameters(), lr=0.01)
     for _ in range(3):
         optimizer.zero_grad()
@@ -583,11 +584,12 @@ def test_integrator_state_resumes_in_the_middle_of_an_interval():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-def delayed_problem():
+def delayed_problem(growth=0.0):
     """A rank-3 TuckerLinear learning a rank-5 map, its backward pass, Adam, and an integrator with interval 3 and
     core_steps 3: every window augments at its first step and truncates after its third."""
     layer, backward = interval_problem()
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.1, interval=3, core_steps=3))
+    config = IntegratorConfig(tau=0.1, interval=3, core_steps=3, growth=growth)
+    integrator = TuckerIntegrator(nn.Sequential(layer), config)
     return layer, backward, integrator, torch.optim.Adam(layer.parameters(), lr=1e-2)
 
 
@@ -633,20 +635,21 @@ def test_delayed_truncation_trains_the_augmented_core_for_core_steps_then_applie
 
 
 def test_delayed_truncation_resumes_exactly_in_the_middle_of_the_core_steps():
-    """Saved after the first of three core steps (layers at their augmented ranks) and loaded into a fresh layer,
-    optimizer and integrator, the next steps, truncations included, equal an uninterrupted run."""
-    layer, backward, integrator, optimizer = delayed_problem()
+    """Saved after the first of three core steps (layers at their augmented ranks, above a growth margin) and loaded
+    into a fresh layer, optimizer and integrator, the next steps, truncations included, equal an uninterrupted run."""
+    layer, backward, integrator, optimizer = delayed_problem(growth=0.25)
     for _ in range(4):  # one window, then the augmenting step of the next
         optimizer.zero_grad()
         backward()
         integrator.step(optimizer)
     assert integrator.ranks["0"] != layer.ranks  # at the augmented ranks
+    assert integrator.state_dict()["decided"]  # and keeping a growth margin
     saved = copy.deepcopy((layer.state_dict(), optimizer.state_dict(), integrator.state_dict()))
     other, other_backward = interval_problem(layer_seed=1)
     other.load_state_dict(saved[0])
     other_optimizer = torch.optim.Adam(other.parameters(), lr=1e-2)
     other_optimizer.load_state_dict(saved[1])
-    other_integrator = TuckerIntegrator(nn.Sequential(other), IntegratorConfig(tau=0.1, interval=3, core_steps=3))
+    other_integrator = TuckerIntegrator(nn.Sequential(other), integrator.config)
     other_integrator.load_state_dict(saved[2])
     assert other_integrator.ranks == integrator.ranks
     for _ in range(5):
@@ -757,6 +760,8 @@ def test_evaluation_passes_are_not_captured():
     (dict(interval=0), "`interval` must be an int >= 1, got 0"),
     (dict(interval=3, core_steps=4), r"`core_steps` must be an int in \[1, interval\] = \[1, 3\], got 4"),
     (dict(core_steps=0), r"`core_steps` must be an int in \[1, interval\] = \[1, 10\], got 0"),
+    (dict(growth=-0.5), r"`growth` must be a number in \[0, 1\], got -0.5"),
+    (dict(growth=True), r"`growth` must be a number in \[0, 1\], got True"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(ValueError, match=message):
@@ -858,7 +863,8 @@ def test_min_rank_holds_ranks_up_and_must_fit_the_storage():
     ranks = {}
     for min_rank in (1, 3):
         layer = TuckerLinear(10, 8, rank=(6, 6))
-        integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.3, min_rank=min_rank, interval=1))
+        config = IntegratorConfig(tau=0.3, min_rank=min_rank, interval=1, growth=0)
+        integrator = TuckerIntegrator(nn.Sequential(layer), config)
         optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
         for _ in range(100):
             optimizer.zero_grad()
@@ -893,7 +899,7 @@ def test_truncation_keeps_the_smallest_rank_within_the_tolerance_on_both_sides_o
         with torch.no_grad():
             layer.core.zero_()
             layer.core[:3, :3] = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
-        integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=tau, interval=1))
+        integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=tau, interval=1, growth=0))
         integrator._augmented["0"] = layer.ranks
         integrator.truncate()
         assert layer.ranks == (expected, expected)
@@ -910,7 +916,8 @@ def test_the_rank_decision_is_the_broadcast_one():
         return torch.full_like(decided, 2)
 
     layer = TuckerLinear(10, 8, rank=(6, 6))
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, interval=1), broadcast=broadcast)
+    config = IntegratorConfig(tau=0.0, interval=1, growth=0)
+    integrator = TuckerIntegrator(nn.Sequential(layer), config, broadcast=broadcast)
     layer(torch.randn(16, 10)).pow(2).sum().backward()
     assert integrator.step(torch.optim.SGD(layer.parameters(), lr=0.01))
     assert calls and calls[0][1:].tolist() != [2, 2]  # locally, tau 0 would keep every direction
@@ -968,31 +975,78 @@ def test_a_skipped_augmentation_is_undone_before_the_next_one():
         torch.testing.assert_close(u @ u.T, v @ v.T, rtol=0, atol=1e-10)
 
 
-def test_delayed_truncation_grows_ranks_to_a_teacher_five_times_the_start():
-    """Growth from below (no rank known in advance): a rank-(2, 2) student of a rank-10 teacher. With 10 core steps
-    at the augmented ranks before each truncation, new directions become significant and the ranks climb to the
-    teacher's 10 while the error falls below 10%; truncating right after each augmenting step (the paper's schedule),
-    a direction must reach tau ||C|| within one step and the ranks stall near the start."""
+def diagonal_core_layer(values):
+    """A TuckerLinear(12, 12) at rank len(values) whose core is diag(values)."""
+    layer = TuckerLinear(12, 12, bias=False, rank=(len(values), len(values)))
+    with torch.no_grad():
+        layer.core.zero_()
+        layer.core[: len(values), : len(values)] = torch.diag(torch.tensor(values, dtype=layer.core.dtype))
+    return layer
+
+
+def lr_zero_steps(layer, integrator, steps):
+    """Steps with a random loss at learning rate 0: bases augment and truncate, the core's values stay."""
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.0)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (layer(torch.randn(16, 12)) - torch.randn(16, 12)).pow(2).sum().backward()
+        integrator.step(optimizer)
+
+
+def test_the_growth_margin_holds_while_the_tolerance_rank_holds_and_ends_at_its_first_fall():
+    """Core diag(3, 2), tau 0.1: the tolerance rank stays 2 and each truncation keeps ceil(growth * 2) = 2 more
+    directions (the margin), while logged ranks say 2. Core diag(3, 2, 1, 1e-3): the first truncation falls to 3
+    (the 1e-3 direction goes) and from then on no margin is kept, also by an integrator resumed from its state."""
+    torch.manual_seed(0)
+    layer = diagonal_core_layer([3.0, 2.0])
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.1, interval=1, growth=1.0))
+    for _ in range(3):
+        lr_zero_steps(layer, integrator, 1)
+        assert layer.ranks == (4, 4) and integrator.ranks == {"0": (2, 2)}
+    integrator.truncate(final=True)
+    assert layer.ranks == (2, 2) and integrator.ranks == {"0": (2, 2)} and not integrator.unfinished
+
+    layer = diagonal_core_layer([3.0, 2.0, 1.0, 1e-3])
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.1, interval=1, growth=1.0))
+    lr_zero_steps(layer, integrator, 2)
+    assert layer.ranks == (3, 3) and integrator.ranks == {"0": (3, 3)}
+    resumed = TuckerIntegrator(nn.Sequential(layer), integrator.config)
+    resumed.load_state_dict(copy.deepcopy(integrator.state_dict()))
+    lr_zero_steps(layer, resumed, 2)
+    assert layer.ranks == (3, 3)
+
+
+def test_the_growth_rule_grows_ranks_to_a_teacher_five_times_the_start():
+    """Growth from below (no rank known in advance): a rank-(2, 2) student of a rank-10 teacher. Under the paper's
+    rule (growth 0) with truncation after each augmenting step, a new direction must reach tau ||C|| within one step:
+    the ranks stall (SGD at 6, Adam at the start's 2), far from the teacher. The growth margin keeps the next
+    directions training across steps, so the ranks climb to the teacher's 10 and learn it, on either schedule, and
+    the final truncation drops the margin."""
     torch.manual_seed(0)
     n = 64
     teacher = (torch.randn(n, 10) @ torch.randn(10, n)) / n
 
-    def train(interval, core_steps):
+    def train(optimizer_cls, lr, schedule, growth):
         torch.manual_seed(1)
         layer = TuckerLinear(n, n, bias=False, rank=(2, 2), dtype=torch.float32)
-        config = IntegratorConfig(tau=0.05, interval=interval, core_steps=core_steps)
+        config = IntegratorConfig(tau=0.05, interval=schedule, core_steps=schedule, growth=growth)
         integrator = TuckerIntegrator(nn.Sequential(layer), config)
-        optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
+        optimizer = optimizer_cls(layer.parameters(), lr=lr)
         for _ in range(400):
             x = torch.randn(128, n, dtype=torch.float32)
             optimizer.zero_grad()
             ((layer(x) - x @ teacher.float().T) ** 2).mean().backward()
             integrator.step(optimizer)
-        integrator.truncate(optimizer)
+        assert not integrator.unfinished or layer.ranks != integrator.ranks["0"]
+        integrator.truncate(optimizer, final=True)
+        assert not integrator.unfinished and integrator.ranks["0"] == layer.ranks
         error = torch.linalg.norm(layer.dense_weight().double() - teacher) / torch.linalg.norm(teacher)
         return layer.ranks, float(error)
 
-    ranks, error = train(10, 10)
-    assert ranks == (10, 10) and error < 0.1, (ranks, error)
-    ranks, error = train(1, 1)
-    assert max(ranks) <= 4 and error > 0.5, (ranks, error)
+    sgd, adam = (torch.optim.SGD, 2.0), (torch.optim.Adam, 1e-2)
+    for optimizer, schedule in ((sgd, 1), (sgd, 10), (adam, 1)):
+        ranks, error = train(*optimizer, schedule, growth=0.25)
+        assert ranks == (10, 10) and error < 0.05, (optimizer, schedule, ranks, error)
+    for optimizer, stall in ((sgd, 6), (adam, 2)):
+        ranks, error = train(*optimizer, 1, growth=0.0)
+        assert max(ranks) <= stall and error > 0.4, (optimizer, ranks, error)
