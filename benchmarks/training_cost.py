@@ -1,7 +1,7 @@
 """What training costs: dense against TuckerCallback, each arm in its own process, ratios to dense from one run.
 
     python benchmarks/training_cost.py [--model lenet5] [--epochs 2] [--tau 0.15] [--ranks full 0.25]
-                                       [--limit-batches N] [--plot docs/memory.png]
+                                       [--init hosvd] [--growth 0.25] [--limit-batches N] [--plot docs/memory.png]
 
 LeNet5 on MNIST (28x28) or the VGG-style net on Fashion-MNIST (32x32, 3 channels), SGD lr 0.05 momentum 0.9, batch
 128 (LeNet5) or 32 (VGG-style). Arms: dense, and ``TuckerCallback(tau, rank)`` for every ``--ranks`` (``full``: the
@@ -78,7 +78,7 @@ def run_arm(args: argparse.Namespace, arm: str) -> dict[str, object]:
     callbacks: list[pl.Callback] = [meter]
     if arm != "dense":
         rank = arm if arm == "full" else float(arm)
-        callbacks.append(ll.TuckerCallback(tau=args.tau, rank=rank))
+        callbacks.append(ll.TuckerCallback(tau=args.tau, rank=rank, init=args.init, growth=args.growth))
     trainer = pl.Trainer(max_epochs=args.epochs, callbacks=callbacks, limit_val_batches=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_train_batches=args.limit_batches)
@@ -121,6 +121,10 @@ def main() -> None:
     parser.add_argument("--tau", type=float, default=0.15)
     parser.add_argument("--ranks", nargs="+", default=["full", "0.25"], help="'full' or fractions in (0, 1]")
     parser.add_argument("--limit-batches", type=int, default=None, help="training batches per epoch (default all)")
+    parser.add_argument("--init", default="hosvd", choices=["hosvd", "hosvd_scaled", "random"],
+                        help="factors of a start below full rank (TuckerConfig.init)")
+    parser.add_argument("--growth", type=float, default=ll.IntegratorConfig.growth,
+                        help="the integrator's growth margin (0: the paper's rule)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default=None, help="write the state-bytes curves to this PNG")
     parser.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # run one arm in this process
@@ -135,8 +139,8 @@ def main() -> None:
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         results.append(json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:]))
     dense = results[0]
-    print(f"{args.model}, {args.epochs} epochs, tau {args.tau}, SGD lr 0.05 momentum 0.9, "
-          f"batches per epoch {args.limit_batches or 'all'}, seed {args.seed}")
+    print(f"{args.model}, {args.epochs} epochs, tau {args.tau}, init {args.init}, growth {args.growth}, SGD lr 0.05 "
+          f"momentum 0.9, batches per epoch {args.limit_batches or 'all'}, seed {args.seed}")
     print(f"{'arm':>10} {'test acc':>8} {'compr.':>6} {'peak state':>14} {'end state':>14} {'peak RSS':>15} "
           f"{'first 20 ms':>14} {'last ep. ms':>14}  final ranks")
     for r in results:
