@@ -112,9 +112,9 @@ class TuckerCallback(_LowRankCallback):
         rank, max_rank, kernel_rank, include, exclude, min_size, keep_first_last, init, layer_types: which layers
             are converted and at which initial and maximum ranks (:class:`~lightning_lowrank.TuckerConfig`).
         min_rank, modes, method, interval, core_steps, growth: the integrator's options
-            (:class:`~lightning_lowrank.IntegratorConfig`). Layers still at their augmented ranks when training ends
-            (``core_steps`` > 1) are truncated then; logged ranks and compression are those the last truncation
-            decided.
+            (:class:`~lightning_lowrank.IntegratorConfig`). Layers still at their augmented ranks or keeping a
+            growth margin when training ends are truncated to their tolerance ranks then; logged ranks and
+            compression are the tolerance ranks the last truncation decided.
         freeze_after_steps, freeze_after_epochs: from this optimizer step or epoch on, ranks and bases stay fixed
             and only the cores (and the other parameters) train.
     """
@@ -338,8 +338,9 @@ class TuckerCallback(_LowRankCallback):
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        """Also record the layers at their augmented ranks (inside a ``core_steps`` window) and the integrator's
-        options, so that :func:`~lightning_lowrank.load_checkpoint` truncates them as the end of training would."""
+        """Also record the layers at their augmented ranks (inside a ``core_steps`` window) or keeping a growth
+        margin, and the integrator's options, so that :func:`~lightning_lowrank.load_checkpoint` truncates them as
+        the end of training would."""
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
         pending = {name: ranks for integrator in self.integrators.values()
                    for name, ranks in integrator.unfinished.items()}
@@ -357,8 +358,8 @@ class TuckerCallback(_LowRankCallback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Truncate the layers still training at their augmented ranks (``core_steps`` > 1), after the last
-        checkpoint of the fit (which resumes in the middle of the schedule)."""
+        """Truncate the layers still at their augmented ranks or keeping a growth margin to their tolerance ranks,
+        after the last checkpoint of the fit (which resumes in the middle of the schedule)."""
         for optimizer, integrator in self.integrators.items():
             integrator.truncate(optimizer, final=True)
 

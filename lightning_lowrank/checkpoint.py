@@ -18,7 +18,7 @@ CHECKPOINT_KEY = "lightning_lowrank"
 """The checkpoint entry ``{"layers": {name: {"type": class name, "arguments": {...}}}, "state_dict": {...}}``: the
 factorized layers' structure and exact state, while the checkpoint's ``state_dict`` holds their merged dense
 weights; ``"pending": {"config": IntegratorConfig fields, "ranks": {name: ranks before augmentation}}`` names the
-Tucker layers saved at their augmented ranks, awaiting truncation."""
+Tucker layers saved at their augmented ranks or with a growth margin, awaiting the final truncation."""
 
 FACTORIZED = (*TUCKER_LAYERS.values(), DeepLinear)
 """The factorized layer classes: each has ``arguments()`` and ``dense_weight()``."""
@@ -86,9 +86,9 @@ def load_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], model: nn.Mo
     torch layers at the learned ranks (a ``Conv2d`` three convolutions, a ``Linear`` two), the smallest model that
     computes the trained function. ``compact_layers=False`` returns the Tucker layers (to go on training or
     inspect ranks); ``MyModule.load_from_checkpoint(path)`` gives the original dense architecture. Tucker layers
-    saved in the middle of an integrator window (``core_steps`` > 1: training at their augmented ranks) are truncated
-    with the run's tolerance, as the end of training would; resuming with ``Trainer.fit(ckpt_path=...)`` keeps them
-    exact.
+    saved in the middle of an integrator window (training at their augmented ranks) or keeping a growth margin are
+    truncated to their tolerance ranks with the run's tolerance, as the end of training would; resuming with
+    ``Trainer.fit(ckpt_path=...)`` keeps them exact.
 
     Args:
         checkpoint: a path (as saved by Lightning) or the loaded checkpoint dictionary.
