@@ -212,10 +212,10 @@ def test_a_growth_margin_trains_while_logs_and_the_end_of_fit_show_the_tolerance
 @pytest.mark.parametrize("options", [dict(interval=5, core_steps=5), dict(rank=1, interval=5, core_steps=5)],
                          ids=["window", "growth_margin"])
 def test_load_checkpoint_truncates_layers_saved_at_their_augmented_ranks(tmp_path, options):
-    """A checkpoint written 3 steps into a 5-step window holds the layers at their augmented ranks, or, from a small
-    start, above a growth margin (what resuming needs); ``ll.load_checkpoint`` truncates them with the run's
-    tolerance, giving what the end of that fit gave (the callback truncated the same state at train end), and its
-    compact export computes the same function."""
+    """A checkpoint written 3 steps into a 5-step window holds the layers at their augmented ranks (from full rank,
+    or from rank 1 with ranks growing under a growth margin: what resuming needs); ``ll.load_checkpoint`` truncates
+    them to their tolerance ranks, giving what the end of that fit gave (the callback truncated the same state at
+    train end), and its compact export computes the same function."""
     torch.manual_seed(0)
     model = Student(lr=0.01, optimizer="adam")
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
