@@ -9,6 +9,7 @@ a :class:`Capture` (the exact Galerkin gradient, ``TuckerLayer.galerkin_gradient
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -76,7 +77,12 @@ def parallel_gradient(layer: TuckerLayer, core: Tensor, bases: tuple[Tensor, ...
 
     Old block: dL/dC. Block with mode i new (N_i) and the others old: N_i^T dL/dK_i Q_i^T, the K-step's new
     values divided by -lr, where Mat_i(C) = S_i Q_i^T and dL/dK_i = dL/dU_i S_i^{-T}, so
-    N_i^T dL/dU_i (M M^T)^+ M with M = Mat_i(C) (float64). Blocks with two or more new modes: zero.
+    N_i^T dL/dU_i (M M^T)^+ M = N_i^T dL/dU_i P S^-1 V^T with M = Mat_i(C) = P S V^T (SVD in the core's compute
+    dtype). In exact arithmetic that is N_i^T G V V^T, the Galerkin block projected on M's row space (dL/dU_i =
+    G M^T); in floating point the rounding of dL/dU_i (eps * s_max ||G||) reaches a singular direction amplified by
+    s_max / s_k, so singular values below sqrt(eps) * s_max count as zero: kept components carry at most sqrt(eps)
+    relative error. The SVD of M itself, not of the Gram matrix M M^T, keeps the conditioning unsquared, so no
+    float64 is needed. Blocks with two or more new modes: zero.
     """
     if layer.core.grad is None:
         return None
@@ -85,9 +91,11 @@ def parallel_gradient(layer: TuckerLayer, core: Tensor, bases: tuple[Tensor, ...
     for mode, (basis, r) in enumerate(zip(bases, old)):
         if basis.shape[1] == r:
             continue
-        m = unfold(core, mode).double()
-        new_dirs = basis[:, r:].T.double() @ layer.factors[mode].grad[:, :r].double()
-        values = new_dirs @ torch.linalg.pinv(m @ m.T, hermitian=True, rtol=1e-12) @ m
+        m = unfold(core, mode)
+        p, s, vh = torch.linalg.svd(m, full_matrices=False)
+        inverse = torch.where(s > math.sqrt(torch.finfo(s.dtype).eps) * s[:1], 1 / s, 0)
+        new_dirs = basis[:, r:].T.to(m.dtype) @ layer.factors[mode].grad[:, :r].to(m.dtype)
+        values = (new_dirs @ p) * inverse @ vh
         other = [old[j] for j in range(len(old)) if j != mode]
         index = [slice(rank) for rank in old]
         index[mode] = slice(r, basis.shape[1])

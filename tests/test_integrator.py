@@ -212,6 +212,37 @@ def teacher_student(student, teacher, x_shape, steps, lr, tau):
     return student
 
 
+def test_the_parallel_gradient_of_an_ill_conditioned_core_is_the_projected_galerkin_block():
+    """float32, core singular values 1 ... 1e-7 (condition 1e7; its Gram matrix's 1e14 is beyond float32). The
+    parallel method's new block N^T dL/dU (M M^T)^+ M is, in exact arithmetic, N^T G V V^T (G the dense gradient on
+    the other modes' bases, V the core unfolding's right singular vectors). Reference in float64 from the dense
+    gradient: the directions with s > sqrt(eps_32) s_max (1, 4e-2, 2e-3; dropped: 6e-5, 3e-6, 1e-7). The float32
+    computation matches it to 1e-3 in both modes."""
+    torch.manual_seed(0)
+    layer = TuckerLinear(16, 12, bias=False, rank=(6, 6), dtype=torch.float32)
+    left, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    core = left @ torch.diag(torch.logspace(0, -7, 6, dtype=torch.float64)) @ right.T
+    with torch.no_grad():
+        layer.core.zero_()
+        layer.core[:6, :6] = core.float()
+    core = layer.core[:6, :6].detach().double()
+    bases = [u[:, :6].detach().double() for u in layer.factors]
+    x, target = torch.randn(32, 16), torch.randn(32, 12)
+    weight = layer.dense_weight().detach().double().requires_grad_(True)
+    grad = torch.autograd.grad(((x.double() @ weight.T - target.double()) ** 2).sum(), weight)[0]
+    ((layer(x) - target) ** 2).sum().backward()
+    TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, interval=1, growth=0)).augment()
+    for mode, unfolded, projected in ((0, core, grad @ bases[1]), (1, core.T, grad.T @ bases[0])):
+        _, s, vh = torch.linalg.svd(unfolded)
+        v = vh[s > math.sqrt(torch.finfo(torch.float32).eps) * s[0]].T
+        assert v.shape[1] == 3
+        new = layer.factors[mode][:, 6:12].detach().double()
+        expected = new.T @ projected @ v @ v.T
+        block = layer.core.grad[6:12, :6] if mode == 0 else layer.core.grad[:6, 6:12].T
+        assert torch.linalg.norm(block.double() - expected) <= 1e-3 * torch.linalg.norm(expected)
+
+
 def test_a_mode_at_full_rank_still_rotates_its_basis():
     """A Linear(64, 8) student at full rank (8, 8) of a rank-8 teacher whose input subspace is another: the input
     basis augments beyond the rank bound (storage 16), so at tau = 0 it learns the teacher exactly as dense training
