@@ -390,16 +390,16 @@ class TuckerIntegrator:
                                          "ranks cannot be decided (lower the learning rate, or clip gradients)")
             tolerance = [self._clamp(next(decided), size, layer.max_ranks[mode]) if self.config.adapts(mode)
                          else next(decided) for mode, size in enumerate(layer.ranks)]
-            self._settled.update((name, mode) for mode, (r, before) in enumerate(zip(tolerance, self.ranks[name]))
-                                 if r < before)
+            before = self._decided.get(name, self._augmented.get(name, layer.ranks))  # the last decision
+            self._settled.update((name, mode) for mode, (r, last) in enumerate(zip(tolerance, before)) if r < last)
             grows = [self.config.adapts(mode) and not final and (name, mode) not in self._settled
                      for mode in range(len(tolerance))]
             keep = consistent_ranks([self._clamp(r + math.ceil(self.config.growth * r), size, layer.max_ranks[mode])
                                      if grow else r
                                      for mode, (r, size, grow) in enumerate(zip(tolerance, layer.ranks, grows))])
             self._decided.pop(name, None)
-            if keep != consistent_ranks(tolerance):
-                self._decided[name] = consistent_ranks(tolerance)
+            if keep != (tolerance_ranks := consistent_ranks(tolerance)):
+                self._decided[name] = tolerance_ranks
             rotations.append((layer, [p if p is None else p[:, :r] for p, r in zip(vectors, keep)]))
         for layer, rotation in rotations:
             rotate_layer(layer, rotation, optimizer)
