@@ -197,7 +197,7 @@ class TuckerIntegrator:
     def unfinished(self) -> dict[str, tuple[int, ...]]:
         """The layers that ``truncate(final=True)`` truncates, by name, with their ranks before augmentation: those
         at their augmented ranks and those keeping a growth margin."""
-        return {name: self._augmented.get(name, self.layers[name].ranks)
+        return {name: self._augmented.get(name, self.layers[name].ranks)  # dict order: the same on every process
                 for name in {**self._augmented, **self._decided}}
 
     def freeze(self, optimizer: torch.optim.Optimizer | None = None) -> None:
