@@ -1,7 +1,7 @@
 """A character-level decoder-only transformer on the Python standard library's source: dense against TuckerCallback.
 
     python benchmarks/char_transformer.py [--steps 600] [--taus 0.1] [--layers 4] [--width 256] [--context 128]
-                                          [--batch 32] [--no-cli]
+                                          [--batch 32] [--rank full] [--growth 0.25] [--no-dense] [--no-cli]
 
 Text: the files of ``FILES`` from this Python's standard library (present on every machine, nothing downloaded), read
 as bytes (vocabulary 256); the last 10% of each file is validation. Model: byte embedding + learned positions,
@@ -198,6 +198,8 @@ trainer:
     - class_path: lightning_lowrank.TuckerCallback
       init_args:
         tau: {tau}
+        rank: {rank}
+        growth: {growth}
 """
 
 
@@ -207,7 +209,7 @@ def run_cli(args: argparse.Namespace) -> tuple[float, float, float, str]:
 
     with tempfile.TemporaryDirectory() as directory:
         config = Path(directory) / "config.yaml"
-        config.write_text(CLI_CONFIG.format(**vars(args), tau=args.taus[0]))
+        config.write_text(CLI_CONFIG.format(**{**vars(args), "tau": args.taus[0]}))
         timer = StepTimer()
         cli = LightningCLI(CharLM, CharData, run=False, args=["--config", str(config)], save_config_callback=None,
                            trainer_defaults={"callbacks": [timer]})
@@ -228,16 +230,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rank", default="full", help="the callback's initial rank: 'full' or a fraction")
+    parser.add_argument("--growth", type=float, default=0.25, help="the callback's growth margin")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense row (ratios then read 'nan')")
     parser.add_argument("--no-cli", action="store_true", help="skip the LightningCLI row")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    arms = [("dense", lambda: run(args, []))]
-    arms += [(f"TuckerCallback(tau={tau})", lambda tau=tau: run(args, [ll.TuckerCallback(tau=tau)]))
+    rank = args.rank if args.rank == "full" else float(args.rank)
+    arms = [] if args.no_dense else [("dense", lambda: run(args, []))]
+    arms += [(f"TuckerCallback(tau={tau}, rank={rank}, growth={args.growth})",
+              lambda tau=tau: run(args, [ll.TuckerCallback(tau=tau, rank=rank, growth=args.growth)]))
              for tau in args.taus]
     if not args.no_cli:
         arms.append((f"LightningCLI, tau={args.taus[0]}", lambda: run_cli(args)))
     lines = [f"{args.layers} layers, width {args.width}, context {args.context}, batch {args.batch}, "
-             f"{args.steps} steps",
+             f"{args.steps} steps, torch threads {torch.get_num_threads()}",
              "| run | val bits/char | vs dense | compression | step ms | vs dense | final ranks (out/in, mean) |",
              "|---|---|---|---|---|---|---|"]
     dense_bpc = dense_step = math.nan
