@@ -28,7 +28,7 @@ import time
 import torch
 from torch.func import grad
 
-from lightning_lowrank.deep_linear import (
+from lightning_lowrank.deep_linear.layers import (
     DeepLinear,
     completion_surrogate,
     estimate_rank,

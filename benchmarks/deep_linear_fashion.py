@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 
 import lightning.pytorch as pl
+from classifiers import ImageClassifier
+from mnist import MNISTDataModule
 from training import fit_and_test
 
 import lightning_lowrank as ll
-from lightning_lowrank.data import MNISTDataModule
-from lightning_lowrank.models import ImageClassifier
 
 
 def main() -> None:

@@ -22,11 +22,11 @@ import time
 from collections import defaultdict
 
 import torch
+from classifiers import lenet5, vgg
 from torch import nn
 from training import add_schedule_options, schedules
 
 import lightning_lowrank as ll
-from lightning_lowrank.models import lenet5, vgg
 
 
 class Clock:

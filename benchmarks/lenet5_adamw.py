@@ -21,11 +21,11 @@ import itertools
 
 import lightning.pytorch as pl
 import torch
+from classifiers import ImageClassifier
+from mnist import MNISTDataModule
 from training import fit_and_test, schedule
 
 import lightning_lowrank as ll
-from lightning_lowrank.data import MNISTDataModule
-from lightning_lowrank.models import ImageClassifier
 
 
 class AdamWClassifier(ImageClassifier):

@@ -19,11 +19,11 @@ import argparse
 import itertools
 
 import lightning.pytorch as pl
+from classifiers import ImageClassifier
+from mnist import MNISTDataModule
 from training import add_schedule_options, fit_and_test, schedules
 
 import lightning_lowrank as ll
-from lightning_lowrank.data import MNISTDataModule
-from lightning_lowrank.models import ImageClassifier
 
 
 def main() -> None:

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from classifiers import ImageClassifier
+from mnist import MNISTDataModule
 
 import lightning_lowrank as ll
-from lightning_lowrank.data import MNISTDataModule
-from lightning_lowrank.models import ImageClassifier
 
 SETTINGS = {"lenet5": dict(data="data/mnist", batch_size=128, image_size=28, channels=1),
             "vgg": dict(data="data/fashion-mnist", batch_size=32, image_size=32, channels=3)}

@@ -20,12 +20,12 @@ import copy
 
 import lightning.pytorch as pl
 import torch
+from classifiers import ImageClassifier, vgg
+from mnist import MNISTDataModule
 from torch import nn
 from training import add_schedule_options, fit_and_test, schedules
 
 import lightning_lowrank as ll
-from lightning_lowrank.data import MNISTDataModule
-from lightning_lowrank.models import ImageClassifier, vgg
 
 
 class Subset(MNISTDataModule):

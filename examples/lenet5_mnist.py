@@ -11,7 +11,9 @@ of fit; then the test accuracy of the Tucker model and of its compact export, th
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -19,8 +21,10 @@ from lightning.pytorch.loggers import CSVLogger
 from torchmetrics.classification import MulticlassAccuracy
 
 import lightning_lowrank as ll
-from lightning_lowrank.data import MNISTDataModule
-from lightning_lowrank.models import ImageClassifier
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the demo data and models live there
+from classifiers import ImageClassifier  # noqa: E402
+from mnist import MNISTDataModule  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -8,9 +8,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lightning_lowrank.attention import SplitAttention
-from lightning_lowrank.deep_linear import DeepLinear
-from lightning_lowrank.layers import TuckerLayer
+from lightning_lowrank.deep_linear.layers import DeepLinear
+from lightning_lowrank.tucker.attention import SplitAttention
+from lightning_lowrank.tucker.layers import TuckerLayer
 
 
 def _replace(module: nn.Module, classes: tuple[type[nn.Module], ...],

@@ -644,7 +644,7 @@ def test_ddp_processes_end_every_step_identical(tmp_path):
 
 def test_step_metrics_reach_the_logger_at_every_logging_step(tmp_path):
     """With ``log_every_n_steps=3`` the callback forms its metrics only on the steps Lightning writes (the private
-    read of ``_writes_logs``): the CSV has rank columns exactly where it has the module's own step metric (plus the
+    read of ``writes_logs``): the CSV has rank columns exactly where it has the module's own step metric (plus the
     initial row and the epoch ends), each the layer's rank at that batch's start."""
     torch.manual_seed(0)
     model = Student(lr=0.02)
@@ -671,12 +671,12 @@ def test_step_metrics_reach_the_logger_at_every_logging_step(tmp_path):
 def test_start_method_of_each_launcher():
     """The one private Lightning attribute the package reads (`DDPStrategy._start_method`) still tells the
     launchers apart; if Lightning renames it, this fails."""
-    from lightning_lowrank.callback import _start_method
+    from lightning_lowrank.lightning.base import start_method
 
     expected = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}
     for strategy, method in expected.items():
-        assert _start_method(trainer(strategy=strategy, devices=2).strategy) == method, strategy
-    assert _start_method(trainer().strategy) is None
+        assert start_method(trainer(strategy=strategy, devices=2).strategy) == method, strategy
+    assert start_method(trainer().strategy) is None
 
 
 @pytest.mark.slow

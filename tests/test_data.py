@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from lightning_lowrank.data import load_mnist, read_idx
+from mnist import load_mnist, read_idx
 
 DATA = Path(__file__).parent.parent / "data"
 
@@ -78,7 +77,7 @@ def test_load_mnist_pads_and_repeats_channels(tmp_path):
 
 
 def test_data_module_splits_and_batches(tmp_path):
-    from lightning_lowrank.data import MNISTDataModule
+    from mnist import MNISTDataModule
 
     rng = np.random.default_rng(2)
     for prefix, n in (("train", 10), ("t10k", 4)):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lightning_lowrank.deep_linear import (
+from lightning_lowrank.deep_linear.layers import (
     DeepLinear,
     completion_surrogate,
     estimate_rank,

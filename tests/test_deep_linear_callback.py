@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_lowrank as ll
-from lightning_lowrank.deep_linear import overparameterize, param_groups
+from lightning_lowrank.deep_linear.conversion import overparameterize
+from lightning_lowrank.deep_linear.layers import param_groups
 
 
 def data():
@@ -85,8 +86,8 @@ def test_metrics_reach_the_logger(tmp_path):
     assert len(rows) >= trainer.global_step
     assert float(rows[-1]["lowrank/net.2/width"]) == 4
     block_params = 4 * (16 + 16) + 4 * 4 + 16  # W_1 4x16, W_2 4x4, W_3 16x4, bias
-    wide_params = 16 * (16 + 16) + 16 * 16 + 16
-    assert float(rows[-1]["lowrank/compression_rate"]) == pytest.approx(1 - block_params / wide_params)
+    dense_params = 16 * 16 + 16  # the nn.Linear(16, 16) it replaced: the same meaning as TuckerCallback's
+    assert float(rows[-1]["lowrank/compression_rate"]) == pytest.approx(1 - block_params / dense_params)
     assert float(rows[-1]["lowrank/params"]) == sum(p.numel() for p in module.parameters())
 
 

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_lowrank import TuckerConv2d, TuckerLinear
-from lightning_lowrank.distributed import average_gradients, broadcast_layers, drop_absent, keep_out_of_ddp
+from lightning_lowrank.tucker.distributed import average_gradients, broadcast_layers, drop_absent, keep_out_of_ddp
 
 
 @pytest.fixture

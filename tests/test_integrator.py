@@ -17,7 +17,7 @@ from lightning_lowrank import (
     TuckerIntegrator,
     TuckerLinear,
 )
-from lightning_lowrank.layers import storage_size
+from lightning_lowrank.tucker.layers import storage_size
 
 
 @pytest.fixture(autouse=True)
@@ -287,7 +287,7 @@ def test_a_run_whose_storage_follows_the_rank_equals_one_at_fixed_storage(monkey
 
     follows, state, storages = run(True)
     assert min(storages) < (30, 40)  # it shrank
-    monkeypatch.setattr("lightning_lowrank.integrator.storage_size", lambda size, rank, current=None: size)
+    monkeypatch.setattr("lightning_lowrank.tucker.integrator.storage_size", lambda size, rank, current=None: size)
     fixed, fixed_state, fixed_storages = run(False)
     assert fixed_storages == {(30, 40)}
     assert follows.ranks == fixed.ranks
@@ -909,7 +909,7 @@ def test_min_rank_holds_ranks_up_and_must_fit_the_storage():
 def test_tail_rank_at_its_boundary():
     """Smallest r with ||s[r:]|| <= theta, with tails that are exact in floating point: s = (3, 2, 1) has tails
     sqrt(14), sqrt(5), 1, 0. A tail equal to theta is discarded (<=); one just above it is kept."""
-    from lightning_lowrank.layers import tail_rank
+    from lightning_lowrank.tucker.layers import tail_rank
 
     s = torch.tensor([3.0, 2.0, 1.0])
     assert int(tail_rank(s, torch.tensor(1.0))) == 2

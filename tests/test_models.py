@@ -2,9 +2,8 @@
 
 import pytest
 import torch
+from classifiers import ImageClassifier, lenet5, vgg
 from torch import nn
-
-from lightning_lowrank.models import ImageClassifier, lenet5, vgg
 
 
 def test_lenet5_has_the_dlrt_layer_sizes():

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_lowrank as ll
-from lightning_lowrank.optimizer_state import OPTIMIZER_STATE, REFUSED, check_state, rotate, state_rules
+from lightning_lowrank.tucker.optimizer_state import OPTIMIZER_STATE, REFUSED, check_state, rotate, state_rules
 
 ALL_OPTIMIZERS = sorted((c for c in vars(torch.optim).values() if inspect.isclass(c)
                          and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer),

@@ -21,17 +21,11 @@ import torch.nn.functional as F
 from tensorly.decomposition import partial_tucker
 from torch import Tensor, nn
 
+from lightning_lowrank.validation import check_int
+
 Init = Literal["hosvd", "hosvd_scaled", "random"]
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 DenseConv = nn.Conv1d | nn.Conv2d | nn.Conv3d
-
-
-def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    """``value`` if it is an int in [low, high] (no upper bound without ``high``), else a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        accepted = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"`{name}` must be an int {accepted}, got {value!r}")
-    return value
 
 
 def _check_ranks(name: str, ranks: Sequence[int], bounds: Sequence[int], bound_name: str) -> tuple[int, ...]:
@@ -210,7 +204,7 @@ class TuckerLayer(nn.Module):
         """Reallocate factors (n_i x s_i) and core (``storage``) keeping their leading blocks, each s_i in
         [r_i, n_i]; the Parameter objects stay (an optimizer holding them goes on), and so do their gradients'
         leading blocks. Returns each changed parameter with its old shape, for its optimizer state
-        (:func:`~lightning_lowrank.optimizer_state.resize_state`)."""
+        (:func:`~lightning_lowrank.tucker.optimizer_state.resize_state`)."""
         storage = _check_ranks("storage", storage, self.shape, "the mode size")
         if any(s < r for s, r in zip(storage, self.ranks)):
             raise ValueError(f"`storage` {storage} must hold the active ranks {self.ranks}")

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_lowrank.layers import TuckerLayer, compute_dtype, unfold
+from lightning_lowrank.tucker.layers import TuckerLayer, compute_dtype, unfold
 
 
 class Capture:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_lowrank.layers import TuckerLayer
+from lightning_lowrank.tucker.layers import TuckerLayer
 
 
 def _tucker_state(module: nn.Module) -> list[str]:

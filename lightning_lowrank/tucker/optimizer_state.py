@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_lowrank.layers import mode_dot, resized, zero_outside
+from lightning_lowrank.tucker.layers import mode_dot, resized, zero_outside
 
 Kind = Literal["linear", "squared", "magnitude", "scalar"]
 Fresh = Literal["zero", "grad", "grad_squared", "grad_squared_sum", "grad_abs", "lr"]
@@ -181,7 +181,7 @@ def transport_state(optimizer: torch.optim.Optimizer | None, core: Tensor, ranks
 
 
 def resize_state(optimizer: torch.optim.Optimizer | None, changed: Sequence[tuple[Tensor, torch.Size]]) -> None:
-    """Follow :meth:`~lightning_lowrank.layers.TuckerLayer.resize`: every per-entry state tensor of a resized
+    """Follow :meth:`~lightning_lowrank.tucker.layers.TuckerLayer.resize`: every per-entry state tensor of a resized
     parameter (shape ``old``) is reallocated at the parameter's new shape, keeping its leading block (zero beyond,
     where the core is zero too); scalar state stays."""
     for param, old in changed:

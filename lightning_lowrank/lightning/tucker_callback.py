@@ -1,4 +1,5 @@
-"""Lightning glue: convert at setup, run the integrator around every optimizer step, log ranks, checkpoint."""
+"""The Tucker method's Lightning glue: convert at setup, run the integrator around every optimizer step, log ranks,
+checkpoint the exact factorization."""
 
 from __future__ import annotations
 
@@ -8,93 +9,32 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, StochasticWeightAveraging
+from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.strategies import (
     DDPStrategy,
-    DeepSpeedStrategy,
-    SingleDeviceStrategy,
 )
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_lowrank.checkpoint import CHECKPOINT_KEY, split_state
-from lightning_lowrank.conversion import RankSpec, TuckerConfig, convert
-from lightning_lowrank.deep_linear import DeepLinear, DeepLinearConfig, overparameterize
-from lightning_lowrank.distributed import broadcast_layers, keep_out_of_ddp
-from lightning_lowrank.integrator import IntegratorConfig, TuckerIntegrator, gradients_finite
-from lightning_lowrank.layers import TuckerLayer
-from lightning_lowrank.optimizer_state import state_rules
-from lightning_lowrank.summary import summary
-
-try:  # lightning >= 2.5
-    from lightning.pytorch.callbacks import WeightAveraging
-    _AVERAGING: tuple[type[Callback], ...] = (StochasticWeightAveraging, WeightAveraging)
-except ImportError:
-    _AVERAGING = (StochasticWeightAveraging,)
-
-
-_PROGRESS_BAR = ("compression_rate", "params", "stored_params")
+from lightning_lowrank.lightning.base import (
+    AVERAGING,
+    LowRankCallback,
+    check_checkpoint_callbacks,
+    check_conversion_reaches_main_process,
+    check_strategy,
+)
+from lightning_lowrank.lightning.checkpoint import CHECKPOINT_KEY
+from lightning_lowrank.tucker.conversion import RankSpec, TuckerConfig, convert
+from lightning_lowrank.tucker.distributed import broadcast_layers, keep_out_of_ddp
+from lightning_lowrank.tucker.integrator import IntegratorConfig, TuckerIntegrator, gradients_finite
+from lightning_lowrank.tucker.layers import TuckerLayer
+from lightning_lowrank.tucker.optimizer_state import state_rules
+from lightning_lowrank.tucker.summary import summary
 
 
-class _LowRankCallback(Callback):
-    """What both callbacks share: metrics and checkpoints.
-
-    Logs ``lowrank/<name>`` for every entry of :meth:`metrics` through ``pl_module.log``, at the start of every
-    training batch whose step Lightning writes (``log_every_n_steps``; step k shows the state after k optimizer
-    steps; the other steps skip the cost of forming the metrics) and at epoch end, so every logger,
-    ModelCheckpoint and EarlyStopping see them; compression on the progress bar. The state training starts from goes
-    to every logger at its first step (0, or the step a run resumes at), whatever ``log_every_n_steps``.
-    Checkpoints hold the merged dense weights in ``state_dict`` (so ``Module.load_from_checkpoint`` builds the
-    trained dense model) and the exact factorization under ``checkpoint["lightning_lowrank"]``.
-    """
-
-    def metrics(self, pl_module: pl.LightningModule) -> dict[str, float]:
-        raise NotImplementedError
-
-    def initial_metrics(self, pl_module: pl.LightningModule) -> dict[str, float]:
-        """What the first log of a fit holds: :meth:`metrics`, plus what does not change during the fit."""
-        return self.metrics(pl_module)
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        metrics = {f"lowrank/{name}": value for name, value in self.initial_metrics(pl_module).items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-
-    @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        if _writes_logs(trainer):
-            self._log(pl_module, on_step=True)
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log(pl_module, on_step=False)
-
-    def _log(self, pl_module: pl.LightningModule, on_step: bool) -> None:
-        for name, value in self.metrics(pl_module).items():
-            pl_module.log(f"lowrank/{name}", value, prog_bar=name in _PROGRESS_BAR, on_step=on_step,
-                          on_epoch=not on_step, batch_size=1)
-
-    @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = split_state(pl_module, checkpoint["state_dict"])
-
-    @override
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        """Lightning has loaded the merged weights (factorized by the layers); restore the exact factorization."""
-        if CHECKPOINT_KEY in checkpoint:
-            result = pl_module.load_state_dict(checkpoint[CHECKPOINT_KEY]["state_dict"], strict=False)
-            if result.unexpected_keys:
-                raise ValueError(f"the checkpoint has factorized state the model lacks: {result.unexpected_keys[:5]}; "
-                                 "convert the same layers (same `include`/`exclude`) as the run that saved it")
-
-
-class TuckerCallback(_LowRankCallback):
+class TuckerCallback(LowRankCallback):
     """Train a LightningModule's Conv/Linear layers in Tucker form with the rank-adaptive integrator.
 
     At ``setup`` (fit, validate, test, predict; idempotent) the selected layers become Tucker layers, so the strategy
@@ -162,11 +102,11 @@ class TuckerCallback(_LowRankCallback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _check_strategy(self, trainer.strategy)
-        _check_checkpoint_callbacks(trainer)
+        check_strategy(self, trainer.strategy)
+        check_checkpoint_callbacks(trainer)
         index = trainer.callbacks.index(self)
-        averaging = [type(c).__name__ for c in trainer.callbacks if isinstance(c, _AVERAGING)]
-        if any(isinstance(c, _AVERAGING) for c in trainer.callbacks[:index]):
+        averaging = [type(c).__name__ for c in trainer.callbacks if isinstance(c, AVERAGING)]
+        if any(isinstance(c, AVERAGING) for c in trainer.callbacks[:index]):
             raise ValueError(f"TuckerCallback must come before {averaging[0]} in `Trainer(callbacks=...)`: that "
                              "callback copies the model at its setup, before the layers are converted")
         if averaging and stage == "fit" and self.freeze_after_steps is None and self.freeze_after_epochs is None:
@@ -176,7 +116,7 @@ class TuckerCallback(_LowRankCallback):
         if any(type(m) in self.conversion.layer_types or isinstance(m, TuckerLayer) for m in pl_module.modules()):
             report = convert(pl_module, self.conversion)
             if report.converted and stage == "fit":
-                _check_conversion_reaches_main_process(trainer.strategy, "lightning_lowrank.convert")
+                check_conversion_reaches_main_process(trainer.strategy, "lightning_lowrank.convert")
             if report.converted:
                 totals = summary(pl_module)
                 rank_zero_info(f"TuckerCallback: {report}\nTuckerCallback: the converted layers store "
@@ -303,7 +243,7 @@ class TuckerCallback(_LowRankCallback):
         for callback in trainer.callbacks:
             if isinstance(callback, StochasticWeightAveraging):
                 averaging = callback.swa_start <= trainer.current_epoch
-            elif isinstance(callback, _AVERAGING):
+            elif isinstance(callback, AVERAGING):
                 averaging = callback.should_update(step_idx=step_idx, epoch_idx=epoch_idx)
             else:
                 continue
@@ -382,134 +322,6 @@ class TuckerCallback(_LowRankCallback):
         self._handles.clear()
         for integrator in self.integrators.values():
             integrator.remove()  # the integrators stay readable (steps, layers) until the next fit
-
-
-class DeepLinearCallback(_LowRankCallback):
-    """Train chosen Linear layers of a LightningModule as deep linear blocks, compressed to width 2r.
-
-    At ``setup`` (idempotent) the selected ``nn.Linear`` layers become :class:`~lightning_lowrank.DeepLinear`
-    blocks (:func:`~lightning_lowrank.deep_linear.overparameterize`): compressed to the top-2r singular subspaces of
-    their weights, or wide. During fit every optimizer step moves the outer factors ``alpha`` times as far as the
-    optimizer would (their update is scaled by ``alpha``: the same as an ``alpha`` times larger learning rate for
-    SGD, momentum, Adam and AdamW, whose updates are proportional to the learning rate), so configure the optimizer
-    on ``self.parameters()`` as usual. Logged like :class:`TuckerCallback`: ``lowrank/compression_rate`` (1 -
-    parameters of the blocks / parameters of the same blocks wide), ``lowrank/params`` and
-    ``lowrank/<layer>/width``.
-
-    Args: the fields of :class:`~lightning_lowrank.deep_linear.DeepLinearConfig`.
-    """
-
-    def __init__(self, depth: int = 3, rank: int | None = None, compressed: bool = True, init_scale: float = 1e-2,
-                 alpha: float = 5.0, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> None:
-        self.config = DeepLinearConfig(depth, rank, compressed, init_scale, alpha, tuple(include), tuple(exclude))
-        self._handles: list[RemovableHandle] = []
-        self._before: dict[nn.Parameter, Tensor] = {}
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _check_strategy(self, trainer.strategy)
-        _check_checkpoint_callbacks(trainer)
-        if any(type(m) is nn.Linear for m in pl_module.modules()) or not self._blocks(pl_module):
-            report = overparameterize(pl_module, self.config)
-            if report.converted and stage == "fit":
-                _check_conversion_reaches_main_process(trainer.strategy,
-                                                       "lightning_lowrank.deep_linear.overparameterize")
-            if report.converted:
-                rank_zero_info(f"DeepLinearCallback: {report}")
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.config.alpha == 1:
-            return
-        outer = {id(p): p for block in self._blocks(pl_module).values() for p in block.outer_factors}
-        for optimizer in trainer.optimizers:
-            mine = [p for group in optimizer.param_groups for p in group["params"] if id(p) in outer]
-            if mine:
-                self._handles.append(optimizer.register_step_pre_hook(
-                    lambda opt, args, kwargs, mine=mine: self._before.update({p: p.detach().clone() for p in mine})))
-                self._handles.append(optimizer.register_step_post_hook(
-                    lambda opt, args, kwargs, mine=mine: self._scale_updates(mine)))
-
-    @torch.no_grad()
-    def _scale_updates(self, parameters: list[nn.Parameter]) -> None:
-        """p <- p_before + alpha (p - p_before), in place."""
-        for p in parameters:
-            p.lerp_(self._before.pop(p), 1 - self.config.alpha)
-
-    def metrics(self, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Compression against the wide blocks, parameters of the model, and the width of every block."""
-        blocks = self._blocks(pl_module)
-        params = sum(block.num_parameters() for block in blocks.values())
-        wide = sum(block.num_parameters(max(block.in_features, block.out_features)) for block in blocks.values())
-        metrics = {"compression_rate": 1 - params / wide,
-                   "params": float(sum(p.numel() for p in pl_module.parameters()))}
-        return metrics | {f"{name}/width": float(block.width) for name, block in blocks.items()}
-
-    @staticmethod
-    def _blocks(pl_module: pl.LightningModule) -> dict[str, DeepLinear]:
-        return {name: m for name, m in pl_module.named_modules() if isinstance(m, DeepLinear)}
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            for handle in self._handles:
-                handle.remove()
-            self._handles.clear()
-
-
-def _start_method(strategy: pl.strategies.Strategy) -> str | None:
-    """How a DDP strategy starts its processes: "popen" (the script launcher: every process runs the user's script)
-    or a multiprocessing start method ("spawn", "fork", "forkserver": ``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``),
-    after which Lightning loads the trained state back into the main process's model; None for other strategies.
-
-    Lightning has no public attribute for it: this is the one place that reads the private
-    ``DDPStrategy._start_method`` (the other private read is :func:`_writes_logs`);
-    ``test_callback.py::test_start_method_of_each_launcher`` fails if it changes.
-    """
-    return getattr(strategy, "_start_method", "popen") if isinstance(strategy, DDPStrategy) else None
-
-
-def _writes_logs(trainer: pl.Trainer) -> bool:
-    """Whether Lightning writes the step metrics logged now (in ``on_train_batch_start``) to the loggers: every
-    ``log_every_n_steps`` steps, counted in batches that stepped an optimizer.
-
-    Lightning has no public attribute for it: this is the one place that reads the private
-    ``trainer._logger_connector.should_update_logs``; ``test_callback.py::test_step_metrics_reach_the_logger_at_every_
-    logging_step`` fails if it changes.
-    """
-    return bool(trainer._logger_connector.should_update_logs)
-
-
-def _check_conversion_reaches_main_process(strategy: pl.strategies.Strategy, function: str) -> None:
-    """Refuse to convert in worker processes whose state Lightning copies back into a still-dense model."""
-    method = _start_method(strategy)
-    if method not in (None, "popen"):
-        raise ValueError(
-            f"this DDP strategy (start method {method!r}: ddp_spawn, ddp_fork or ddp_notebook) trains in worker "
-            "processes and loads their state back into the main process's model, whose layers are still dense "
-            "there: the trained factorization would be lost. Convert before `fit` in the main process "
-            f"(`{function}(model, ...)` with the callback's options; the callback then finds the layers converted), "
-            "or use strategy='ddp'")
-
-
-def _check_checkpoint_callbacks(trainer: pl.Trainer) -> None:
-    """Weights-only checkpoints skip the callback's checkpoint hook, so they would hold raw factors that neither
-    ``Module.load_from_checkpoint`` nor :func:`~lightning_lowrank.load_checkpoint` can read: refuse them."""
-    for callback in trainer.callbacks:
-        if isinstance(callback, ModelCheckpoint) and callback.save_weights_only:
-            raise ValueError("ModelCheckpoint(save_weights_only=True) skips the low-rank callbacks' checkpoint hook: "
-                             "its files would hold the raw factors without the structure that loads them. Use "
-                             "save_weights_only=False (the default); for a small file of the trained model, save "
-                             "`lightning_lowrank.compact(model)` or load the full checkpoint with "
-                             "`lightning_lowrank.load_checkpoint`")
-
-
-def _check_strategy(callback: Callback, strategy: pl.strategies.Strategy) -> None:
-    """Single device and DDP (any launcher) are supported; sharded strategies would split the factors."""
-    if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-        raise ValueError(f"{type(callback).__name__} supports single-device and DDP strategies, not "
-                         f"{type(strategy).__name__}: sharded parameters (FSDP, DeepSpeed, model parallel) would "
-                         "split the factors it keeps whole (orthonormal bases, outer factors)")
 
 
 def _layers_by_optimizer(layers: dict[str, TuckerLayer], optimizers: Sequence[torch.optim.Optimizer]

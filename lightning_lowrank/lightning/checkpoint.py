@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_lowrank.attention import SplitAttention
-from lightning_lowrank.deep_linear import DeepLinear
+from lightning_lowrank.deep_linear.layers import DeepLinear
 from lightning_lowrank.export import compact
-from lightning_lowrank.integrator import IntegratorConfig, TuckerIntegrator
-from lightning_lowrank.layers import TUCKER_LAYERS
+from lightning_lowrank.tucker.attention import SplitAttention
+from lightning_lowrank.tucker.integrator import IntegratorConfig, TuckerIntegrator
+from lightning_lowrank.tucker.layers import TUCKER_LAYERS
 
 CHECKPOINT_KEY = "lightning_lowrank"
 """The checkpoint entry ``{"layers": {name: {"type": class name, "arguments": {...}}}, "state_dict": {...}}``: the

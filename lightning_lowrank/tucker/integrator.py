@@ -40,19 +40,19 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_lowrank.augmentation import Capture, augmented_basis, parallel_gradient
-from lightning_lowrank.distributed import average_gradients, drop_absent
-from lightning_lowrank.layers import (
+from lightning_lowrank.tucker.augmentation import Capture, augmented_basis, parallel_gradient
+from lightning_lowrank.tucker.distributed import average_gradients, drop_absent
+from lightning_lowrank.tucker.layers import (
     TuckerLayer,
-    check_int,
     compute_dtype,
     consistent_ranks,
     mode_dot,
     storage_size,
     zero_outside,
 )
-from lightning_lowrank.optimizer_state import check_state, clear_outside, resize_state, warm_start
-from lightning_lowrank.truncation import rank_candidates, rotate_layer
+from lightning_lowrank.tucker.optimizer_state import check_state, clear_outside, resize_state, warm_start
+from lightning_lowrank.tucker.truncation import rank_candidates, rotate_layer
+from lightning_lowrank.validation import check_int
 
 
 @dataclass(frozen=True)
@@ -131,9 +131,9 @@ class TuckerIntegrator:
     Args:
         module: a module holding Tucker layers, or a mapping of names to the layers to integrate.
         config: the integrator's options.
-        reduce: averages a tensor across data-parallel processes: the Tucker layers' gradients, which DDP does not
-            hold (:mod:`lightning_lowrank.distributed`), at the start of every step, and the hand-made gradient of
-            ``method="augmented"``; None: one process.
+        reduce: averages a tensor across data-parallel processes: the Tucker layers' gradients, which DDP does
+            not hold (:mod:`lightning_lowrank.tucker.distributed`), at the start of every step, and the hand-made
+            gradient of ``method="augmented"``; None: one process.
         broadcast: makes the rank decision (a 1-D integer tensor) the same on every process, for example by
             broadcasting it from the first one; None: identity.
     """
@@ -425,7 +425,7 @@ class TuckerIntegrator:
 
 
 def fit_storage(layer: TuckerLayer, optimizer: torch.optim.Optimizer | None) -> None:
-    """Reallocate the layer's storage for its active ranks (:func:`~lightning_lowrank.layers.storage_size`: room
+    """Reallocate the layer's storage for its active ranks (:func:`~lightning_lowrank.tucker.layers.storage_size`: room
     for the next augmentation, changed only when the ranks moved far enough) and the optimizer's state with it."""
     storage = tuple(storage_size(n, r, s) for n, r, s in zip(layer.shape, layer.ranks, layer.storage))
     if storage != layer.storage:

@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from lightning_lowrank.layers import TuckerLayer, compute_dtype, tail_rank, unfold
-from lightning_lowrank.optimizer_state import rotate, transport_state
+from lightning_lowrank.tucker.layers import TuckerLayer, compute_dtype, tail_rank, unfold
+from lightning_lowrank.tucker.optimizer_state import rotate, transport_state
 
 
 def rank_candidates(layer: TuckerLayer, old_ranks: Sequence[int], tau: float,
@@ -43,7 +43,7 @@ def rank_candidates(layer: TuckerLayer, old_ranks: Sequence[int], tau: float,
 def rotate_layer(layer: TuckerLayer, rotations: Sequence[Tensor | None],
                  optimizer: torch.optim.Optimizer | None) -> None:
     """U_i <- U_i P_i, C <- C x_i P_i^T for every mode with a rotation P_i (orthonormal columns); the core's
-    optimizer state follows (:func:`~lightning_lowrank.optimizer_state.transport_state`)."""
+    optimizer state follows (:func:`~lightning_lowrank.tucker.optimizer_state.transport_state`)."""
     new_core = rotate(layer.active_core(), rotations)
     transport_state(optimizer, layer.core, layer.ranks, rotations)
     for u, p in zip(layer.factors, rotations):

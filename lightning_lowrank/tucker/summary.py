@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lightning_lowrank.layers import TuckerLayer
+from lightning_lowrank.tucker.layers import TuckerLayer
 
 
 @dataclass(frozen=True)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
+from dataclasses import dataclass
 from typing import Literal, Union
 
 from torch import nn
 
-from lightning_lowrank.attention import SplitAttention
-from lightning_lowrank.layers import (
+from lightning_lowrank.selection import ConversionReport, check_patterns, pattern_reason
+from lightning_lowrank.tucker.attention import SplitAttention
+from lightning_lowrank.tucker.layers import (
     TUCKER_LAYERS,
     Init,
     TuckerLayer,
@@ -29,7 +29,7 @@ r_i <= prod_{j != i} r_j (a linear layer's two ranks are equal): beyond that a m
 
 CONVERTIBLE: tuple[type[nn.Module], ...] = (*TUCKER_LAYERS, nn.MultiheadAttention)
 """Dense module types :func:`convert` replaces: Linear and Conv by Tucker layers, attention by
-:class:`~lightning_lowrank.attention.SplitAttention` whose four projections become Tucker layers."""
+:class:`~lightning_lowrank.tucker.attention.SplitAttention` whose four projections become Tucker layers."""
 
 
 def _check_rank_spec(name: str, spec: RankSpec) -> None:
@@ -56,7 +56,7 @@ class TuckerConfig:
     Args:
         rank: initial active rank of the channel modes (output and input); "full" starts at `max_rank`.
         max_rank: largest rank of the channel modes that truncation keeps (augmentation may exceed it for one
-            interval); the storage follows the rank (:func:`~lightning_lowrank.layers.storage_size`).
+            interval); the storage follows the rank (:func:`~lightning_lowrank.tucker.layers.storage_size`).
         kernel_rank: initial rank of the spatial modes of convolutions.
         layer_types: dense module types to convert (exact type match, so subclasses with their own forward stay), as
             classes or class names (``"Conv2d"``): ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.MultiheadAttention``
@@ -120,19 +120,6 @@ class TuckerConfig:
             ranks.append(rank)
             max_ranks.append(max_rank)
         return consistent_ranks(ranks), tuple(max_ranks)
-
-
-@dataclass
-class ConversionReport:
-    """What :func:`convert` did: the layers it converted and why it left the other candidates dense."""
-
-    converted: list[str] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        lines = [f"converted {len(self.converted)} layer(s): {', '.join(self.converted) or '-'}"]
-        lines += [f"kept dense {name}: {reason}" for name, reason in self.skipped.items()]
-        return "\n".join(lines)
 
 
 def convert(module: nn.Module, config: TuckerConfig | None = None, **options: object) -> ConversionReport:
@@ -215,26 +202,6 @@ def _dense_modules(module: nn.Module, report: ConversionReport, config: TuckerCo
 def _parents(module: nn.Module, name: str) -> list[nn.Module]:
     parts = name.split(".") if name else []
     return [module.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
-
-
-def check_patterns(module: nn.Module, include: tuple[str, ...], exclude: tuple[str, ...]) -> None:
-    """Raise if a glob pattern of ``include`` or ``exclude`` matches no module name of ``module``."""
-    names = [name for name, _ in module.named_modules(remove_duplicate=False)]
-    for option, patterns in (("include", include), ("exclude", exclude)):
-        for pattern in patterns:
-            if not any(fnmatchcase(name, pattern) for name in names):
-                raise ValueError(f"`{option}` pattern {pattern!r} matches no module; names look like {names[1:6]}")
-
-
-def pattern_reason(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> str | None:
-    """Why the module ``name`` is not selected by the patterns (the root cannot be replaced), or None."""
-    if not name:
-        return "the root module cannot be replaced in place; convert its parent"
-    if include and not any(fnmatchcase(name, p) for p in include):
-        return "not matched by `include`"
-    if any(fnmatchcase(name, p) for p in exclude):
-        return "matched by `exclude`"
-    return None
 
 
 def _parameter_owners(module: nn.Module) -> dict[int, set[str]]:
