@@ -120,7 +120,8 @@ def test_device_and_dtype_follow_the_layer():
     model = small_cnn(torch.float64)
     ll.convert(model)
     assert {p.dtype for p in model.parameters()} == {torch.float64}
-    assert {b.device for b in model.buffers()} == {torch.device("cpu")}
+    assert {p.device for p in model.parameters()} == {torch.device("cpu")}
+    assert {t.device for t in model.state_dict().values()} == {torch.device("cpu")}  # the saved ranks too
 
 
 @pytest.mark.parametrize("options, message", [

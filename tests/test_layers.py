@@ -350,7 +350,7 @@ def test_set_rank_takes_ints_only(ranks):
     layer = TuckerLinear(6, 5)
     with pytest.raises(ValueError, match="`rank` must be a sequence of ints"):
         layer.set_rank(ranks)
-    assert layer.ranks == (5, 5) and layer.rank.tolist() == [5, 5]
+    assert layer.ranks == (5, 5) and layer.state_dict()["rank"].tolist() == [5, 5]
 
 
 def test_inconsistent_ranks_are_refused_and_conversion_makes_them_consistent():
@@ -445,13 +445,13 @@ def test_a_checkpointed_low_rank_layer_reloads_at_its_ranks_in_bf16():
     assert 56 <= min(loaded.ranks) and max(loaded.ranks) <= 64
 
 
-def test_deferred_initialisation_leaves_no_garbage_in_the_rank_buffer():
-    """meta device -> to_empty -> reset_parameters (FSDP-style deferred init): the rank buffer is the active rank."""
+def test_deferred_initialisation_keeps_the_active_ranks():
+    """meta device -> to_empty -> reset_parameters (FSDP-style deferred init): the saved rank is the active rank."""
     with torch.device("meta"):
         layer = TuckerLinear(16, 12, rank=(4, 4))
     layer.to_empty(device="cpu")
     layer.reset_parameters()
-    assert layer.rank.tolist() == [4, 4] and layer.ranks == (4, 4)
+    assert layer.state_dict()["rank"].tolist() == [4, 4] and layer.ranks == (4, 4)
     assert_orthonormal(layer.factors[0].detach().double(), atol=1e-6)
     fresh = TuckerLinear(16, 12, rank=(4, 4))
     fresh.load_state_dict(layer.state_dict())
@@ -492,3 +492,19 @@ def test_hosvd_scaled_keeps_the_scale_of_a_random_init_below_full_rank():
     assert 0.7 < float(scaled(x).std() / reference) < 1.3 and float(truncated(x).std() / reference) < 0.6
     full = TuckerConv2d.from_dense(dense, init="hosvd_scaled")
     torch.testing.assert_close(full.dense_weight(), dense.weight.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_the_ranks_have_one_record_that_the_state_round_trips():
+    """No buffer holds the ranks (a DDP buffer broadcast or an assignment cannot set them apart from ``ranks``): the
+    state entry ``rank`` is written from ``ranks``; loading it sets ``ranks`` and leaves the caller's dict as it was."""
+    torch.manual_seed(0)
+    layer, other = TuckerConv2d(6, 8, 3, rank=(3, 2, 2, 3)), TuckerConv2d(6, 8, 3)
+    assert dict(layer.named_buffers()) == {}
+    state = layer.state_dict()
+    assert state["rank"].tolist() == [3, 2, 2, 3]
+    other.load_state_dict(state)
+    assert other.ranks == (3, 2, 2, 3) and "rank" in state
+    x = torch.randn(2, 6, 7, 7)
+    torch.testing.assert_close(other(x), layer(x))
+    layer.set_rank((2, 2, 1, 2))
+    assert layer.state_dict()["rank"].tolist() == [2, 2, 1, 2]

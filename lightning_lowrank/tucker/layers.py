@@ -2,7 +2,8 @@
 
 A weight tensor W of shape (n_1, ..., n_d) is kept as W = core x_1 U_1 x_2 U_2 ... x_d U_d with orthonormal factors
 U_i (n_i x r_i) and a core (r_1 x ... x r_d). Mode 0 is the output, mode 1 the input, further modes are the
-kernel's spatial modes. The active rank of each mode is the persistent buffer ``rank``; the parameters hold a storage
+kernel's spatial modes. The active rank of each mode is the tuple ``ranks`` (saved as the state entry ``rank``); the
+parameters hold a storage
 s_i >= r_i columns per mode (:func:`storage_size`: room for the next augmentation, 2 r_i columns capped by n_i, in
 coarse steps), so storage follows the rank while most rank changes leave the parameter shapes as they are, and the
 forward pass only touches the active block.
@@ -188,10 +189,10 @@ class TuckerLayer(nn.Module):
                                         for n, s in zip(self.shape, storage))
         self.core = nn.Parameter(torch.empty(storage, **factory))
         self.bias = nn.Parameter(torch.empty(self.shape[0], **factory)) if bias else None
-        self.register_buffer("rank", torch.tensor(rank, dtype=torch.long, device=device))
         self.ranks = rank
+        self.register_state_dict_post_hook(TuckerLayer._save_ranks)
         self.register_load_state_dict_pre_hook(TuckerLayer._load_pre_hook)
-        self.register_load_state_dict_post_hook(TuckerLayer._sync_ranks)
+        self.register_load_state_dict_post_hook(TuckerLayer._zero_outside_ranks)
         self.reset_parameters()
 
     @property
@@ -222,8 +223,8 @@ class TuckerLayer(nn.Module):
         return changed
 
     def reset_parameters(self) -> None:
-        """Random orthonormal factors; core and bias uniform in +-1/sqrt(fan_in); the ``rank`` buffer from the active
-        ranks (so deferred initialisation, ``to_empty`` then ``reset_parameters``, leaves no garbage in it)."""
+        """Random orthonormal factors; core and bias uniform in +-1/sqrt(fan_in), the core zero outside the active
+        block."""
         bound = 1.0 / math.sqrt(math.prod(self.shape[1:]))
         with torch.no_grad():
             for u in self.factors:  # QR in float32 at least (CPU has none in half precision)
@@ -232,7 +233,6 @@ class TuckerLayer(nn.Module):
             if self.bias is not None:
                 nn.init.uniform_(self.bias, -bound, bound)
             zero_outside(self.core, self.ranks)
-            self.rank.copy_(torch.tensor(self.ranks, dtype=torch.long))
 
     @torch.no_grad()
     def set_rank(self, ranks: Sequence[int]) -> None:
@@ -250,12 +250,16 @@ class TuckerLayer(nn.Module):
         if any(r > s for r, s in zip(ranks, self.storage)):
             self._reallocate(tuple(storage_size(n, r, s) for n, r, s in zip(self.shape, ranks, self.storage)))
         self.ranks = ranks
-        self.rank.copy_(torch.tensor(self.ranks, dtype=torch.long), non_blocking=True)
         zero_outside(self.core, self.ranks, extent=[max(a, b) for a, b in zip(old, self.ranks)])
 
     @staticmethod
-    def _sync_ranks(module: TuckerLayer, incompatible_keys: object) -> None:
-        module.ranks = tuple(module.rank.tolist())
+    def _save_ranks(module: TuckerLayer, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """The state entry ``rank``: the active ranks as a long tensor (on the layer's device). ``ranks`` is the
+        layer's one record of them (no buffer that a DDP buffer broadcast or an assignment could change apart)."""
+        state_dict[prefix + "rank"] = torch.tensor(module.ranks, dtype=torch.long, device=module.core.device)
+
+    @staticmethod
+    def _zero_outside_ranks(module: TuckerLayer, incompatible_keys: object) -> None:
         with torch.no_grad():
             zero_outside(module.core, module.ranks)
 
@@ -281,9 +285,9 @@ class TuckerLayer(nn.Module):
 
     @staticmethod
     def _load_pre_hook(module: TuckerLayer, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        """Check a loaded ``rank`` against the loaded storage, reallocate the parameters to that storage, and take
-        the state of the dense layer this one replaces (``weight``, ``bias``): the weight is decomposed keeping it up
-        to its dtype's rounding."""
+        """Take the loaded ``rank`` as the active ranks after checking it against the loaded storage, reallocate the
+        parameters to that storage, and take the state of the dense layer this one replaces (``weight``, ``bias``):
+        the weight is decomposed keeping it up to its dtype's rounding."""
         weight = state_dict.get(prefix + "weight")
         if weight is not None and prefix + "core" not in state_dict and tuple(weight.shape) == module.shape:
             del state_dict[prefix + "weight"]
@@ -292,12 +296,13 @@ class TuckerLayer(nn.Module):
         storage = module.storage if core is None else tuple(core.shape)
         try:
             storage = _check_ranks("storage", storage, module.shape, "the mode size")
-            rank = state_dict.get(prefix + "rank")
-            if rank is not None:
-                _check_ranks("rank", rank.tolist(), storage, "the stored core's shape")
+            rank = state_dict.pop(prefix + "rank", None)  # torch loads from a copy of the caller's state_dict
+            ranks = _check_ranks("rank", module.ranks if rank is None else rank.tolist(), storage,
+                                 "the stored core's shape")
         except (ValueError, TypeError) as error:
             raise ValueError(f"state entry {prefix}{'core' if 'storage' in str(error) else 'rank'}: {error}") from None
         module._reallocate(storage)
+        module.ranks = ranks
 
     def _tucker_entries(self, weight: Tensor, prefix: str) -> dict[str, Tensor]:
         """State entries (core, factors, rank) of the dense ``weight``. Each mode keeps the smallest rank whose
