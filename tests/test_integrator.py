@@ -690,35 +690,69 @@ def test_delayed_truncation_resumes_exactly_in_the_middle_of_the_core_steps():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-def test_a_skipped_core_step_keeps_the_augmented_ranks_and_a_skipped_augmenting_step_undoes_them():
-    """AMP may skip any optimizer step (after_step never comes). A skipped core step of the window is retried at the
-    augmented ranks; a skipped augmenting step is undone (W and ranks as before it)."""
+def poisoned_run(skip, steps=7, steps_before=0):
+    """delayed_problem (interval 3, core_steps 3) for ``steps`` steps; at step ``skip`` a NaN gradient (a skipped
+    step), or with ``skip=None`` no skip. ``steps_before`` starts the integrator's count there (a loaded state)."""
     layer, backward, integrator, optimizer = delayed_problem()
-    optimizer.zero_grad()
-    backward()
-    integrator.step(optimizer)
-    augmented = layer.ranks
-    optimizer.zero_grad()
-    backward()
-    assert integrator.before_step(optimizer)  # ... and the optimizer step never comes
-    optimizer.zero_grad()
-    backward()
-    assert integrator.before_step(optimizer)
-    assert layer.ranks == augmented and integrator.steps == 1
-    optimizer.step()
-    integrator.after_step(optimizer)
-    optimizer.zero_grad()
-    backward()
-    integrator.step(optimizer)  # the window's third step: truncation
-    truncated, weight = layer.ranks, layer.dense_weight()
-    optimizer.zero_grad()
-    backward()
-    assert integrator.before_step(optimizer) and layer.ranks != truncated  # augmented, step skipped
-    optimizer.zero_grad()
-    backward()
-    assert integrator.before_step(optimizer)  # undoes, then augments again from the truncated ranks
-    assert integrator.ranks == {"0": truncated}
-    torch.testing.assert_close(layer.dense_weight(), weight, rtol=0, atol=1e-12)
+    integrator.load_state_dict({"steps": steps_before, "frozen": False})
+    taken = []
+    for step in range(steps):
+        optimizer.zero_grad()
+        backward()
+        if step == skip:
+            with torch.no_grad():
+                layer.core.grad[0, 0] = float("nan")
+        taken.append(integrator.step(optimizer))
+    return layer, integrator, optimizer, taken
+
+
+def zero_update_run(skip, steps=7):
+    """The reference of a skipped step: the same run, where step ``skip`` goes through the integrator with every
+    gradient dropped after ``before_step`` (so the optimizer changes nothing)."""
+    layer, backward, integrator, optimizer = delayed_problem()
+    for step in range(steps):
+        optimizer.zero_grad()
+        backward()
+        assert integrator.before_step(optimizer)
+        if step == skip:
+            optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        integrator.after_step(optimizer)
+    return layer, integrator, optimizer
+
+
+def assert_same_run(first, second):
+    (layer, integrator, optimizer), (ref_layer, ref_integrator, ref_optimizer) = first, second
+    assert layer.ranks == ref_layer.ranks and integrator.steps == ref_integrator.steps
+    torch.testing.assert_close(layer.dense_weight(), ref_layer.dense_weight(), rtol=0, atol=1e-12)
+    state, ref_state = optimizer.state[layer.core], ref_optimizer.state[ref_layer.core]
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(state[key], ref_state[key], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("skip", [1, 2, 4, 5])
+def test_a_skipped_step_counts_as_a_step_that_changes_nothing(skip):
+    """One definition of a step: every call of before_step, skipped ones included (Lightning's global_step). Reference:
+    the same run where that step's gradients are dropped instead (steps 1 and 4 train the augmented core, 2 and 5
+    also truncate, as a skipped truncating step still must)."""
+    layer, integrator, optimizer, taken = poisoned_run(skip)
+    assert taken == [step != skip for step in range(7)] and integrator.steps == 7
+    assert_same_run((layer, integrator, optimizer), zero_update_run(skip))
+
+
+def test_a_skipped_augmenting_step_leaves_its_window_unaugmented():
+    """Reference: an integrator whose count starts after the skipped step, run on the same later batches (the
+    skipped step changed nothing: no augmentation in that window, and the next one comes on schedule)."""
+    layer, integrator, optimizer, _ = poisoned_run(skip=3)
+    ref_layer, ref_integrator, ref_optimizer, _ = poisoned_run(skip=None, steps=3)
+    ref_integrator.load_state_dict({**ref_integrator.state_dict(), "steps": 4})
+    _, backward = interval_problem()
+    for _ in range(3):
+        ref_optimizer.zero_grad()
+        backward(ref_layer)
+        ref_integrator.step(ref_optimizer)
+    assert_same_run((layer, integrator, optimizer), (ref_layer, ref_integrator, ref_optimizer))
+    assert integrator.steps == 7 and integrator.due is False
 
 
 def test_freeze_in_the_middle_of_the_core_steps_truncates_first():
@@ -859,9 +893,9 @@ def test_layers_without_a_gradient_stay_as_they_are():
     assert integrator.steps == 4
 
 
-def test_a_step_that_never_came_is_truncated_first_and_not_counted():
-    """AMP's GradScaler can skip the optimizer step after augmentation: the next step undoes what was grown (the
-    weight unchanged by the augmentation) and the skipped step does not count."""
+def test_a_step_whose_after_step_never_came_is_undone_and_counted_at_the_next():
+    """An optimizer that skips a step although its gradients were finite (after_step never comes): the next
+    before_step undoes what was grown (the weight unchanged by the augmentation) and counts the skipped step."""
     torch.manual_seed(0)
     layer = TuckerLinear(10, 8, rank=(3, 3), max_rank=(5, 5))
     integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, interval=1))
@@ -874,13 +908,13 @@ def test_a_step_that_never_came_is_truncated_first_and_not_counted():
     optimizer.zero_grad(set_to_none=True)
     layer(x).pow(2).sum().backward()
     assert integrator.before_step(optimizer)
-    assert integrator.steps == 0
+    assert integrator.steps == 1
     torch.testing.assert_close(layer.dense_weight(), weight)
     optimizer.step()
     integrator.after_step(optimizer)
-    assert integrator.steps == 1
+    assert integrator.steps == 2
     integrator.after_step(optimizer)  # an optimizer step the integrator did not prepare changes and counts nothing
-    assert integrator.steps == 1
+    assert integrator.steps == 2
 
 
 def test_min_rank_holds_ranks_up_and_must_fit_the_storage():

@@ -155,7 +155,7 @@ class TuckerIntegrator:
         self._augmenting = False  # whether augment() readied the optimizer step in flight
         self._basis_grads: dict[tuple[str, int], Tensor] = {}  # dL/dU summed over the steps since the last augmentation
         self._prepared = False  # whether before_step readied the optimizer step that after_step completes
-        self.steps = 0  # optimizer steps taken (skipped ones do not count)
+        self.steps = 0  # steps of the schedule: calls of before_step, skipped ones included
         self.frozen = False
         self.add_layers(layers)
 
@@ -240,9 +240,18 @@ class TuckerIntegrator:
         The finiteness check covers every gradient the optimizer is about to apply (its parameters, and the Tucker
         layers'); on failure all of them are dropped, so ``optimizer.step()`` changes nothing. A layer whose core has
         no gradient (frozen with ``requires_grad=False``, or unused by the loss) keeps its ranks, bases and core.
+
+        Every call is one step of the schedule (:attr:`steps`, so under the callback with one optimizer it equals
+        Lightning's ``global_step``), whether the optimizer applies it or not. A step skipped here (non-finite
+        gradients: also how AMP's skipped steps arrive, unscaled, under Lightning) changes nothing and ends as any
+        step does (a truncation due at it happens). A step whose :meth:`after_step` never came (an optimizer that
+        skipped it although its gradients were finite) is ended at the next call: its augmentation undone, counted,
+        its window closed by the next augmentation.
         """
-        if self._augmenting:  # an augmenting step whose optimizer step never came (AMP skipped it): undo it
-            self._undo_augmentation(optimizer)
+        if self._prepared:  # the last step's after_step never came
+            if self._augmenting:
+                self._undo_augmentation(optimizer)
+            self._end_step(optimizer, truncate=False)  # the gradients of this call are not those of a truncated core
         self._prepared = False
         present = None if self.reduce is None else average_gradients(self.layers.values(), self.reduce)
         parameters = [p for layer in self.layers.values() for p in layer.parameters()]
@@ -255,6 +264,7 @@ class TuckerIntegrator:
             for p in parameters:
                 p.grad = None
             self.clear()
+            self._end_step(optimizer)
             return False
         self._prepared = True
         if self.due:
@@ -291,11 +301,15 @@ class TuckerIntegrator:
 
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Truncate what :meth:`augment` grew and count the step; nothing for an optimizer step that
-        :meth:`before_step` did not prepare (a skipped one, or a step taken around the integrator)."""
+        :meth:`before_step` did not prepare (a skipped one, counted there, or a step taken around the integrator)."""
         if not self._prepared:
             return
         self._prepared = self._augmenting = False
-        if self.truncation_due:
+        self._end_step(optimizer)
+
+    def _end_step(self, optimizer: torch.optim.Optimizer | None, truncate: bool = True) -> None:
+        """Truncate if due, count the step, and arm the captures for the next one."""
+        if truncate and self.truncation_due:
             self.truncate(optimizer)
         self.steps += 1
         for capture in self._captures.values():
