@@ -14,13 +14,7 @@ from lightning_lowrank.tucker.conversion import (
     convert,
 )
 from lightning_lowrank.tucker.integrator import IntegratorConfig, TuckerIntegrator
-from lightning_lowrank.tucker.layers import (
-    TuckerConv1d,
-    TuckerConv2d,
-    TuckerConv3d,
-    TuckerLayer,
-    TuckerLinear,
-)
+from lightning_lowrank.tucker.layers import TuckerConv1d, TuckerConv2d, TuckerConv3d, TuckerLayer, TuckerLinear
 from lightning_lowrank.tucker.optimizer_state import OPTIMIZER_STATE, StateRule
 from lightning_lowrank.tucker.summary import LayerSummary, Summary, summary
 

@@ -17,7 +17,7 @@ from lightning_lowrank import (
     TuckerIntegrator,
     TuckerLinear,
 )
-from lightning_lowrank.tucker.layers import storage_size
+from lightning_lowrank.tucker.storage import storage_size
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_lowrank.tucker.layers import TuckerLayer, compute_dtype, unfold
+from lightning_lowrank.tucker.algebra import compute_dtype, unfold
+from lightning_lowrank.tucker.layers import TuckerLayer
 
 
 class Capture:

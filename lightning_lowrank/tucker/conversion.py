@@ -10,14 +10,9 @@ from typing import Literal, Union
 from torch import nn
 
 from lightning_lowrank.selection import ConversionReport, check_patterns, pattern_reason
+from lightning_lowrank.tucker.algebra import Init, consistent_ranks, full_ranks
 from lightning_lowrank.tucker.attention import SplitAttention
-from lightning_lowrank.tucker.layers import (
-    TUCKER_LAYERS,
-    Init,
-    TuckerLayer,
-    consistent_ranks,
-    full_ranks,
-)
+from lightning_lowrank.tucker.layers import TUCKER_LAYERS, TuckerLayer
 
 RankSpec = Union[int, float, Literal["full"]]
 """A rank per mode: an int in [1, n], a fraction of the mode size n in (0, 1] (rounded up), or 'full' (= n).
@@ -56,7 +51,7 @@ class TuckerConfig:
     Args:
         rank: initial active rank of the channel modes (output and input); "full" starts at `max_rank`.
         max_rank: largest rank of the channel modes that truncation keeps (augmentation may exceed it for one
-            interval); the storage follows the rank (:func:`~lightning_lowrank.tucker.layers.storage_size`).
+            interval); the storage follows the rank (:func:`~lightning_lowrank.tucker.storage.storage_size`).
         kernel_rank: initial rank of the spatial modes of convolutions.
         layer_types: dense module types to convert (exact type match, so subclasses with their own forward stay), as
             classes or class names (``"Conv2d"``): ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.MultiheadAttention``

@@ -40,17 +40,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_lowrank.tucker.algebra import compute_dtype, consistent_ranks, mode_dot
 from lightning_lowrank.tucker.augmentation import Capture, augmented_basis, parallel_gradient
 from lightning_lowrank.tucker.distributed import average_gradients, drop_absent
-from lightning_lowrank.tucker.layers import (
-    TuckerLayer,
-    compute_dtype,
-    consistent_ranks,
-    mode_dot,
-    storage_size,
-    zero_outside,
-)
+from lightning_lowrank.tucker.layers import TuckerLayer
 from lightning_lowrank.tucker.optimizer_state import check_state, clear_outside, resize_state, warm_start
+from lightning_lowrank.tucker.storage import storage_size, zero_outside
 from lightning_lowrank.tucker.truncation import rank_candidates, rotate_layer
 from lightning_lowrank.validation import check_int
 
@@ -439,7 +434,7 @@ class TuckerIntegrator:
 
 
 def fit_storage(layer: TuckerLayer, optimizer: torch.optim.Optimizer | None) -> None:
-    """Reallocate the layer's storage for its active ranks (:func:`~lightning_lowrank.tucker.layers.storage_size`: room
+    """Reallocate the layer's storage for its active ranks (:func:`~lightning_lowrank.tucker.storage.storage_size`: room
     for the next augmentation, changed only when the ranks moved far enough) and the optimizer's state with it."""
     storage = tuple(storage_size(n, r, s) for n, r, s in zip(layer.shape, layer.ranks, layer.storage))
     if storage != layer.storage:

@@ -14,17 +14,24 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
-import tensorly as tl
 import torch
 import torch.nn.functional as F
-from tensorly.decomposition import partial_tucker
 from torch import Tensor, nn
 
+from lightning_lowrank.tucker.algebra import (
+    Init,
+    consistent_ranks,
+    full_ranks,
+    mode_dot,
+    multi_mode_dot,
+    tail_rank,
+    tucker_decomposition,
+)
+from lightning_lowrank.tucker.storage import replace_data, resized, storage_size, zero_outside
 from lightning_lowrank.validation import check_int
 
-Init = Literal["hosvd", "hosvd_scaled", "random"]
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 DenseConv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
@@ -40,113 +47,6 @@ def _check_ranks(name: str, ranks: Sequence[int], bounds: Sequence[int], bound_n
         if not 1 <= r <= n:
             raise ValueError(f"`{name}` of mode {mode} must be in [1, {n}] ({bound_name}), got {r}")
     return ranks
-
-
-def mode_dot(tensor: Tensor, matrix: Tensor, mode: int) -> Tensor:
-    """tensor x_mode matrix: the mode-``mode`` fibres multiplied by ``matrix`` (m x n_mode)."""
-    return torch.movedim(torch.tensordot(matrix, tensor, dims=([1], [mode])), 0, mode)
-
-
-def unfold(tensor: Tensor, mode: int) -> Tensor:
-    """Mode-``mode`` unfolding, shape (n_mode, prod of the other sizes)."""
-    return torch.movedim(tensor, mode, 0).reshape(tensor.shape[mode], -1)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the integrator's QR and eigen-decompositions: float32 at least, whatever the training precision."""
-    return dtype if dtype == torch.float64 else torch.float32
-
-
-def full_ranks(shape: Sequence[int]) -> tuple[int, ...]:
-    """The largest useful rank per mode: the rank bound of the mode-i unfolding, min(n_i, prod_{j != i} n_j)."""
-    return tuple(min(n, math.prod(shape) // n) for n in shape)
-
-
-def consistent_ranks(ranks: Sequence[int]) -> tuple[int, ...]:
-    """Largest ranks <= ``ranks`` with r_i <= prod_{j != i} r_j: beyond it a mode's extra directions carry nothing."""
-    ranks = list(ranks)
-    changed = True
-    while changed:
-        changed = False
-        for i, r in enumerate(ranks):
-            bound = math.prod(ranks) // r
-            if r > bound:
-                ranks[i], changed = bound, True
-    return tuple(ranks)
-
-
-def zero_outside(tensor: Tensor, ranks: Sequence[int], extent: Sequence[int] | None = None) -> None:
-    """In place: zero the entries of ``tensor`` outside its leading block of shape ``ranks``, within the leading block
-    ``extent`` (default: the whole tensor; beyond ``extent`` the caller knows the entries are 0 already)."""
-    extent = tensor.shape if extent is None else extent
-    for mode, r in enumerate(ranks):
-        if r < extent[mode]:
-            index = [slice(n) for n in extent]
-            index[mode] = slice(r, extent[mode])
-            tensor[tuple(index)] = 0
-
-
-def storage_size(size: int, rank: int, current: int | None = None) -> int:
-    """Columns to store for a mode of ``size`` at ``rank``: room for the augmented basis, need = min(size, 2 rank).
-
-    Sizes come from the ladder 1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and 1.5 times them, capped by ``size``):
-    at most 1.5 need. From a ``current`` storage it grows to the ladder size above need when need exceeds it, and
-    shrinks to that size only once that is at most half of ``current``; otherwise it stays, so the rank must
-    change by a factor of about 1.4 or more before the parameters are reallocated again.
-    """
-    need = min(size, 2 * rank)
-    step = 1 << max(need - 1, 0).bit_length()  # smallest power of two >= need
-    fitted = min(size, 3 * step // 4 if 3 * step // 4 >= need and step >= 4 else step)
-    if current is None or need > current or 2 * fitted <= current:
-        return fitted
-    return current
-
-
-def resized(tensor: Tensor, shape: Sequence[int]) -> Tensor:
-    """A new tensor of ``shape`` holding the leading block ``tensor`` and ``shape`` share, zero elsewhere."""
-    new = tensor.new_zeros(tuple(shape))
-    block = tuple(slice(min(a, b)) for a, b in zip(tensor.shape, shape))
-    new[block] = tensor[block]
-    return new
-
-
-def replace_data(parameter: nn.Parameter, data: Tensor) -> None:
-    """``parameter.data = data`` for ``data`` of another shape, keeping the Parameter object.
-
-    Autograd reuses a parameter's gradient accumulator while any graph still holds it (a previous step's loss kept
-    alive, say), and that accumulator checks gradients against the shape it was made for; assigning ``.data`` drops
-    it only when dtype or device change (``VariableHooks::set_data``), so an empty tensor of another dtype goes in
-    first. The one place that relies on this; ``test_resize_while_an_old_graph_is_alive`` fails if it changes.
-    """
-    other = torch.float64 if data.dtype != torch.float64 else torch.float32
-    parameter.data = torch.empty(0, dtype=other, device=data.device)
-    parameter.data = data
-
-
-def tail_rank(singular_values: Tensor, theta: Tensor) -> Tensor:
-    """Smallest r with ||s[r:]||_2 <= theta, for descending singular values s (a 0-d tensor: no host sync)."""
-    tail = torch.sqrt(torch.flip(torch.cumsum(torch.flip(singular_values**2, [0]), 0), [0]))  # ||s[r:]||
-    return (tail > theta).sum()
-
-
-def tucker_decomposition(weight: Tensor, ranks: Sequence[int], init: Init = "hosvd") -> tuple[Tensor, list[Tensor]]:
-    """Core (ranks) and orthonormal factors (n_i x r_i) of ``weight``, with core = W x_i U_i^T.
-
-    ``init="hosvd"``: U_i are the leading left singular vectors of the mode-i unfoldings (tensorly's HOSVD), so the
-    decomposition is exact at full rank and every leading block is the truncated HOSVD. ``init="random"``: U_i are
-    random orthonormal, and the core is the projection of ``weight`` onto them. Computed in float64.
-    """
-    w = weight.detach().to(torch.float64)
-    with tl.backend_context("pytorch"):
-        if init == "hosvd":
-            (core, factors), _ = partial_tucker(w, rank=list(ranks), modes=list(range(w.ndim)), n_iter_max=0)
-        elif init == "random":
-            factors = [nn.init.orthogonal_(w.new_empty(n, r)) for n, r in zip(w.shape, ranks)]
-            core = tl.tenalg.multi_mode_dot(w, factors, transpose=True)
-        else:
-            raise ValueError(f"`init` must be 'hosvd' or 'random', got {init!r}")
-    factory = dict(device=weight.device, dtype=weight.dtype)
-    return core.to(**factory), [u.to(**factory) for u in factors]
 
 
 class TuckerLayer(nn.Module):
@@ -364,8 +264,7 @@ class TuckerLayer(nn.Module):
         """W = core x_1 U_1 ... x_d U_d, shape ``self.shape``, formed in float64 and rounded once to the layer's dtype
         (for export, checkpoints and the ``weight`` property; the forward, where it merges, forms W in the layer's
         dtype with autograd)."""
-        with tl.backend_context("pytorch"):
-            weight = tl.tucker_to_tensor((self.active_core().double(), [u.double() for u in self.active_factors()]))
+        weight = multi_mode_dot(self.active_core().double(), [u.double() for u in self.active_factors()])
         return weight.to(self.core.dtype)
 
     def num_parameters(self, ranks: Sequence[int] | None = None) -> int:

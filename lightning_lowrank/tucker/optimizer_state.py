@@ -24,7 +24,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_lowrank.tucker.layers import mode_dot, resized, zero_outside
+from lightning_lowrank.tucker.algebra import mode_dot
+from lightning_lowrank.tucker.storage import resized, zero_outside
 
 Kind = Literal["linear", "squared", "magnitude", "scalar"]
 Fresh = Literal["zero", "grad", "grad_squared", "grad_squared_sum", "grad_abs", "lr"]

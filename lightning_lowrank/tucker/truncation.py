@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from lightning_lowrank.tucker.layers import TuckerLayer, compute_dtype, tail_rank, unfold
+from lightning_lowrank.tucker.algebra import compute_dtype, tail_rank, unfold
+from lightning_lowrank.tucker.layers import TuckerLayer
 from lightning_lowrank.tucker.optimizer_state import rotate, transport_state
 
 

@@ -1,0 +1,56 @@
+"""Storage that follows the rank: how many columns a mode stores, and reallocating a parameter to them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def zero_outside(tensor: Tensor, ranks: Sequence[int], extent: Sequence[int] | None = None) -> None:
+    """In place: zero the entries of ``tensor`` outside its leading block of shape ``ranks``, within the leading block
+    ``extent`` (default: the whole tensor; beyond ``extent`` the caller knows the entries are 0 already)."""
+    extent = tensor.shape if extent is None else extent
+    for mode, r in enumerate(ranks):
+        if r < extent[mode]:
+            index = [slice(n) for n in extent]
+            index[mode] = slice(r, extent[mode])
+            tensor[tuple(index)] = 0
+
+
+def storage_size(size: int, rank: int, current: int | None = None) -> int:
+    """Columns to store for a mode of ``size`` at ``rank``: room for the augmented basis, need = min(size, 2 rank).
+
+    Sizes come from the ladder 1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and 1.5 times them, capped by ``size``):
+    at most 1.5 need. From a ``current`` storage it grows to the ladder size above need when need exceeds it, and
+    shrinks to that size only once that is at most half of ``current``; otherwise it stays, so the rank must
+    change by a factor of about 1.4 or more before the parameters are reallocated again.
+    """
+    need = min(size, 2 * rank)
+    step = 1 << max(need - 1, 0).bit_length()  # smallest power of two >= need
+    fitted = min(size, 3 * step // 4 if 3 * step // 4 >= need and step >= 4 else step)
+    if current is None or need > current or 2 * fitted <= current:
+        return fitted
+    return current
+
+
+def resized(tensor: Tensor, shape: Sequence[int]) -> Tensor:
+    """A new tensor of ``shape`` holding the leading block ``tensor`` and ``shape`` share, zero elsewhere."""
+    new = tensor.new_zeros(tuple(shape))
+    block = tuple(slice(min(a, b)) for a, b in zip(tensor.shape, shape))
+    new[block] = tensor[block]
+    return new
+
+
+def replace_data(parameter: nn.Parameter, data: Tensor) -> None:
+    """``parameter.data = data`` for ``data`` of another shape, keeping the Parameter object.
+
+    Autograd reuses a parameter's gradient accumulator while any graph still holds it (a previous step's loss kept
+    alive, say), and that accumulator checks gradients against the shape it was made for; assigning ``.data`` drops
+    it only when dtype or device change (``VariableHooks::set_data``), so an empty tensor of another dtype goes in
+    first. The one place that relies on this; ``test_resize_while_an_old_graph_is_alive`` fails if it changes.
+    """
+    other = torch.float64 if data.dtype != torch.float64 else torch.float32
+    parameter.data = torch.empty(0, dtype=other, device=data.device)
+    parameter.data = data
