@@ -50,7 +50,7 @@ def main() -> None:
         for fraction in (1.0, 0.5, 0.25, 0.1, 0.05):
             r = max(1, round(fraction * channels))
             kernel = full.max_ranks[2:]
-            full.set_rank((r, r, *kernel))
+            full.set_ranks((r, r, *kernel))
             tight = tucker_cls.from_dense(dense, (r, r, *kernel), (min(2 * r, channels),) * 2 + kernel)
             full_ms, tight_ms = (step_time(layer, x) * 1e3 for layer in (full, tight))
             print(f"{'':<38} {f'{r} ({fraction:.0%})':>12} {full_ms:10.2f} {full_ms / dense_ms:6.2f} "

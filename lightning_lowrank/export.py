@@ -66,7 +66,6 @@ def _general_transformer_path(module: nn.Module) -> None:
 
 
 def to_dense(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` with every factorized layer merged back into the dense ``nn.Linear``/``nn.ConvNd``, and
-    split attention back into ``nn.MultiheadAttention``."""
-    return _replace(module, (SplitAttention, TuckerLayer, DeepLinear),
-                    lambda layer: layer.to_torch() if isinstance(layer, SplitAttention) else layer.to_dense())
+    """A copy of ``module`` with every structured module replaced by its ``to_dense()``: factorized layers merged
+    back into the dense ``nn.Linear``/``nn.ConvNd``, split attention back into ``nn.MultiheadAttention``."""
+    return _replace(module, (SplitAttention, TuckerLayer, DeepLinear), lambda layer: layer.to_dense())

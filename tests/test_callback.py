@@ -614,6 +614,15 @@ def test_bad_setup_is_refused_before_any_weight_changes():
         trainer(callbacks=[ll.TuckerCallback()]).fit(Empty())
 
 
+def test_a_second_tucker_callback_is_refused_when_the_trainer_is_built():
+    """Two callbacks would both integrate every Tucker layer (two augmentations a step); the state key is the class
+    name, whatever the options, so Lightning refuses the second, and a resumed run with other options restores the
+    integrator."""
+    with pytest.raises(RuntimeError, match="more than one stateful callback of type `TuckerCallback`"):
+        trainer(callbacks=[ll.TuckerCallback(include=["net.0"]), ll.TuckerCallback(include=["net.3"])])
+    assert ll.TuckerCallback(tau=0.1).state_key == ll.TuckerCallback(tau=0.3, include=["net.1"]).state_key
+
+
 def test_sharded_strategies_are_refused():
     from types import SimpleNamespace
 

@@ -170,7 +170,7 @@ def trained_looking(model: nn.Module) -> nn.Module:
     ll.convert(model)
     for layer in model.modules():
         if isinstance(layer, ll.TuckerLayer):
-            layer.set_rank([max(1, r // 2) if i < 2 else r for i, r in enumerate(layer.max_ranks)])
+            layer.set_ranks([max(1, r // 2) if i < 2 else r for i, r in enumerate(layer.max_ranks)])
     return model
 
 
@@ -339,7 +339,7 @@ def test_compact_keeps_a_layer_dense_where_its_factors_cost_more():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 64))
     ll.convert(model)
-    model[1].set_rank((2, 2))
+    model[1].set_ranks((2, 2))
     compact = ll.compact(model)
     assert type(compact[0]) is nn.Linear and compact[0].weight.shape == (8, 8)
     assert isinstance(compact[1], nn.Sequential) and sum(p.numel() for p in compact[1].parameters()) == 2 * 72 + 64
@@ -353,7 +353,7 @@ def test_compact_keeps_a_layer_dense_where_its_factors_cost_more():
 def test_a_layer_whose_factors_cost_more_counts_as_dense_in_the_compression_rate():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 64))
     ll.convert(model)
-    model[1].set_rank((2, 2))
+    model[1].set_ranks((2, 2))
     report = ll.summary(model)
     first, second = report.layers
     assert first.params == 8 * 8 + 8 * 8 + 8 * 8 + 8 and not first.pays  # factors 136 > dense 72

@@ -21,7 +21,7 @@ def process_group(tmp_path):
 
 def model() -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(TuckerConv2d(3, 8, 3, rank=(4, 2, 3, 3)), nn.Flatten(), TuckerLinear(8 * 4, 4, rank=(2, 2)))
+    return nn.Sequential(TuckerConv2d(3, 8, 3, ranks=(4, 2, 3, 3)), nn.Flatten(), TuckerLinear(8 * 4, 4, ranks=(2, 2)))
 
 
 @pytest.mark.parametrize("ignored", [True, False])
@@ -51,7 +51,7 @@ def test_average_gradients_is_the_mean_over_processes_with_zeros_for_absent_grad
     """Two simulated processes: each parameter's gradient becomes the mean of theirs (a process without one
     contributes zeros, as in DDP); a parameter without a gradient anywhere keeps None. One reduce call."""
     torch.manual_seed(0)
-    first, second = TuckerLinear(6, 5, rank=(2, 2)), TuckerLinear(6, 5, rank=(2, 2))
+    first, second = TuckerLinear(6, 5, ranks=(2, 2)), TuckerLinear(6, 5, ranks=(2, 2))
     for layer in (first, second):
         for p in (*layer.factors, layer.core):
             p.grad = torch.randn_like(p)
@@ -75,7 +75,7 @@ def test_broadcast_layers_takes_the_first_process_values():
     with torch.no_grad():
         for p in target.parameters():
             p.add_(1.0)
-    target[0].set_rank((3, 2, 3, 3))
+    target[0].set_ranks((3, 2, 3, 3))
     first = {name: m for name, m in source.named_modules() if isinstance(m, (TuckerConv2d, TuckerLinear))}
     mine = {name: m for name, m in target.named_modules() if isinstance(m, (TuckerConv2d, TuckerLinear))}
     flats = {}

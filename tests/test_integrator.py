@@ -44,16 +44,16 @@ def active(tensor: torch.Tensor, ranks) -> torch.Tensor:
 def make_layer(kind):
     torch.manual_seed(0)
     if kind == "linear":
-        return TuckerLinear(12, 10, rank=(4, 4), max_rank=(10, 10)), (16, 12)
+        return TuckerLinear(12, 10, ranks=(4, 4), max_ranks=(10, 10)), (16, 12)
     if kind == "conv":
-        return TuckerConv2d(6, 8, 3, padding=1, rank=(3, 2, 3, 3)), (4, 6, 7, 7)
-    return TuckerConv2d(5, 8, 3, stride=2, padding=1, padding_mode="reflect", rank=(3, 2, 2, 2)), (4, 5, 9, 8)
+        return TuckerConv2d(6, 8, 3, padding=1, ranks=(3, 2, 3, 3)), (4, 6, 7, 7)
+    return TuckerConv2d(5, 8, 3, stride=2, padding=1, padding_mode="reflect", ranks=(3, 2, 2, 2)), (4, 5, 9, 8)
 
 
 def TuckerLayerLike(layer, rank):
     """A copy of ``layer`` at channel ranks ``rank`` with a scaled-up core: a low-rank teacher."""
     teacher = copy.deepcopy(layer)
-    teacher.set_rank((rank, rank, *layer.ranks[2:]))
+    teacher.set_ranks((rank, rank, *layer.ranks[2:]))
     teacher.reset_parameters()
     with torch.no_grad():
         teacher.core.mul_(3)
@@ -76,7 +76,7 @@ def test_agrees_with_the_explicit_bug_step(kind, modes, method, tau):
     """Several plain-SGD steps: ranks, W, the spanned subspaces and the bias agree with the reference to 1e-8."""
     layer, x_shape = make_layer(kind)
     teacher = TuckerLayerLike(layer, rank=3)
-    layer.set_rank((2, 2, *layer.ranks[2:]))  # ranks grow towards the teacher's, and (conv_all) fall again
+    layer.set_ranks((2, 2, *layer.ranks[2:]))  # ranks grow towards the teacher's, and (conv_all) fall again
     lr = 0.3
     config = IntegratorConfig(tau=tau, modes=modes, method=method, interval=1, growth=0)  # the paper's step, every step
     integrator = TuckerIntegrator(nn.Sequential(layer), config)
@@ -128,7 +128,7 @@ def test_one_pass_galerkin_gradient_equals_a_second_pass(kind):
 
 
 def test_augmentation_is_exact_orthonormal_and_capped():
-    layer = TuckerConv2d(6, 8, 3, rank=(3, 4, 3, 3), max_rank=(5, 6, 3, 3))
+    layer = TuckerConv2d(6, 8, 3, ranks=(3, 4, 3, 3), max_ranks=(5, 6, 3, 3))
     integrator = TuckerIntegrator(nn.Sequential(layer))
     weight = layer.dense_weight().detach()
     layer(torch.randn(2, 6, 6, 6)).sum().backward()
@@ -146,7 +146,7 @@ def test_augmentation_is_exact_orthonormal_and_capped():
 @pytest.mark.parametrize("tau", [0.02, 0.1, 0.3])
 def test_truncation_error_bound(tau):
     """||W_hat - W_truncated||_F <= sqrt(d) * tau * ||C_hat||_F (HOSVD), with d the number of truncated modes."""
-    layer = TuckerConv2d(10, 12, 3, rank=(6, 5, 3, 3))
+    layer = TuckerConv2d(10, 12, 3, ranks=(6, 5, 3, 3))
     integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=tau, modes="all", interval=1))
     layer(torch.randn(2, 10, 8, 8)).pow(2).sum().backward()
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.01)
@@ -164,7 +164,7 @@ def test_at_max_rank_the_step_is_the_augmented_step_truncated_back():
     """A layer at its max_rank still augments (storage beyond max_rank): with tau = 0 the step is the best
     rank-r approximation (truncated SVD) of W - lr dL/dW x_i U_hat_i U_hat_i^T, U_hat_i = orth([U_i | dL/dU_i])."""
     torch.manual_seed(0)
-    layer = TuckerLinear(9, 7, rank=(3, 3), max_rank=(3, 3))
+    layer = TuckerLinear(9, 7, ranks=(3, 3), max_ranks=(3, 3))
     integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, method="augmented", interval=1))
     weight = layer.dense_weight().detach().requires_grad_(True)
     x, target = torch.randn(5, 9), torch.randn(5, 7)
@@ -184,7 +184,7 @@ def test_at_max_rank_the_step_is_the_augmented_step_truncated_back():
 
 def test_tau_zero_augmented_step_projects_onto_the_augmented_bases():
     """With tau = 0 nothing is truncated: W' = W - lr dL/dW x_i U_hat_i U_hat_i^T, U_hat_i = orth([U_i | dL/dU_i])."""
-    layer = TuckerLinear(9, 7, rank=(2, 2))
+    layer = TuckerLinear(9, 7, ranks=(2, 2))
     integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, method="augmented", interval=1))
     x, target = torch.randn(5, 9), torch.randn(5, 7)
     ((layer(x) - target) ** 2).sum().backward()
@@ -220,7 +220,7 @@ def test_the_parallel_gradient_needs_no_float64_on_an_ill_conditioned_core():
     percent). Without the singular value cut-off (max(r, p) eps s_max) the 1e-7 direction's rounding noise
     dominates; a cut-off at 1e-3 s_max loses the 6e-5 and 3e-6 directions: both fail."""
     torch.manual_seed(0)
-    layer = TuckerLinear(16, 12, bias=False, rank=(6, 6), dtype=torch.float32)
+    layer = TuckerLinear(16, 12, bias=False, ranks=(6, 6), dtype=torch.float32)
     left, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
     right, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
     with torch.no_grad():
@@ -268,7 +268,7 @@ def test_a_run_whose_storage_follows_the_rank_equals_one_at_fixed_storage(monkey
     the same run with the storage held at the mode sizes gives the same weights and optimizer state."""
     def run(follows):
         torch.manual_seed(0)
-        teacher = TuckerLinear(40, 30, rank=(4, 4)).requires_grad_(False)
+        teacher = TuckerLinear(40, 30, ranks=(4, 4)).requires_grad_(False)
         student = TuckerLinear(40, 30)
         config = IntegratorConfig(tau=0.2, interval=2, core_steps=1, growth=0)
         integrator = TuckerIntegrator(nn.Sequential(student), config)
@@ -299,7 +299,7 @@ def test_a_run_whose_storage_follows_the_rank_equals_one_at_fixed_storage(monkey
 
 def test_ranks_settle_at_the_teacher_ranks_linear():
     torch.manual_seed(0)
-    teacher = TuckerLinear(24, 20, rank=(3, 3)).requires_grad_(False)
+    teacher = TuckerLinear(24, 20, ranks=(3, 3)).requires_grad_(False)
     with torch.no_grad():
         teacher.core.mul_(8)
     student = TuckerLinear(24, 20)  # full rank start: (20, 20)
@@ -311,7 +311,7 @@ def test_ranks_settle_at_the_teacher_ranks_linear():
 
 def test_ranks_settle_at_the_teacher_ranks_conv():
     torch.manual_seed(0)
-    teacher = TuckerConv2d(8, 10, 3, padding=1, rank=(3, 2, 3, 3)).requires_grad_(False)
+    teacher = TuckerConv2d(8, 10, 3, padding=1, ranks=(3, 2, 3, 3)).requires_grad_(False)
     with torch.no_grad():
         teacher.core.mul_(5)
     student = TuckerConv2d(8, 10, 3, padding=1)  # (10, 8, 3, 3)
@@ -327,7 +327,7 @@ def test_ranks_settle_at_the_teacher_ranks_conv():
 def test_bases_change_only_through_qr_and_svd(optimizer_cls, options):
     """After augment the bases have no gradient, so momentum and decoupled weight decay never move them."""
     torch.manual_seed(0)
-    layer = TuckerLinear(16, 12, rank=(4, 4))
+    layer = TuckerLinear(16, 12, ranks=(4, 4))
     integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.05, interval=1))
     optimizer = optimizer_cls(layer.parameters(), **options)
     losses = []
@@ -351,7 +351,7 @@ def test_bases_change_only_through_qr_and_svd(optimizer_cls, options):
 def test_momentum_follows_the_rotation():
     """With no truncation, the momentum expressed in weight space (m x_i U_i) is the same before and after."""
     torch.manual_seed(0)
-    layer = TuckerLinear(40, 30, rank=(3, 3))
+    layer = TuckerLinear(40, 30, ranks=(3, 3))
     integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, interval=1))
     optimizer = torch.optim.SGD([layer.core], lr=0.1, momentum=0.9)
     x, target = torch.randn(32, 40), torch.randn(32, 30)
@@ -372,7 +372,7 @@ def test_momentum_follows_the_rotation():
 def test_second_moments_take_the_squared_rotation():
     """Adam's exp_avg_sq becomes diag(P^T diag(v) P), the diagonal of the rotated covariance; it stays >= 0."""
     torch.manual_seed(0)
-    layer = TuckerLinear(10, 8, rank=(3, 3))
+    layer = TuckerLinear(10, 8, ranks=(3, 3))
     integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, interval=1, growth=0))
     optimizer = torch.optim.Adam([layer.core], lr=0.01)
     ((layer(torch.randn(4, 10))) ** 2).sum().backward()
@@ -394,7 +394,7 @@ def test_second_moments_take_the_squared_rotation():
 def test_fresh_core_entries_take_a_steady_state_adam_step():
     """New entries start from m = g, v = g^2: their first update is lr * sign(g) * sqrt(1 - b2^t) / (1 - b1^t)."""
     torch.manual_seed(0)
-    layer = TuckerLinear(10, 8, rank=(2, 2))
+    layer = TuckerLinear(10, 8, ranks=(2, 2))
     integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, interval=1))
     lr, (b1, b2) = 0.01, (0.9, 0.999)
     optimizer = torch.optim.Adam(layer.parameters(), lr=lr, betas=(b1, b2), eps=1e-30)
@@ -424,7 +424,7 @@ def test_directions_without_gradient_stay_out(method):
     """A gradient inside span(U) leaves nothing to augment: the candidate directions are rounding noise, their core
     gradient is exactly zero (so Adam cannot blow it up to lr-sized steps) and truncation drops them again."""
     torch.manual_seed(0)
-    layer = TuckerLinear(10, 8, bias=False, rank=(2, 2))  # a bias would add one genuinely new output direction
+    layer = TuckerLinear(10, 8, bias=False, ranks=(2, 2))  # a bias would add one genuinely new output direction
     integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=1e-6, method=method, interval=1, growth=0))
     optimizer = torch.optim.Adam(layer.parameters(), lr=0.01)
     for _ in range(3):
@@ -442,7 +442,7 @@ def test_directions_without_gradient_stay_out(method):
 
 @pytest.mark.parametrize("poison", ["nan input", "inf in one factor gradient"])
 def test_non_finite_gradient_changes_nothing(poison):
-    layer = TuckerConv2d(4, 6, 3, rank=(3, 3, 3, 3))
+    layer = TuckerConv2d(4, 6, 3, ranks=(3, 3, 3, 3))
     integrator = TuckerIntegrator(nn.Sequential(layer))
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
     state = {k: v.clone() for k, v in layer.state_dict().items()}
@@ -468,7 +468,7 @@ def test_gradient_accumulation_sums_the_micro_batches(method):
     """Two micro-batches give the same step as one batch holding both (loss summed)."""
     def run(batches):
         torch.manual_seed(0)
-        layer = TuckerLinear(10, 8, rank=(3, 3))
+        layer = TuckerLinear(10, 8, ranks=(3, 3))
         integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.1, method=method, interval=1))
         for x in batches:
             layer(x).pow(2).sum().backward()
@@ -484,7 +484,7 @@ def test_gradient_accumulation_sums_the_micro_batches(method):
 def test_interval_holds_bases_between_integrator_steps(method):
     """With interval=3, steps 0, 3, 6 augment and truncate; in between only the core moves, even under AdamW."""
     torch.manual_seed(0)
-    layer = TuckerLinear(16, 12, rank=(4, 4))
+    layer = TuckerLinear(16, 12, ranks=(4, 4))
     config = IntegratorConfig(tau=0.05, method=method, interval=3, core_steps=1)
     integrator = TuckerIntegrator(nn.Sequential(layer), config)
     optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1)
@@ -512,7 +512,7 @@ def interval_problem(layer_seed=0):
     x = torch.randn(32, 16)
     target = x @ (torch.randn(12, 5) @ torch.randn(5, 16)).T / 4
     torch.manual_seed(layer_seed)
-    layer = TuckerLinear(16, 12, rank=(3, 3))
+    layer = TuckerLinear(16, 12, ranks=(3, 3))
     return layer, lambda module=layer: ((module(x) - target) ** 2).mean().backward()
 
 
@@ -782,7 +782,7 @@ def test_core_stays_zero_outside_the_active_block(make_optimizer):
     optimizer state, every core entry outside the active block stays exactly 0, and the storage-rank weight equals
     the active one."""
     torch.manual_seed(0)
-    layer = TuckerConv2d(6, 8, 3, padding=1, rank=(2, 2, 3, 3))
+    layer = TuckerConv2d(6, 8, 3, padding=1, ranks=(2, 2, 3, 3))
     integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=1e-4, interval=2))
     optimizer = make_optimizer(layer.parameters())
     x = torch.randn(16, 6, 5, 5)
@@ -804,7 +804,7 @@ def test_core_stays_zero_outside_the_active_block(make_optimizer):
 
 
 def test_evaluation_passes_are_not_captured():
-    layer = TuckerLinear(6, 4, rank=(2, 2))
+    layer = TuckerLinear(6, 4, ranks=(2, 2))
     integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(method="augmented", interval=1))
     with torch.no_grad():
         layer(torch.randn(3, 6))
@@ -839,7 +839,7 @@ def test_module_without_tucker_layers():
 def test_factors_stay_orthonormal_over_10000_float32_steps():
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(0)
-    layer = TuckerLinear(12, 10, rank=(4, 4))
+    layer = TuckerLinear(12, 10, ranks=(4, 4))
     integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.05, interval=1))  # 10,000 rotations
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.05, momentum=0.9)
     teacher = torch.randn(10, 12) / 4
@@ -857,7 +857,7 @@ def test_a_huge_finite_gradient_steps_like_float64(method):
     """Gradients of 1e30 make every core entry ~1e29: its float32 Gram matrices (1e58) overflow. Reference: the same
     step of a float64 copy of the layer, where nothing overflows; the float32 step must agree with it."""
     torch.manual_seed(0)
-    reference = TuckerConv2d(4, 6, 3, rank=(3, 3, 3, 3))
+    reference = TuckerConv2d(4, 6, 3, ranks=(3, 3, 3, 3))
     layer = copy.deepcopy(reference).to(torch.float32)
     x = torch.randn(2, 4, 5, 5)
     results = []
@@ -878,7 +878,7 @@ def test_layers_without_a_gradient_stay_as_they_are():
     """A layer the loss does not reach (or whose parameters are frozen) keeps bases, core and ranks; momentum from
     earlier steps does not move it (the optimizer skips a parameter without gradient)."""
     torch.manual_seed(0)
-    used, unused = TuckerLinear(8, 6, rank=(4, 4)), TuckerLinear(8, 6, rank=(4, 4))
+    used, unused = TuckerLinear(8, 6, ranks=(4, 4)), TuckerLinear(8, 6, ranks=(4, 4))
     integrator = TuckerIntegrator({"used": used, "unused": unused}, IntegratorConfig(tau=0.2, interval=1))
     optimizer = torch.optim.SGD([*used.parameters(), *unused.parameters()], lr=0.1, momentum=0.9)
     x = torch.randn(16, 8)
@@ -897,7 +897,7 @@ def test_a_step_whose_after_step_never_came_is_undone_and_counted_at_the_next():
     """An optimizer that skips a step although its gradients were finite (after_step never comes): the next
     before_step undoes what was grown (the weight unchanged by the augmentation) and counts the skipped step."""
     torch.manual_seed(0)
-    layer = TuckerLinear(10, 8, rank=(3, 3), max_rank=(5, 5))
+    layer = TuckerLinear(10, 8, ranks=(3, 3), max_ranks=(5, 5))
     integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, interval=1))
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
     x = torch.randn(6, 10)
@@ -924,7 +924,7 @@ def test_min_rank_holds_ranks_up_and_must_fit_the_storage():
     target = x @ torch.outer(torch.randn(8), torch.randn(10)).T
     ranks = {}
     for min_rank in (1, 3):
-        layer = TuckerLinear(10, 8, rank=(6, 6))
+        layer = TuckerLinear(10, 8, ranks=(6, 6))
         config = IntegratorConfig(tau=0.3, min_rank=min_rank, interval=1, growth=0)
         integrator = TuckerIntegrator(nn.Sequential(layer), config)
         optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
@@ -935,7 +935,7 @@ def test_min_rank_holds_ranks_up_and_must_fit_the_storage():
         ranks[min_rank] = layer.ranks
     assert ranks == {1: (1, 1), 3: (3, 3)}
     with pytest.raises(ValueError, match=r"`min_rank` 5 exceeds the max_rank 4 of mode 0 of Tucker layer '0'"):
-        TuckerIntegrator(nn.Sequential(TuckerLinear(10, 8, max_rank=(4, 4))), IntegratorConfig(min_rank=5, interval=1))
+        TuckerIntegrator(nn.Sequential(TuckerLinear(10, 8, max_ranks=(4, 4))), IntegratorConfig(min_rank=5, interval=1))
 
 
 # --- planted bugs that must fail a fast test (issue 18) ------------------------------------------------------------
@@ -957,12 +957,12 @@ def test_truncation_keeps_the_smallest_rank_within_the_tolerance_on_both_sides_o
     """A diagonal core with singular values 3, 2, 1 (and zeros): tau just above 1/||C|| cuts one direction, just
     below it cuts none of the three."""
     for tau, expected in ((1 / math.sqrt(14) * (1 + 1e-9), 2), (1 / math.sqrt(14) * (1 - 1e-9), 3)):
-        layer = TuckerLinear(6, 6, bias=False, rank=(3, 3), max_rank=(6, 6))
+        layer = TuckerLinear(6, 6, bias=False, ranks=(3, 3), max_ranks=(6, 6))
         with torch.no_grad():
             layer.core.zero_()
             layer.core[:3, :3] = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
         integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=tau, interval=1, growth=0))
-        integrator._augmented["0"] = layer.ranks
+        integrator._before_augmentation["0"] = layer.ranks
         integrator.truncate()
         assert layer.ranks == (expected, expected)
 
@@ -977,7 +977,7 @@ def test_the_rank_decision_is_the_broadcast_one():
         calls.append(decided.clone())
         return torch.full_like(decided, 2)
 
-    layer = TuckerLinear(10, 8, rank=(6, 6))
+    layer = TuckerLinear(10, 8, ranks=(6, 6))
     config = IntegratorConfig(tau=0.0, interval=1, growth=0)
     integrator = TuckerIntegrator(nn.Sequential(layer), config, broadcast=broadcast)
     layer(torch.randn(16, 10)).pow(2).sum().backward()
@@ -991,7 +991,7 @@ def test_the_augmented_methods_galerkin_gradient_goes_through_reduce():
     `reduce`; a reduce that doubles makes the core gradient exactly twice the reference's."""
     def core_gradient(reduce):
         torch.manual_seed(0)
-        layer = TuckerLinear(10, 8, rank=(3, 3))
+        layer = TuckerLinear(10, 8, ranks=(3, 3))
         config = IntegratorConfig(method="augmented", interval=1)
         integrator = TuckerIntegrator(nn.Sequential(layer), config, reduce=reduce)
         layer(torch.randn(16, 10)).pow(2).sum().backward()
@@ -1007,7 +1007,7 @@ def test_augmentation_keeps_the_old_basis_columns_as_they_were():
     """The QR of [U | G] is sign-fixed so that its first r columns are U itself (R_11 = I up to rounding): no column
     flips sign, so the optimizer state of the old core block still matches it."""
     torch.manual_seed(0)
-    layer = TuckerConv2d(4, 6, 3, rank=(3, 3, 3, 3))
+    layer = TuckerConv2d(4, 6, 3, ranks=(3, 3, 3, 3))
     integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.1, interval=1))
     old = [u[:, :r].detach().clone() for u, r in zip(layer.factors, layer.ranks)]
     layer(torch.randn(2, 4, 5, 5)).sum().backward()
@@ -1022,7 +1022,7 @@ def test_a_skipped_augmentation_is_undone_before_the_next_one():
     integrator's does; left in place, the bases would keep the stale directions (the rank bound leaves no room to
     add the new ones)."""
     torch.manual_seed(0)
-    layer = TuckerLinear(10, 8, rank=(3, 3), max_rank=(6, 6))
+    layer = TuckerLinear(10, 8, ranks=(3, 3), max_ranks=(6, 6))
     fresh = copy.deepcopy(layer)
     integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, interval=1))
     reference = TuckerIntegrator(nn.Sequential(fresh), IntegratorConfig(tau=0.0, interval=1))
@@ -1039,7 +1039,7 @@ def test_a_skipped_augmentation_is_undone_before_the_next_one():
 
 def diagonal_core_layer(values):
     """A TuckerLinear(12, 12) at rank len(values) whose core is diag(values)."""
-    layer = TuckerLinear(12, 12, bias=False, rank=(len(values), len(values)))
+    layer = TuckerLinear(12, 12, bias=False, ranks=(len(values), len(values)))
     with torch.no_grad():
         layer.core.zero_()
         layer.core[: len(values), : len(values)] = torch.diag(torch.tensor(values, dtype=layer.core.dtype))
@@ -1090,7 +1090,7 @@ def test_the_growth_rule_grows_ranks_to_a_teacher_five_times_the_start():
 
     def train(optimizer_cls, lr, schedule, growth):
         torch.manual_seed(1)
-        layer = TuckerLinear(n, n, bias=False, rank=(2, 2), dtype=torch.float32)
+        layer = TuckerLinear(n, n, bias=False, ranks=(2, 2), dtype=torch.float32)
         config = IntegratorConfig(tau=0.05, interval=schedule, core_steps=schedule, growth=growth)
         integrator = TuckerIntegrator(nn.Sequential(layer), config)
         optimizer = optimizer_cls(layer.parameters(), lr=lr)

@@ -80,7 +80,7 @@ def test_reduced_rank_is_the_truncated_hosvd(dense, ranks):
     """At active ranks r the layer computes the dense layer whose weight is W projected on the top-r subspaces."""
     torch.manual_seed(0)
     tucker = type_for(dense).from_dense(dense)
-    tucker.set_rank(ranks)
+    tucker.set_ranks(ranks)
     reference = type(dense)(*_dense_args(dense), dtype=torch.float64)
     with torch.no_grad():
         reference.weight.copy_(truncated_hosvd(dense.weight, ranks))
@@ -108,7 +108,7 @@ def test_factors_are_orthonormal(init):
     torch.manual_seed(0)
     layers = [TuckerConv2d.from_dense(nn.Conv2d(16, 32, 3), (8, 4, 3, 3), (16, 8, 3, 3), init=init),
               TuckerLinear.from_dense(nn.Linear(40, 30), (5, 5), (20, 20), init=init),
-              TuckerConv2d(16, 32, 3, rank=(4, 4, 3, 3))]  # reset_parameters
+              TuckerConv2d(16, 32, 3, ranks=(4, 4, 3, 3))]  # reset_parameters
     for layer in layers:
         for u in layer.active_factors():
             assert_orthonormal(u)
@@ -123,15 +123,15 @@ def test_random_init_core_is_the_projection_of_the_dense_weight():
 
 
 def test_set_rank_keeps_the_storage_and_rank_is_a_persistent_buffer():
-    layer = TuckerConv2d(8, 12, 3, rank=(6, 4, 3, 3), max_rank=(10, 8, 3, 3))
+    layer = TuckerConv2d(8, 12, 3, ranks=(6, 4, 3, 3), max_ranks=(10, 8, 3, 3))
     assert layer.storage == (12, 8, 3, 3)  # 2r capped by the mode size, beyond max_rank
     shapes = [p.shape for p in layer.parameters()]
-    layer.set_rank((2, 3, 2, 3))
+    layer.set_ranks((2, 3, 2, 3))
     assert [p.shape for p in layer.parameters()] == shapes
     assert layer.ranks == (2, 3, 2, 3)
     state = {k: v.clone() for k, v in layer.state_dict().items()}
     assert state["rank"].tolist() == [2, 3, 2, 3]
-    fresh = TuckerConv2d(8, 12, 3, rank=(6, 4, 3, 3), max_rank=(10, 8, 3, 3))
+    fresh = TuckerConv2d(8, 12, 3, ranks=(6, 4, 3, 3), max_ranks=(10, 8, 3, 3))
     fresh.load_state_dict(state)
     assert fresh.ranks == (2, 3, 2, 3)
     x = torch.randn(1, 8, 6, 6)
@@ -154,7 +154,7 @@ def test_storage_size_is_twice_the_rank_on_a_ladder_with_hysteresis():
 
 def test_resize_keeps_the_parameters_their_leading_blocks_and_the_function():
     torch.manual_seed(0)
-    layer = TuckerConv2d(8, 12, 3, rank=(3, 2, 3, 3))
+    layer = TuckerConv2d(8, 12, 3, ranks=(3, 2, 3, 3))
     layer(torch.randn(1, 8, 5, 5)).sum().backward()
     params = list(layer.parameters())
     x = torch.randn(2, 8, 6, 6)
@@ -178,7 +178,7 @@ def test_resize_keeps_the_parameters_their_leading_blocks_and_the_function():
 def test_resize_while_an_old_graph_is_alive():
     """A previous step's loss still alive holds the parameters' gradient accumulators: after a resize, a new
     backward must not check gradients against the old shapes (guards ``replace_data``'s reliance on torch)."""
-    layer = TuckerLinear(10, 8, rank=(2, 2))
+    layer = TuckerLinear(10, 8, ranks=(2, 2))
     x = torch.randn(4, 10)
     old = layer(x).sum()
     old.backward(retain_graph=True)
@@ -191,9 +191,9 @@ def test_resize_while_an_old_graph_is_alive():
 
 def test_a_state_dict_of_another_storage_loads_at_that_storage():
     torch.manual_seed(0)
-    source = TuckerLinear(16, 12, rank=(3, 3))
+    source = TuckerLinear(16, 12, ranks=(3, 3))
     source.resize((12, 16))
-    target = TuckerLinear(16, 12, rank=(6, 6))
+    target = TuckerLinear(16, 12, ranks=(6, 6))
     params = list(target.parameters())
     target.load_state_dict(source.state_dict())
     assert target.storage == (12, 16) and target.ranks == (3, 3)
@@ -216,7 +216,7 @@ def test_conv_forward_costs_the_cheaper_of_its_two_forms():
     layer = TuckerConv2d(c_in, c_out, k, padding=1)
     x = torch.randn(n, c_in, h, w)
     for r_out, r_in in [(64, 32), (40, 24), (36, 20), (16, 8), (4, 2)]:
-        layer.set_rank((r_out, r_in, k, k))
+        layer.set_ranks((r_out, r_in, k, k))
         kernel = 2 * (r_out * r_in * k * k * k + r_out * r_in * k * k * k)
         chain = 2 * n * h * w * (c_in * r_in + r_in * r_out * k * k + r_out * c_out)
         merged = 2 * n * h * w * c_in * c_out * k * k + 2 * (r_out * r_in * k * k * c_in + c_out * r_out * k * k * c_in)
@@ -241,7 +241,7 @@ def test_linear_forward_switches_form_at_the_crossover():
     assert 60 < crossover < 200
     for rank, cost in ((crossover - 1, chain(crossover - 1)), (crossover, merged(crossover)), (10, chain(10)),
                        (200, merged(200))):
-        layer.set_rank((rank, rank))
+        layer.set_ranks((rank, rank))
         assert flops(layer, x) == 2 * cost, rank
 
 
@@ -258,7 +258,7 @@ def test_either_form_gives_the_dense_layers_output_and_gradients(monkeypatch, fo
     torch.manual_seed(0)
     tucker = {nn.Linear: TuckerLinear, nn.Conv1d: TuckerConv1d, nn.Conv2d: TuckerConv2d,
               nn.Conv3d: TuckerConv3d}[type(dense)].from_dense(dense.to(dtype))
-    tucker.set_rank((3, 2, *tucker.ranks[2:]))
+    tucker.set_ranks((3, 2, *tucker.ranks[2:]))
     costs = (1, 0) if form == "merged" else (0, 1)
     monkeypatch.setattr(type(tucker), "forward_costs", lambda self, shape, ranks=None: costs)
     reference = tucker.to_dense()
@@ -293,13 +293,13 @@ def _sizes(dense):
 
 
 def test_parameter_counts_and_repr():
-    layer = TuckerLinear(200, 10, rank=(4, 4), max_rank=(8, 6))
+    layer = TuckerLinear(200, 10, ranks=(4, 4), max_ranks=(8, 6))
     assert layer.num_parameters() == 10 * 4 + 200 * 4 + 4 * 4 + 10
     assert layer.dense_num_parameters() == 200 * 10 + 10
-    conv = TuckerConv2d(16, 32, 3, bias=False, rank=(8, 4, 3, 3))
+    conv = TuckerConv2d(16, 32, 3, bias=False, ranks=(8, 4, 3, 3))
     assert conv.num_parameters() == 32 * 8 + 16 * 4 + 2 * 3 * 3 + 8 * 4 * 3 * 3
     assert conv.dense_num_parameters() == 32 * 16 * 9
-    assert "rank=(4, 4)" in repr(layer) and "max_rank=(8, 6)" in repr(layer)
+    assert "ranks=(4, 4)" in repr(layer) and "max_ranks=(8, 6)" in repr(layer)
 
 
 def test_full_rank_is_capped_by_the_unfolding_rank():
@@ -309,14 +309,14 @@ def test_full_rank_is_capped_by_the_unfolding_rank():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(rank=(0, 4)), r"`rank` of mode 0 must be in \[1, 8\]"),
-    (dict(rank=(9, 4)), r"`rank` of mode 0 must be in \[1, 8\]"),
-    (dict(max_rank=(11, 4)), r"`max_rank` of mode 0 must be in \[1, 10\]"),
-    (dict(rank=(2,)), r"`rank` needs one rank per mode \(2\)"),
+    (dict(ranks=(0, 4)), r"`ranks` of mode 0 must be in \[1, 8\]"),
+    (dict(ranks=(9, 4)), r"`ranks` of mode 0 must be in \[1, 8\]"),
+    (dict(max_ranks=(11, 4)), r"`max_ranks` of mode 0 must be in \[1, 10\]"),
+    (dict(ranks=(2,)), r"`ranks` needs one rank per mode \(2\)"),
 ])
 def test_bad_ranks_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        TuckerLinear(20, 10, **({"max_rank": (8, 8)} | kwargs))
+        TuckerLinear(20, 10, **({"max_ranks": (8, 8)} | kwargs))
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -346,19 +346,19 @@ def test_bad_linear_sizes_are_refused(sizes, message):
 
 
 @pytest.mark.parametrize("ranks", [(2.7, 2), (2, "2"), (True, 2)])
-def test_set_rank_takes_ints_only(ranks):
+def test_set_ranks_takes_ints_only(ranks):
     layer = TuckerLinear(6, 5)
-    with pytest.raises(ValueError, match="`rank` must be a sequence of ints"):
-        layer.set_rank(ranks)
+    with pytest.raises(ValueError, match="`ranks` must be a sequence of ints"):
+        layer.set_ranks(ranks)
     assert layer.ranks == (5, 5) and layer.state_dict()["rank"].tolist() == [5, 5]
 
 
 def test_inconsistent_ranks_are_refused_and_conversion_makes_them_consistent():
-    message = r"`rank` \(3, 4\) must satisfy r_i <= product of the other ranks, as \(3, 3\)"
+    message = r"`ranks` \(3, 4\) must satisfy r_i <= product of the other ranks, as \(3, 3\)"
     with pytest.raises(ValueError, match=message):
-        TuckerLinear(12, 10, rank=(3, 4))
+        TuckerLinear(12, 10, ranks=(3, 4))
     with pytest.raises(ValueError, match=r"as \(4, 2, 2, 1\)"):
-        TuckerConv2d(4, 6, 3, rank=(6, 2, 2, 1))
+        TuckerConv2d(4, 6, 3, ranks=(6, 2, 2, 1))
     assert TuckerLinear(200, 10).ranks == (10, 10)
 
 
@@ -372,9 +372,9 @@ def test_raising_a_rank_extends_the_core_by_zeros():
     block holds zeros, so a forward at the storage ranks (what torch.compile runs) equals the active-rank forward."""
     torch.manual_seed(0)
     layer = TuckerConv2d(6, 8, 3, padding=1)
-    layer.set_rank((3, 2, 3, 3))
+    layer.set_ranks((3, 2, 3, 3))
     truncated = layer.dense_weight().detach().clone()
-    layer.set_rank((6, 5, 3, 3))
+    layer.set_ranks((6, 5, 3, 3))
     torch.testing.assert_close(layer.dense_weight(), truncated, rtol=0, atol=1e-6)
     outside = layer.core.detach().clone()
     outside[:3, :2] = 0
@@ -435,7 +435,7 @@ def test_a_checkpointed_low_rank_layer_reloads_at_its_ranks_in_bf16():
     """The checkpoint path of a module converting in `configure_model` after bf16-true training: merged weights
     (formed in float64, rounded once to bf16) load back at the trained ranks' scale of error, not at rank 1."""
     torch.manual_seed(0)
-    trained = TuckerLinear(256, 256, rank=(64, 64), dtype=torch.bfloat16)
+    trained = TuckerLinear(256, 256, ranks=(64, 64), dtype=torch.bfloat16)
     merged = {"weight": trained.dense_weight().detach(), "bias": trained.bias.detach()}
     loaded = TuckerLinear(256, 256, dtype=torch.bfloat16)
     loaded.load_state_dict(merged)
@@ -448,12 +448,12 @@ def test_a_checkpointed_low_rank_layer_reloads_at_its_ranks_in_bf16():
 def test_deferred_initialisation_keeps_the_active_ranks():
     """meta device -> to_empty -> reset_parameters (FSDP-style deferred init): the saved rank is the active rank."""
     with torch.device("meta"):
-        layer = TuckerLinear(16, 12, rank=(4, 4))
+        layer = TuckerLinear(16, 12, ranks=(4, 4))
     layer.to_empty(device="cpu")
     layer.reset_parameters()
     assert layer.state_dict()["rank"].tolist() == [4, 4] and layer.ranks == (4, 4)
     assert_orthonormal(layer.factors[0].detach().double(), atol=1e-6)
-    fresh = TuckerLinear(16, 12, rank=(4, 4))
+    fresh = TuckerLinear(16, 12, ranks=(4, 4))
     fresh.load_state_dict(layer.state_dict())
     assert fresh.ranks == (4, 4)
 
@@ -482,8 +482,8 @@ def test_hosvd_scaled_keeps_the_scale_of_a_random_init_below_full_rank():
     dense = nn.Conv2d(32, 64, 3, padding=1, dtype=torch.float64)
     x = torch.randn(8, 32, 10, 10, dtype=torch.float64)
     reference = dense(x).std()
-    truncated = TuckerConv2d.from_dense(dense, rank=(6, 4, 3, 3))
-    scaled = TuckerConv2d.from_dense(dense, rank=(6, 4, 3, 3), init="hosvd_scaled")
+    truncated = TuckerConv2d.from_dense(dense, ranks=(6, 4, 3, 3))
+    scaled = TuckerConv2d.from_dense(dense, ranks=(6, 4, 3, 3), init="hosvd_scaled")
     assert float(torch.linalg.norm(truncated.dense_weight())) < 0.5 * float(torch.linalg.norm(dense.weight))
     torch.testing.assert_close(torch.linalg.norm(scaled.dense_weight()), torch.linalg.norm(dense.weight))
     no_bias = (dense.weight.detach(), truncated.dense_weight(), scaled.dense_weight())
@@ -498,7 +498,7 @@ def test_the_ranks_have_one_record_that_the_state_round_trips():
     """No buffer holds the ranks (a DDP buffer broadcast or an assignment cannot set them apart from ``ranks``): the
     state entry ``rank`` is written from ``ranks``; loading it sets ``ranks`` and leaves the caller's dict as it was."""
     torch.manual_seed(0)
-    layer, other = TuckerConv2d(6, 8, 3, rank=(3, 2, 2, 3)), TuckerConv2d(6, 8, 3)
+    layer, other = TuckerConv2d(6, 8, 3, ranks=(3, 2, 2, 3)), TuckerConv2d(6, 8, 3)
     assert dict(layer.named_buffers()) == {}
     state = layer.state_dict()
     assert state["rank"].tolist() == [3, 2, 2, 3]
@@ -506,5 +506,19 @@ def test_the_ranks_have_one_record_that_the_state_round_trips():
     assert other.ranks == (3, 2, 2, 3) and "rank" in state
     x = torch.randn(2, 6, 7, 7)
     torch.testing.assert_close(other(x), layer(x))
-    layer.set_rank((2, 2, 1, 2))
+    layer.set_ranks((2, 2, 1, 2))
     assert layer.state_dict()["rank"].tolist() == [2, 2, 1, 2]
+
+
+def test_checkpoints_written_with_the_earlier_argument_names_rebuild():
+    """The structure a checkpoint records under the constructor's earlier names (`rank`, `max_rank`) rebuilds the
+    same layer as the current names."""
+    from lightning_lowrank.lightning.checkpoint import rebuild
+
+    layer = TuckerConv2d(4, 6, 3, ranks=(3, 2, 2, 3), max_ranks=(5, 4, 3, 3))
+    current = {k: v for k, v in layer.arguments().items()}
+    earlier = {{"ranks": "rank", "max_ranks": "max_rank"}.get(k, k): v for k, v in current.items()}
+    for arguments in (current, earlier):
+        model = rebuild(nn.Sequential(nn.Conv2d(4, 6, 3)), {"layers": {"0": {"type": "TuckerConv2d",
+                                                                           "arguments": arguments}}})
+        assert (model[0].ranks, model[0].max_ranks) == ((3, 2, 2, 3), (5, 4, 3, 3))

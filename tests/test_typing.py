@@ -30,8 +30,8 @@ def by_hand(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
     conversion: ll.ConversionReport = ll.convert(model, rank=0.5)
     print(conversion.converted, conversion.skipped)
     integrator = ll.TuckerIntegrator(model, ll.IntegratorConfig(tau=0.1))
-    layer = ll.TuckerLinear(16, 8, rank=(4, 4))
-    layer.set_rank((2, 2))
+    layer = ll.TuckerLinear(16, 8, ranks=(4, 4))
+    layer.set_ranks((2, 2))
     weight: torch.Tensor = layer.weight
     print(weight.shape, ll.to_dense(model), ll.SplitAttention(8, 2))
     return integrator.step(optimizer)

@@ -72,8 +72,13 @@ def rebuild(module: nn.Module, structure: dict[str, Any]) -> nn.Module:
             raise ValueError(f"the checkpoint has a Tucker layer {name!r} that {type(module).__name__} lacks") from None
         reference = next(current.parameters(), None)
         factory = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
-        module.set_submodule(name, classes[entry["type"]](**entry["arguments"], **factory))
+        arguments = {_RENAMED.get(key, key): value for key, value in entry["arguments"].items()}
+        module.set_submodule(name, classes[entry["type"]](**arguments, **factory))
     return module
+
+
+_RENAMED = {"rank": "ranks", "max_rank": "max_ranks"}
+"""Constructor arguments of Tucker layers under their earlier names (checkpoints written with them still load)."""
 
 
 def load_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], model: nn.Module | type[nn.Module],

@@ -100,6 +100,14 @@ class TuckerCallback(LowRankCallback):
         self._membership: dict[torch.optim.Optimizer, int] = {}  # parameters per optimizer at the last look
         self._out_of_ddp: set[str] = set()  # Tucker layers kept out of DDP at setup
 
+    @property
+    @override
+    def state_key(self) -> str:
+        """``"TuckerCallback"``, whatever the options: a run may resume with other options (the integrator closes a
+        window its new schedule does not have), and a Trainer holds one (Lightning refuses a second with the same
+        key when the Trainer is built: two would both integrate every Tucker layer their optimizers step)."""
+        return type(self).__qualname__
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(self, trainer.strategy)
@@ -157,7 +165,7 @@ class TuckerCallback(LowRankCallback):
                 raise ValueError(f"the checkpoint holds the integrator state of {len(states)} optimizer(s) with "
                                  f"Tucker layers, this run has {len(self.integrators)}: resume with the same "
                                  "optimizers")
-            for integrator, state in zip(self.integrators.values(), states):
+            for integrator, state in zip(self.integrators.values(), states, strict=True):
                 integrator.load_state_dict(state)
             self.skipped_steps = self._loaded_state["skipped_steps"]
             self._loaded_state = None

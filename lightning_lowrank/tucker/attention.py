@@ -75,7 +75,7 @@ class SplitAttention(nn.Module):
             p.requires_grad_(dict(attention.named_parameters())[_torch_name(name, attention)].requires_grad)
         return new.train(attention.training)
 
-    def to_torch(self) -> nn.MultiheadAttention:
+    def to_dense(self) -> nn.MultiheadAttention:
         """A real ``nn.MultiheadAttention`` with the merged weights."""
         reference = self.out_proj.weight
         attention = nn.MultiheadAttention(self.embed_dim, self.num_heads, self.dropout, self.in_proj_bias is not None,

@@ -75,4 +75,4 @@ def broadcast_layers(layers: Mapping[str, TuckerLayer], broadcast: Callable[[Ten
     for p, value in zip(parameters, flat.split([p.numel() for p in parameters])):
         p.copy_(value.view_as(p))
     for layer in layers.values():
-        layer.set_rank(broadcast(torch.tensor(layer.ranks, device=layer.core.device)).tolist())
+        layer.set_ranks(broadcast(torch.tensor(layer.ranks, device=layer.core.device)).tolist())

@@ -144,7 +144,7 @@ class TuckerIntegrator:
         self.reduce, self.broadcast = reduce, broadcast
         self.layers: dict[str, TuckerLayer] = {}
         self._captures: dict[str, Capture] = {}
-        self._augmented: dict[str, tuple[int, ...]] = {}  # layer name -> ranks before augmentation, until truncation
+        self._before_augmentation: dict[str, tuple[int, ...]] = {}  # layer name -> its ranks, until truncation
         self._decided: dict[str, tuple[int, ...]] = {}  # layer name -> tolerance ranks, while it keeps a growth margin
         self._settled: set[tuple[str, int]] = set()  # (layer name, mode) whose tolerance rank fell: no more margin
         self._augmenting = False  # whether augment() readied the optimizer step in flight
@@ -185,15 +185,16 @@ class TuckerIntegrator:
     def ranks(self) -> dict[str, tuple[int, ...]]:
         """The tolerance ranks the last truncation decided, by layer name (without the growth margin; a layer still
         training at its augmented ranks shows the ranks before its augmentation)."""
-        return {name: self._decided.get(name, self._augmented.get(name, layer.ranks))
+        return {name: self._decided.get(name, self._before_augmentation.get(name, layer.ranks))
                 for name, layer in self.layers.items()}
 
     @property
     def unfinished(self) -> dict[str, tuple[int, ...]]:
         """The layers that ``truncate(final=True)`` truncates, by name, with their ranks before augmentation: those
         at their augmented ranks and those keeping a growth margin."""
-        return {name: self._augmented.get(name, self.layers[name].ranks)  # dict order: the same on every process
-                for name in {**self._augmented, **self._decided}}
+        # dict order: the same on every process
+        return {name: self._before_augmentation.get(name, self.layers[name].ranks)
+                for name in {**self._before_augmentation, **self._decided}}
 
     def freeze(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Fix ranks and bases from now on (truncating the layers to their tolerance ranks first, rotating
@@ -210,13 +211,13 @@ class TuckerIntegrator:
         augmentation of the layers awaiting truncation and the tolerance ranks of those keeping a growth margin."""
         return {"steps": self.steps, "frozen": self.frozen,
                 "basis_grads": {f"{name}:{mode}": grad for (name, mode), grad in self._basis_grads.items()},
-                "augmented": {name: list(ranks) for name, ranks in self._augmented.items()},
+                "augmented": {name: list(ranks) for name, ranks in self._before_augmentation.items()},
                 "decided": {name: list(ranks) for name, ranks in self._decided.items()},
                 "settled": sorted(f"{name}:{mode}" for name, mode in self._settled)}
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         self.steps = int(state["steps"])
-        self._augmented = {name: tuple(ranks) for name, ranks in state.get("augmented", {}).items()}
+        self._before_augmentation = {name: tuple(ranks) for name, ranks in state.get("augmented", {}).items()}
         self._decided = {name: tuple(ranks) for name, ranks in state.get("decided", {}).items()}
         self._settled = {(name, int(mode)) for name, mode in (key.rsplit(":", 1) for key in state.get("settled", ()))}
         self._basis_grads.clear()
@@ -267,7 +268,7 @@ class TuckerIntegrator:
             self.augment(optimizer)
             return True
         for name, layer in self.layers.items():
-            summed = layer.core.grad is not None and not self.frozen and name not in self._augmented
+            summed = layer.core.grad is not None and not self.frozen and name not in self._before_augmentation
             for mode, u in enumerate(layer.factors):
                 if u.grad is not None and summed:
                     self._accumulate(name, mode, u.grad[:, : layer.ranks[mode]])
@@ -280,10 +281,10 @@ class TuckerIntegrator:
         """Back to the ranks before :meth:`augment`, whose optimizer step never came: the new core entries are still
         0, so W is unchanged, and the first r columns of each basis are the old basis (as the gradients of the
         current backward pass see it); the optimizer state warm-started for the new entries is cleared."""
-        for name, old in self._augmented.items():
-            self.layers[name].set_rank(old)
+        for name, old in self._before_augmentation.items():
+            self.layers[name].set_ranks(old)
             clear_outside(optimizer, self.layers[name].core, old)
-        self._augmented.clear()
+        self._before_augmentation.clear()
         self._augmenting = False
 
     def _accumulate(self, name: str, mode: int, grad: Tensor) -> None:
@@ -349,7 +350,7 @@ class TuckerIntegrator:
             block = tuple(slice(r) for r in new)
             fit_storage(layer, optimizer)  # room for the augmented bases (already there, unless ranks were set)
             layer.core[tuple(slice(r) for r in old)] = core.to(layer.core.dtype)
-            layer.set_rank(new)  # the new entries of the core are 0: W is unchanged
+            layer.set_ranks(new)  # the new entries of the core are 0: W is unchanged
             for u, basis, r_factor in zip(layer.factors, bases, r_factors):
                 if r_factor is not None:
                     u[:, : basis.shape[1]] = basis
@@ -363,7 +364,7 @@ class TuckerIntegrator:
                     grad = grad * keep.reshape(-1, *(1,) * (grad.ndim - mode - 1))
                 layer.core.grad[block] = grad.to(layer.core.dtype)
                 warm_start(optimizer, layer.core, old, new)
-            self._augmented[name] = old
+            self._before_augmentation[name] = old
         self._augmenting = True
         self._basis_grads.clear()
         self.clear()
@@ -383,7 +384,7 @@ class TuckerIntegrator:
             FloatingPointError: the optimizer step made a core non-finite (nothing is rotated).
         """
         plans = []  # per layer: name, singular vectors per mode (None: keep the mode as it is), rank candidates
-        for name, old_ranks in (self.unfinished if final else self._augmented).items():
+        for name, old_ranks in (self.unfinished if final else self._before_augmentation).items():
             plans.append((name, *rank_candidates(self.layers[name], old_ranks, self.config.tau, self.config.adapts)))
         if not plans:
             return
@@ -399,7 +400,7 @@ class TuckerIntegrator:
                                          "ranks cannot be decided (lower the learning rate, or clip gradients)")
             tolerance = [self._clamp(next(decided), size, layer.max_ranks[mode]) if self.config.adapts(mode)
                          else next(decided) for mode, size in enumerate(layer.ranks)]
-            before = self._decided.get(name, self._augmented.get(name, layer.ranks))  # the last decision
+            before = self._decided.get(name, self._before_augmentation.get(name, layer.ranks))  # the last decision
             self._settled.update((name, mode) for mode, (r, last) in enumerate(zip(tolerance, before)) if r < last)
             grows = [self.config.adapts(mode) and not final and (name, mode) not in self._settled
                      for mode in range(len(tolerance))]
@@ -413,7 +414,7 @@ class TuckerIntegrator:
         for layer, rotation in rotations:
             rotate_layer(layer, rotation, optimizer)
             fit_storage(layer, optimizer)
-        self._augmented.clear()
+        self._before_augmentation.clear()
 
     def _clamp(self, rank: int, size: int, max_rank: int) -> int:
         """``rank`` clamped to [min_rank, max_rank] and to the ``size`` of the (augmented) mode."""

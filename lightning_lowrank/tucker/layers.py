@@ -54,8 +54,8 @@ class TuckerLayer(nn.Module):
 
     Args:
         shape: shape of the dense weight (n_1, ..., n_d); mode 0 is the output, mode 1 the input.
-        rank: active rank per mode, each in [1, max_rank].
-        max_rank: largest rank per mode that truncation keeps, each in [1, min(n_i, prod_{j != i} n_j)] (default:
+        ranks: active rank per mode, each in [1, max_ranks].
+        max_ranks: largest rank per mode that truncation keeps, each in [1, min(n_i, prod_{j != i} n_j)] (default:
             that bound). Augmentation may exceed it for one interval (up to 2 r_i, capped by n_i).
 
     The parameters ``factors`` (n_i x s_i) and ``core`` (s_1 x ... x s_d) start at the storage s_i =
@@ -63,13 +63,12 @@ class TuckerLayer(nn.Module):
     """
 
     mode_names: tuple[str, ...]
-    rank: Tensor
 
     def __init__(
         self,
         shape: Sequence[int],
-        rank: Sequence[int] | None,
-        max_rank: Sequence[int] | None,
+        ranks: Sequence[int] | None,
+        max_ranks: Sequence[int] | None,
         bias: bool,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -77,19 +76,19 @@ class TuckerLayer(nn.Module):
         super().__init__()
         self.shape = tuple(int(n) for n in shape)
         bounds = full_ranks(self.shape)
-        max_rank = _check_ranks("max_rank", bounds if max_rank is None else max_rank, bounds, "full rank")
-        rank = _check_ranks("rank", consistent_ranks(max_rank) if rank is None else rank, max_rank, "max_rank")
-        if rank != consistent_ranks(rank):
-            raise ValueError(f"`rank` {rank} must satisfy r_i <= product of the other ranks, as "
-                             f"{consistent_ranks(rank)} does: a mode's extra directions would carry nothing")
-        self.max_ranks = max_rank
-        storage = tuple(storage_size(n, r) for n, r in zip(self.shape, rank))
+        max_ranks = _check_ranks("max_ranks", bounds if max_ranks is None else max_ranks, bounds, "full rank")
+        ranks = _check_ranks("ranks", consistent_ranks(max_ranks) if ranks is None else ranks, max_ranks, "max_ranks")
+        if ranks != consistent_ranks(ranks):
+            raise ValueError(f"`ranks` {ranks} must satisfy r_i <= product of the other ranks, as "
+                             f"{consistent_ranks(ranks)} does: a mode's extra directions would carry nothing")
+        self.max_ranks = max_ranks
+        storage = tuple(storage_size(n, r) for n, r in zip(self.shape, ranks))
         factory = dict(device=device, dtype=dtype)
         self.factors = nn.ParameterList(nn.Parameter(torch.empty(n, s, **factory))
                                         for n, s in zip(self.shape, storage))
         self.core = nn.Parameter(torch.empty(storage, **factory))
         self.bias = nn.Parameter(torch.empty(self.shape[0], **factory)) if bias else None
-        self.ranks = rank
+        self.ranks = ranks
         self.register_state_dict_post_hook(TuckerLayer._save_ranks)
         self.register_load_state_dict_pre_hook(TuckerLayer._load_pre_hook)
         self.register_load_state_dict_post_hook(TuckerLayer._zero_outside_ranks)
@@ -135,7 +134,7 @@ class TuckerLayer(nn.Module):
             zero_outside(self.core, self.ranks)
 
     @torch.no_grad()
-    def set_rank(self, ranks: Sequence[int]) -> None:
+    def set_ranks(self, ranks: Sequence[int]) -> None:
         """Set the active rank of every mode (each in [1, n_i]); core entries outside the active block become 0.
         A rank above the storage first grows it (:func:`storage_size`; the parameters are reallocated, and an
         optimizer's state for them is not: the integrator resizes both).
@@ -146,7 +145,7 @@ class TuckerLayer(nn.Module):
         previous block outside the new one is cleared: the cost follows the ranks, not the storage.
         """
         old = self.ranks
-        ranks = _check_ranks("rank", ranks, self.shape, "the mode size")
+        ranks = _check_ranks("ranks", ranks, self.shape, "the mode size")
         if any(r > s for r, s in zip(ranks, self.storage)):
             self._reallocate(tuple(storage_size(n, r, s) for n, r, s in zip(self.shape, ranks, self.storage)))
         self.ranks = ranks
@@ -315,7 +314,7 @@ class TuckerLayer(nn.Module):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"rank={self.ranks}, max_rank={self.max_ranks}, storage={self.storage}, bias={self.bias is not None}"
+        return f"ranks={self.ranks}, max_ranks={self.max_ranks}, storage={self.storage}, bias={self.bias is not None}"
 
 
 class TuckerLinear(TuckerLayer):
@@ -329,22 +328,22 @@ class TuckerLinear(TuckerLayer):
         in_features: int,
         out_features: int,
         bias: bool = True,
-        rank: Sequence[int] | None = None,
-        max_rank: Sequence[int] | None = None,
+        ranks: Sequence[int] | None = None,
+        max_ranks: Sequence[int] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         self.in_features = check_int("in_features", in_features, 1)
         self.out_features = check_int("out_features", out_features, 1)
-        super().__init__((out_features, in_features), rank, max_rank, bias, device, dtype)
+        super().__init__((out_features, in_features), ranks, max_ranks, bias, device, dtype)
 
     @classmethod
     def from_dense(
-        cls, layer: nn.Linear, rank: Sequence[int] | None = None, max_rank: Sequence[int] | None = None,
+        cls, layer: nn.Linear, ranks: Sequence[int] | None = None, max_ranks: Sequence[int] | None = None,
         init: Init = "hosvd",
     ) -> TuckerLinear:
         """A TuckerLinear whose weight is the decomposition of ``layer.weight`` (exact at full rank)."""
-        new = cls(layer.in_features, layer.out_features, layer.bias is not None, rank, max_rank,
+        new = cls(layer.in_features, layer.out_features, layer.bias is not None, ranks, max_ranks,
                   layer.weight.device, layer.weight.dtype)
         new._copy_from(layer, init)
         return new
@@ -367,7 +366,7 @@ class TuckerLinear(TuckerLayer):
 
     def arguments(self) -> dict[str, object]:
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
-                "rank": self._constructor_ranks(), "max_rank": self.max_ranks}
+                "ranks": self._constructor_ranks(), "max_ranks": self.max_ranks}
 
     def galerkin_gradient(self, factors: Sequence[Tensor], x: Tensor, dy: Tensor) -> Tensor:
         """(dy U_out)^T (x U_in), summed over all leading dims."""
@@ -422,8 +421,8 @@ class _TuckerConvNd(TuckerLayer):
         dilation: int | Sequence[int] = 1,
         bias: bool = True,
         padding_mode: str = "zeros",
-        rank: Sequence[int] | None = None,
-        max_rank: Sequence[int] | None = None,
+        ranks: Sequence[int] | None = None,
+        max_ranks: Sequence[int] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -445,7 +444,7 @@ class _TuckerConvNd(TuckerLayer):
             self.padding = _ntuple(padding, n, "padding", low=0)
         self.padding_mode = padding_mode
         self._explicit_padding = _explicit_padding(self.padding, self.kernel_size, self.dilation)
-        super().__init__((out_channels, in_channels, *self.kernel_size), rank, max_rank, bias, device, dtype)
+        super().__init__((out_channels, in_channels, *self.kernel_size), ranks, max_ranks, bias, device, dtype)
         letters = "ijklmn"[:n]
         spatial = ",".join(f"{x}{c}" for x, c in zip("pqr", letters))
         self._kernel_equation = f"ab{letters},{spatial}->ab{'pqr'[:n]}"
@@ -454,14 +453,14 @@ class _TuckerConvNd(TuckerLayer):
 
     @classmethod
     def from_dense(
-        cls, layer: DenseConv, rank: Sequence[int] | None = None,
-        max_rank: Sequence[int] | None = None, init: Init = "hosvd",
+        cls, layer: DenseConv, ranks: Sequence[int] | None = None,
+        max_ranks: Sequence[int] | None = None, init: Init = "hosvd",
     ) -> _TuckerConvNd:
         """A Tucker convolution whose weight is the decomposition of ``layer.weight`` (exact at full rank)."""
         if layer.groups != 1:
             raise ValueError(f"grouped convolutions (groups={layer.groups}) cannot be Tucker-factorized")
         new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                  layer.dilation, layer.bias is not None, layer.padding_mode, rank, max_rank,
+                  layer.dilation, layer.bias is not None, layer.padding_mode, ranks, max_ranks,
                   layer.weight.device, layer.weight.dtype)
         new._copy_from(layer, init)
         return new
@@ -541,8 +540,8 @@ class _TuckerConvNd(TuckerLayer):
 
     def arguments(self) -> dict[str, object]:
         return {"in_channels": self.in_channels, "out_channels": self.out_channels, "kernel_size": self.kernel_size,
-                **self._options(), "bias": self.bias is not None, "rank": self._constructor_ranks(),
-                "max_rank": self.max_ranks}
+                **self._options(), "bias": self.bias is not None, "ranks": self._constructor_ranks(),
+                "max_ranks": self.max_ranks}
 
     def _factor_chain(self) -> nn.Sequential:
         """Three convolutions: 1x1 (C_in -> r_in), kxk (r_in -> r_out) with the spatial factors merged,

@@ -51,7 +51,7 @@ def rotate_layer(layer: TuckerLayer, rotations: Sequence[Tensor | None],
         if p is not None:
             u[:, : p.shape[1]] = u[:, : p.shape[0]] @ p
     layer.core[tuple(slice(r) for r in new_core.shape)] = new_core
-    layer.set_rank(new_core.shape)
+    layer.set_ranks(new_core.shape)
 
 
 def singular_pairs(tensor: Tensor, mode: int) -> tuple[Tensor, Tensor]:
