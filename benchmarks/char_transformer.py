@@ -1,7 +1,8 @@
 """A character-level decoder-only transformer on the Python standard library's source: dense against TuckerCallback.
 
     python benchmarks/char_transformer.py [--steps 600] [--taus 0.1] [--layers 4] [--width 256] [--context 128]
-                                          [--batch 32] [--rank full] [--growth 0.25] [--no-dense] [--no-cli]
+                                          [--batch 32] [--rank full] [--max-rank full] [--init hosvd]
+                                          [--growth 0.25] [--no-dense] [--no-cli]
 
 Text: the files of ``FILES`` from this Python's standard library (present on every machine, nothing downloaded), read
 as bytes (vocabulary 256); the last 10% of each file is validation. Model: byte embedding + learned positions,
@@ -199,6 +200,8 @@ trainer:
       init_args:
         tau: {tau}
         rank: {rank}
+        max_rank: {max_rank}
+        init: {init}
         growth: {growth}
 """
 
@@ -231,15 +234,18 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rank", default="full", help="the callback's initial rank: 'full' or a fraction")
+    parser.add_argument("--max-rank", default="full", help="the callback's max_rank: 'full' or a fraction")
+    parser.add_argument("--init", default="hosvd", choices=["hosvd", "hosvd_scaled", "random"])
     parser.add_argument("--growth", type=float, default=0.25, help="the callback's growth margin")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense row (ratios then read 'nan')")
     parser.add_argument("--no-cli", action="store_true", help="skip the LightningCLI row")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    rank = args.rank if args.rank == "full" else float(args.rank)
+    rank, max_rank = (spec if spec == "full" else float(spec) for spec in (args.rank, args.max_rank))
+    options = dict(rank=rank, max_rank=max_rank, init=args.init, growth=args.growth)
     arms = [] if args.no_dense else [("dense", lambda: run(args, []))]
-    arms += [(f"TuckerCallback(tau={tau}, rank={rank}, growth={args.growth})",
-              lambda tau=tau: run(args, [ll.TuckerCallback(tau=tau, rank=rank, growth=args.growth)]))
+    arms += [(f"TuckerCallback(tau={tau}, {', '.join(f'{k}={v}' for k, v in options.items())})",
+              lambda tau=tau: run(args, [ll.TuckerCallback(tau=tau, **options)]))
              for tau in args.taus]
     if not args.no_cli:
         arms.append((f"LightningCLI, tau={args.taus[0]}", lambda: run_cli(args)))
