@@ -159,8 +159,8 @@ def estimate_rank(surrogate: Tensor) -> int:
 
     A surrogate is its target plus spread-out noise (sampling, measurements), whose singular values form a bulk
     that the median locates; values under the numerical rank tolerance never count. Exact for a noiseless
-    target; on noisy surrogates only an estimate (completion, d=100, 30% observed, 3 seeds: 9 to 12 for r=5, 7 to
-    9 for r=10). Too high costs width, too low loses part of the target: pass ``rank`` when you know it.
+    target; on noisy surrogates only an estimate (``benchmarks/deep_completion.py`` prints it). Too high costs
+    width, too low loses part of the target: pass ``rank`` when you know it.
     """
     s = torch.linalg.svdvals(surrogate.detach())
     if s[0] == 0:

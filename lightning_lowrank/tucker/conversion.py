@@ -61,9 +61,9 @@ class TuckerConfig:
         min_size: layers whose dense weight has fewer elements stay dense.
         keep_first_last: keep the first and the last candidate layer (in registration order) dense.
         init: ``"hosvd"`` (factors from the dense weights, exact at full rank; below it the best approximation, for
-            pretrained weights), ``"hosvd_scaled"`` (the same with the core scaled to ||W||_F: a start below full rank
-            keeps the scale of a random dense init) or ``"random"`` (random orthonormal factors, the dense weights
-            projected onto them).
+            pretrained weights), ``"hosvd_scaled"`` (the same with the core scaled to ||W||_F, so that a start below
+            full rank keeps the norm of the dense init, which a truncation would cut) or ``"random"`` (random
+            orthonormal factors, the dense weights projected onto them).
     """
 
     rank: RankSpec = "full"

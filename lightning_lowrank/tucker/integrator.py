@@ -65,11 +65,9 @@ class IntegratorConfig:
             ``"augmented"``: the exact Galerkin gradient on the augmented bases (the paper's step), formed from each
             layer's input and output gradient kept by forward hooks; costs about one more backward pass.
         interval: augment every ``interval`` optimizer steps; the steps in between train the cores with the bases
-            held fixed (the optimizer never sees a basis gradient). 1 is the paper's method. The default, 10 with
-            ``core_steps`` = 10, was 1.2-2.1 points more accurate than 1 with AdamW (LeNet5) and tied with SGD
-            momentum (VGG-style); with plain SGD over 20 epochs 1 was 0.5 points better (README "Schedules"). The
-            augmenting step's core gradient is the Galerkin gradient of its own batch (a summed step would overshoot
-            under momentum).
+            held fixed (the optimizer never sees a basis gradient). 1 is the paper's method; the default 10 (with
+            ``core_steps`` = 10) and why: README "Schedules". The augmenting step's core gradient is the Galerkin
+            gradient of its own batch (a summed step would overshoot under momentum).
         core_steps: optimizer steps the core takes at the augmented ranks before truncation, in [1, interval]
             (None, the default: ``interval``): the augmenting step and ``core_steps - 1`` more with the augmented
             bases held (their basis gradients are dropped: those steps train the core only). The remaining

@@ -319,7 +319,16 @@ class TuckerLayer(nn.Module):
 
 class TuckerLinear(TuckerLayer):
     """Linear layer with W = U_out core U_in^T (the order-2 Tucker case); y = x W^T + b over any leading dims, as
-    three small products or, where cheaper (:meth:`forward_costs`), one with the merged W."""
+    three small products or, where cheaper (:meth:`forward_costs`), one with the merged W.
+
+    Args: as ``nn.Linear``, plus ``ranks`` and ``max_ranks`` (out, in) of :class:`TuckerLayer`.
+
+    Shape:
+        - Input: (*, in_features).
+        - Output: (*, out_features).
+        - ``factors``: (out_features, s_out), (in_features, s_in); ``core``: (s_out, s_in), the storage s of
+          :class:`TuckerLayer`, active block (r_out, r_in).
+    """
 
     mode_names = ("out", "in")
 
@@ -407,6 +416,14 @@ class _TuckerConvNd(TuckerLayer):
 
     The chain is y = conv_1x1(conv_kxk(conv_1x1(x, U_in^T), core x_3 U_k1 ...), U_out) + b; stride, padding,
     dilation and padding mode act on the middle (kxk) convolution, which commutes with the 1x1 channel maps.
+
+    Args: as ``nn.ConvNd`` (``groups`` = 1), plus ``ranks`` and ``max_ranks`` (out, in, k_1, ...) of
+    :class:`TuckerLayer`.
+
+    Shape:
+        - Input: (N, in_channels, *spatial) or unbatched (in_channels, *spatial).
+        - Output: (N, out_channels, *spatial_out), spatial_out as ``nn.ConvNd`` computes it.
+        - ``factors``: (out_channels, s_out), (in_channels, s_in), (k_i, s_ki); ``core``: (s_out, s_in, s_k1, ...).
     """
 
     _dense: type[DenseConv]
