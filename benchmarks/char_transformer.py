@@ -2,17 +2,18 @@
 
     python benchmarks/char_transformer.py [--steps 600] [--taus 0.1] [--layers 4] [--width 256] [--context 128]
                                           [--batch 32] [--rank full] [--max-rank full] [--init hosvd]
-                                          [--growth 0.25] [--no-dense] [--no-cli]
+                                          [--growth 0.25] [--floor 0.15 ...] [--no-dense] [--no-cli]
 
 Text: the files of ``FILES`` from this Python's standard library (present on every machine, nothing downloaded), read
 as bytes (vocabulary 256); the last 10% of each file is validation. Model: byte embedding + learned positions,
 ``nn.TransformerEncoder`` with a causal mask (pre-norm, GELU, width 4x in the feed-forward block), linear head.
 AdamW lr 1e-3 with a cosine schedule, random windows (seeded). Rows, from one run: the dense model; TuckerCallback
-at every tau of ``--taus`` (every Linear and the attention converted; embeddings and norms stay dense); the callback at
-the first tau configured through LightningCLI from a YAML file. Columns: validation bits per character, compression
-of the converted layers, median time per optimizer step (steps 20 to the end) and its ratio to dense, final ranks
-per projection kind (mean over layers, out/in). Target (issue 17): within 2% of dense bits per character at >= 70%
-compression.
+at every tau of ``--taus`` (every Linear and the attention converted; embeddings and norms stay dense); the callback
+at the first tau configured through LightningCLI from a YAML file; with ``--floor``, the fixed-rank floor at each
+fraction: every converted layer a plain chain of two ``nn.Linear`` at that rank, both trained by AdamW at every
+step. Columns: validation bits per character, compression of the converted layers, median time per optimizer step
+(steps 20 to the end) and its ratio to dense, final ranks per projection kind (mean over layers, out/in). Target
+(issue 17): within 2% of dense bits per character at >= 70% compression.
 """
 
 from __future__ import annotations
@@ -159,17 +160,25 @@ def ranks_by_kind(model: nn.Module) -> str:
                     for kind, rs in kinds.items())
 
 
-def run(args: argparse.Namespace, callbacks: list[pl.Callback]) -> tuple[float, float, float, str]:
+def run(args: argparse.Namespace, callbacks: list[pl.Callback],
+        factorized_rank: float | None = None) -> tuple[float, float, float, str]:
+    """One arm; ``factorized_rank``: the fixed-rank floor instead, every converted layer a plain chain of two
+    ``nn.Linear`` (U and S V^T, both trained by the optimizer at every step) at that fraction of its sizes."""
     torch.manual_seed(args.seed)
     model = CharLM(args.layers, args.width, args.heads, args.context, args.lr, args.steps)
+    compression, ranks = 0.0, "dense"
+    if factorized_rank is not None:
+        ll.convert(model, rank=factorized_rank, max_rank=factorized_rank, init="hosvd_scaled")
+        compression, ranks = ll.summary(model).compression_rate, ranks_by_kind(model)
+        model = ll.compact(model)
     data = CharData(args.context, args.batch, args.steps)
     timer = StepTimer()
     trainer = pl.Trainer(callbacks=[*callbacks, timer], **trainer_options(args.steps))
     trainer.fit(model, data)
     bpc = trainer.validate(model, data, verbose=False)[0]["val_bpc"]
-    converted = any(isinstance(m, ll.TuckerLayer) for m in model.modules())
-    return (bpc, ll.summary(model).compression_rate, float(torch.tensor(timer.seconds).median()),
-            ranks_by_kind(model) if converted else "dense")
+    if any(isinstance(m, ll.TuckerLayer) for m in model.modules()):
+        compression, ranks = ll.summary(model).compression_rate, ranks_by_kind(model)
+    return bpc, compression, float(torch.tensor(timer.seconds).median()), ranks
 
 
 CLI_CONFIG = """
@@ -238,6 +247,8 @@ def main() -> None:
     parser.add_argument("--init", default="hosvd", choices=["hosvd", "hosvd_scaled", "random"])
     parser.add_argument("--growth", type=float, default=0.25, help="the callback's growth margin")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense row (ratios then read 'nan')")
+    parser.add_argument("--floor", type=float, nargs="*", default=[],
+                        help="fixed-rank floors: plain U, S V^T chains at these fractions, without the callback")
     parser.add_argument("--no-cli", action="store_true", help="skip the LightningCLI row")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -247,6 +258,8 @@ def main() -> None:
     arms += [(f"TuckerCallback(tau={tau}, {', '.join(f'{k}={v}' for k, v in options.items())})",
               lambda tau=tau: run(args, [ll.TuckerCallback(tau=tau, **options)]))
              for tau in args.taus]
+    arms += [(f"fixed-rank floor, rank {fraction}", lambda fraction=fraction: run(args, [], fraction))
+             for fraction in args.floor]
     if not args.no_cli:
         arms.append((f"LightningCLI, tau={args.taus[0]}", lambda: run_cli(args)))
     lines = [f"{args.layers} layers, width {args.width}, context {args.context}, batch {args.batch}, "

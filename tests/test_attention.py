@@ -103,6 +103,26 @@ def test_converted_attention_is_exact_at_full_rank_and_exports(dims, tmp_path):
         torch.testing.assert_close(program.module()(query, key, value)[0], expected[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_the_compact_export_of_a_transformer_below_full_rank_runs_in_eval_and_exports(batch_first):
+    """Reference: the Tucker model. Below full rank the compact projections are chains of two nn.Linear; torch's
+    encoder layer still reads ``self_attn.in_proj_bias`` (and may read ``in_proj_weight``) in eval mode, which must
+    give the chains' bias and merged weight."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)).eval()
+    ll.convert(model, rank=0.15, max_rank=0.15)
+    compact = ll.compact(model).eval()
+    attention, tucker = compact[0].layers[0].self_attn, model[0].layers[0].self_attn
+    assert isinstance(attention.q_proj, nn.Sequential)
+    torch.testing.assert_close(attention.in_proj_weight, tucker.in_proj_weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attention.in_proj_bias, tucker.in_proj_bias)
+    x = torch.randn(2, 5, 32) if batch_first else torch.randn(5, 2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.export.export(compact, (x,)).module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_attention_state_loads_both_ways():
     """The split module loads nn.MultiheadAttention's state (in_proj_weight) and writes it back in that layout."""
     torch.manual_seed(0)

@@ -50,15 +50,15 @@ class SplitAttention(nn.Module):
     @property
     def in_proj_weight(self) -> Tensor | None:
         """torch's (3E, E) stack of the q, k, v weights (None unless kdim = vdim = embed_dim)."""
-        weights = [getattr(self, f"{p}_proj").weight for p in "qkv"] if self._qkv_same_embed_dim else None
-        return None if weights is None else torch.cat(weights)
+        if not self._qkv_same_embed_dim:
+            return None
+        return torch.cat([_merged_weight(getattr(self, f"{p}_proj")) for p in "qkv"])
 
     @property
     def in_proj_bias(self) -> Tensor | None:
         """torch's (3E,) stack of the q, k, v biases (None without bias)."""
-        if self.q_proj.bias is None:
-            return None
-        return torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        biases = [_last(getattr(self, f"{p}_proj")).bias for p in "qkv"]
+        return None if biases[0] is None else torch.cat(biases)
 
     merge_masks = nn.MultiheadAttention.merge_masks
 
@@ -177,3 +177,19 @@ def _additive_mask(attn_mask: Tensor | None, key_padding_mask: Tensor | None, dt
             else mask.to(dtype)
         total = mask if total is None else total + mask
     return total
+
+
+def _last(projection: nn.Module) -> nn.Module:
+    """The layer that adds a projection's bias: the projection itself, or the last of a compact chain."""
+    return projection[-1] if isinstance(projection, nn.Sequential) else projection
+
+
+def _merged_weight(projection: nn.Module) -> Tensor:
+    """A projection's (out, in) weight: a linear layer's (a Tucker layer's merged one), or the product of a compact
+    chain of ``nn.Linear`` (x -> W_k ... W_1 x)."""
+    if not isinstance(projection, nn.Sequential):
+        return projection.weight
+    weight = projection[0].weight
+    for layer in projection[1:]:
+        weight = layer.weight @ weight
+    return weight
