@@ -234,7 +234,7 @@ def run_cli(args: argparse.Namespace) -> tuple[float, float, float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--taus", type=float, nargs="+", default=[0.1])
+    parser.add_argument("--taus", type=float, nargs="*", default=[0.1])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
@@ -260,7 +260,7 @@ def main() -> None:
              for tau in args.taus]
     arms += [(f"fixed-rank floor, rank {fraction}", lambda fraction=fraction: run(args, [], fraction))
              for fraction in args.floor]
-    if not args.no_cli:
+    if not args.no_cli and args.taus:
         arms.append((f"LightningCLI, tau={args.taus[0]}", lambda: run_cli(args)))
     lines = [f"{args.layers} layers, width {args.width}, context {args.context}, batch {args.batch}, "
              f"{args.steps} steps, torch threads {torch.get_num_threads()}",
