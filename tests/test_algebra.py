@@ -7,7 +7,7 @@ import tensorly as tl
 import torch
 from reference import assert_orthonormal, truncated_hosvd
 
-from lightning_lowrank.tucker.algebra import mode_dot, multi_mode_dot, tucker_decomposition, unfold
+from lightning_lowrank.tucker.algebra import fold, mode_dot, multi_mode_dot, tucker_decomposition, unfold
 
 tl.set_backend("pytorch")
 
@@ -19,6 +19,7 @@ def test_unfold_and_mode_products_equal_tensorly(shape):
     matrices = [torch.randn(n + 1, n, dtype=torch.float64) for n in shape]
     for mode, matrix in enumerate(matrices):
         torch.testing.assert_close(unfold(tensor, mode), tl.unfold(tensor, mode), rtol=0, atol=0)
+        torch.testing.assert_close(fold(tl.unfold(tensor, mode), mode, shape), tensor, rtol=0, atol=0)
         torch.testing.assert_close(mode_dot(tensor, matrix, mode), tl.tenalg.mode_dot(tensor, matrix, mode))
     torch.testing.assert_close(multi_mode_dot(tensor, matrices), tl.tenalg.multi_mode_dot(tensor, matrices))
     transposed = [m.T.contiguous() for m in matrices]

@@ -23,6 +23,12 @@ def unfold(tensor: Tensor, mode: int) -> Tensor:
     return torch.movedim(tensor, mode, 0).reshape(tensor.shape[mode], -1)
 
 
+def fold(matrix: Tensor, mode: int, shape: Sequence[int]) -> Tensor:
+    """The inverse of :func:`unfold`: the tensor of ``shape`` whose mode-``mode`` unfolding is ``matrix``."""
+    rest = [n for i, n in enumerate(shape) if i != mode]
+    return torch.movedim(matrix.reshape(shape[mode], *rest), 0, mode)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the integrator's QR and eigen-decompositions: float32 at least, whatever the training precision."""
     return dtype if dtype == torch.float64 else torch.float32

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_lowrank.tucker.algebra import compute_dtype, unfold
+from lightning_lowrank.tucker.algebra import compute_dtype, fold, unfold
 from lightning_lowrank.tucker.layers import TuckerLayer
 
 
@@ -96,10 +96,10 @@ def parallel_gradient(layer: TuckerLayer, core: Tensor, bases: tuple[Tensor, ...
         inverse = torch.where(s > max(m.shape) * torch.finfo(s.dtype).eps * s[:1], 1 / s, 0)
         new_dirs = basis[:, r:].T.to(m.dtype) @ layer.factors[mode].grad[:, :r].to(m.dtype)
         values = (new_dirs @ p) * inverse @ vh
-        other = [old[j] for j in range(len(old)) if j != mode]
         index = [slice(rank) for rank in old]
         index[mode] = slice(r, basis.shape[1])
-        grad[tuple(index)] = values.reshape(-1, *other).movedim(0, mode).to(grad.dtype)
+        grad[tuple(index)] = fold(values, mode, [basis.shape[1] - r if j == mode else n for j, n in enumerate(old)]
+                                  ).to(grad.dtype)
     return grad
 
 

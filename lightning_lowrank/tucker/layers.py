@@ -28,6 +28,7 @@ from lightning_lowrank.tucker.algebra import (
     multi_mode_dot,
     tail_rank,
     tucker_decomposition,
+    unfold,
 )
 from lightning_lowrank.tucker.storage import replace_data, resized, storage_size, zero_outside
 from lightning_lowrank.validation import check_int
@@ -215,8 +216,8 @@ class TuckerLayer(nn.Module):
         delta = max(torch.finfo(dtype).eps, math.sqrt(max(self.shape)) * torch.finfo(torch.float64).eps)
         theta = delta * torch.linalg.vector_norm(exact)
         ranks = []
-        for mode, n in enumerate(self.max_ranks):
-            s = torch.linalg.svdvals(exact.movedim(mode, 0).reshape(n, -1))
+        for mode in range(exact.ndim):
+            s = torch.linalg.svdvals(unfold(exact, mode))
             ranks.append(max(1, int(tail_rank(s, theta))))
         ranks = consistent_ranks(ranks)
         zero_outside(core, ranks)
