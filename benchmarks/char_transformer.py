@@ -2,7 +2,8 @@
 
     python benchmarks/char_transformer.py [--steps 600] [--taus 0.1] [--layers 4] [--width 256] [--context 128]
                                           [--batch 32] [--rank full] [--max-rank full] [--init hosvd]
-                                          [--growth 0.25] [--floor 0.15 ...] [--no-dense] [--no-cli]
+                                          [--growth 0.25] [--interval 10] [--core-steps 10] [--floor 0.15 ...]
+                                          [--no-dense] [--no-cli]
 
 Text: the files of ``FILES`` from this Python's standard library (present on every machine, nothing downloaded), read
 as bytes (vocabulary 256); the last 10% of each file is validation. Model: byte embedding + learned positions,
@@ -212,6 +213,8 @@ trainer:
         max_rank: {max_rank}
         init: {init}
         growth: {growth}
+        interval: {interval}
+        core_steps: {core_steps}
 """
 
 
@@ -221,7 +224,8 @@ def run_cli(args: argparse.Namespace) -> tuple[float, float, float, str]:
 
     with tempfile.TemporaryDirectory() as directory:
         config = Path(directory) / "config.yaml"
-        config.write_text(CLI_CONFIG.format(**{**vars(args), "tau": args.taus[0]}))
+        config.write_text(CLI_CONFIG.format(**{**vars(args), "tau": args.taus[0],
+                                              "core_steps": "null" if args.core_steps is None else args.core_steps}))
         timer = StepTimer()
         cli = LightningCLI(CharLM, CharData, run=False, args=["--config", str(config)], save_config_callback=None,
                            trainer_defaults={"callbacks": [timer]})
@@ -246,6 +250,8 @@ def main() -> None:
     parser.add_argument("--max-rank", default="full", help="the callback's max_rank: 'full' or a fraction")
     parser.add_argument("--init", default="hosvd", choices=["hosvd", "hosvd_scaled", "random"])
     parser.add_argument("--growth", type=float, default=0.25, help="the callback's growth margin")
+    parser.add_argument("--interval", type=int, default=10, help="the callback's interval")
+    parser.add_argument("--core-steps", type=int, default=None, help="the callback's core_steps (default: interval)")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense row (ratios then read 'nan')")
     parser.add_argument("--floor", type=float, nargs="*", default=[],
                         help="fixed-rank floors: plain U, S V^T chains at these fractions, without the callback")
@@ -253,7 +259,8 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     rank, max_rank = (spec if spec == "full" else float(spec) for spec in (args.rank, args.max_rank))
-    options = dict(rank=rank, max_rank=max_rank, init=args.init, growth=args.growth)
+    options = dict(rank=rank, max_rank=max_rank, init=args.init, growth=args.growth, interval=args.interval,
+                   core_steps=args.core_steps)
     arms = [] if args.no_dense else [("dense", lambda: run(args, []))]
     arms += [(f"TuckerCallback(tau={tau}, {', '.join(f'{k}={v}' for k, v in options.items())})",
               lambda tau=tau: run(args, [ll.TuckerCallback(tau=tau, **options)]))
