@@ -107,7 +107,7 @@ def test_converted_attention_is_exact_at_full_rank_and_exports(dims, tmp_path):
 def test_the_compact_export_of_a_transformer_below_full_rank_runs_in_eval_and_exports(batch_first):
     """Reference: the Tucker model. Below full rank the compact projections are chains of two nn.Linear; torch's
     encoder layer still reads ``self_attn.in_proj_bias`` (and may read ``in_proj_weight``) in eval mode, which must
-    give the chains' bias and merged weight."""
+    give the chains' bias and merged weight; ``to_dense`` of the compact model merges the chains back."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first)
     model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)).eval()
@@ -121,6 +121,9 @@ def test_the_compact_export_of_a_transformer_below_full_rank_runs_in_eval_and_ex
     with torch.no_grad():
         torch.testing.assert_close(compact(x), model(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(torch.export.export(compact, (x,)).module()(x), model(x), rtol=1e-5, atol=1e-5)
+        dense = ll.to_dense(compact).eval()  # merged from the compact chains
+        assert type(dense[0].layers[0].self_attn) is nn.MultiheadAttention
+        torch.testing.assert_close(dense(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_attention_state_loads_both_ways():

@@ -77,7 +77,7 @@ class SplitAttention(nn.Module):
 
     def to_dense(self) -> nn.MultiheadAttention:
         """A real ``nn.MultiheadAttention`` with the merged weights."""
-        reference = self.out_proj.weight
+        reference = _merged_weight(self.out_proj)
         attention = nn.MultiheadAttention(self.embed_dim, self.num_heads, self.dropout, self.in_proj_bias is not None,
                                           kdim=self.kdim, vdim=self.vdim, batch_first=self.batch_first,
                                           device=reference.device, dtype=reference.dtype)
@@ -88,18 +88,18 @@ class SplitAttention(nn.Module):
     def arguments(self) -> dict[str, object]:
         """Constructor arguments that rebuild this module's structure, for checkpoints."""
         return {"embed_dim": self.embed_dim, "num_heads": self.num_heads, "dropout": self.dropout,
-                "bias": self.q_proj.bias is not None, "kdim": self.kdim, "vdim": self.vdim,
+                "bias": self.in_proj_bias is not None, "kdim": self.kdim, "vdim": self.vdim,
                 "batch_first": self.batch_first}
 
     def torch_state(self) -> dict[str, Tensor]:
         """This module's state in ``nn.MultiheadAttention``'s layout (merged weights)."""
-        state = {"out_proj.weight": self.out_proj.weight.detach()}
+        state = {"out_proj.weight": _merged_weight(self.out_proj).detach()}
         if self._qkv_same_embed_dim:
             state["in_proj_weight"] = self.in_proj_weight.detach()
         else:
-            state |= {f"{p}_proj_weight": getattr(self, f"{p}_proj").weight.detach() for p in "qkv"}
+            state |= {f"{p}_proj_weight": _merged_weight(getattr(self, f"{p}_proj")).detach() for p in "qkv"}
         if self.in_proj_bias is not None:
-            state |= {"in_proj_bias": self.in_proj_bias.detach(), "out_proj.bias": self.out_proj.bias.detach()}
+            state |= {"in_proj_bias": self.in_proj_bias.detach(), "out_proj.bias": _last(self.out_proj).bias.detach()}
         return state
 
     @staticmethod
