@@ -516,7 +516,7 @@ def test_checkpoints_written_with_the_earlier_argument_names_rebuild():
     from lightning_lowrank.lightning.checkpoint import rebuild
 
     layer = TuckerConv2d(4, 6, 3, ranks=(3, 2, 2, 3), max_ranks=(5, 4, 3, 3))
-    current = {k: v for k, v in layer.arguments().items()}
+    current = layer.arguments()
     earlier = {{"ranks": "rank", "max_ranks": "max_rank"}.get(k, k): v for k, v in current.items()}
     for arguments in (current, earlier):
         model = rebuild(nn.Sequential(nn.Conv2d(4, 6, 3)), {"layers": {"0": {"type": "TuckerConv2d",
