@@ -2,7 +2,7 @@
 
     python benchmarks/lenet5_mnist.py [--epochs 20] [--taus 0.05 0.1 0.15 0.2 0.3]
                                       [--methods parallel] [--schedules 10:10] [--intervals 1] [--momentum 0.0]
-                                      [--ranks full] [--init hosvd] [--growth 0.25]
+                                      [--ranks full] [--init hosvd] [--growth 0.25] [--patience 5]
 
 SGD lr 0.05, batch 128, 60,000 training images, tested on the 10,000 test images. For every tau, method and
 schedule and initial rank (``--ranks``: ``full``, or a fraction of each channel mode for a start below it):
@@ -39,6 +39,8 @@ def main() -> None:
                         help="factors of a start below full rank (TuckerConfig.init)")
     parser.add_argument("--growth", type=float, default=ll.IntegratorConfig.growth,
                         help="the integrator's growth margin (0: the paper's rule)")
+    parser.add_argument("--patience", type=int, default=ll.IntegratorConfig.patience,
+                        help="truncations a mode keeps its growth margin after its rank last rose")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline row")
     args = parser.parse_args()
@@ -49,7 +51,7 @@ def main() -> None:
         return fit_and_test(ImageClassifier("lenet5", lr=0.05, momentum=args.momentum), data, args.epochs, callbacks)
 
     print(f"LeNet5 / MNIST, SGD lr 0.05 momentum {args.momentum}, batch 128, {args.epochs} epochs, seed {args.seed}, "
-          f"init {args.init}, growth {args.growth}")
+          f"init {args.init}, growth {args.growth}, patience {args.patience}")
     header = f"{'tau':>6} {'method':>9} {'schedule':>8} {'rank':>5} {'test acc':>9} {'compression':>11} " \
              f"{'s/epoch':>8} {'vs dense':>8}  final ranks (out/in per layer)"
     print(header, flush=True)
@@ -61,7 +63,7 @@ def main() -> None:
                                                                        args.ranks):
         result = run([ll.TuckerCallback(tau=tau, method=method, interval=interval, core_steps=core_steps,
                                         rank=rank if rank == "full" else float(rank), init=args.init,
-                                        growth=args.growth)])
+                                        growth=args.growth, patience=args.patience)])
         ratio = f"{result.epoch_seconds / dense.epoch_seconds:8.2f}" if dense else f"{'-':>8}"
         print(f"{tau:6.2f} {method:>9} {f'{interval}:{core_steps}':>8} {rank:>5} {result.test_acc:9.2%} "
               f"{result.compression_rate:11.1%} {result.epoch_seconds:8.1f} {ratio}  {result.ranks}", flush=True)

@@ -1,7 +1,8 @@
 """What training costs: dense against TuckerCallback, each arm in its own process, ratios to dense from one run.
 
     python benchmarks/training_cost.py [--model lenet5] [--epochs 2] [--tau 0.15] [--ranks full 0.25]
-                                       [--init hosvd] [--growth 0.25] [--limit-batches N] [--plot docs/memory.png]
+                                       [--init hosvd] [--growth 0.25] [--patience 5] [--limit-batches N]
+                                       [--plot docs/memory.png]
 
 LeNet5 on MNIST (28x28) or the VGG-style net on Fashion-MNIST (32x32, 3 channels), SGD lr 0.05 momentum 0.9, batch
 128 (LeNet5) or 32 (VGG-style). Arms: dense, and ``TuckerCallback(tau, rank)`` for every ``--ranks`` (``full``: the
@@ -78,7 +79,8 @@ def run_arm(args: argparse.Namespace, arm: str) -> dict[str, object]:
     callbacks: list[pl.Callback] = [meter]
     if arm != "dense":
         rank = arm if arm == "full" else float(arm)
-        callbacks.append(ll.TuckerCallback(tau=args.tau, rank=rank, init=args.init, growth=args.growth))
+        callbacks.append(ll.TuckerCallback(tau=args.tau, rank=rank, init=args.init, growth=args.growth,
+                                           patience=args.patience))
     trainer = pl.Trainer(max_epochs=args.epochs, callbacks=callbacks, limit_val_batches=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_train_batches=args.limit_batches)
@@ -125,6 +127,8 @@ def main() -> None:
                         help="factors of a start below full rank (TuckerConfig.init)")
     parser.add_argument("--growth", type=float, default=ll.IntegratorConfig.growth,
                         help="the integrator's growth margin (0: the paper's rule)")
+    parser.add_argument("--patience", type=int, default=ll.IntegratorConfig.patience,
+                        help="truncations a mode keeps its growth margin after its rank last rose")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default=None, help="write the state-bytes curves to this PNG")
     parser.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # run one arm in this process
@@ -139,8 +143,9 @@ def main() -> None:
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         results.append(json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:]))
     dense = results[0]
-    print(f"{args.model}, {args.epochs} epochs, tau {args.tau}, init {args.init}, growth {args.growth}, SGD lr 0.05 "
-          f"momentum 0.9, batches per epoch {args.limit_batches or 'all'}, seed {args.seed}")
+    print(f"{args.model}, {args.epochs} epochs, tau {args.tau}, init {args.init}, growth {args.growth}, "
+          f"patience {args.patience}, SGD lr 0.05 momentum 0.9, batches per epoch {args.limit_batches or 'all'}, "
+          f"seed {args.seed}")
     print(f"{'arm':>10} {'test acc':>8} {'compr.':>6} {'peak state':>14} {'end state':>14} {'peak RSS':>15} "
           f"{'first 20 ms':>14} {'last ep. ms':>14}  final ranks")
     for r in results:

@@ -824,6 +824,7 @@ def test_evaluation_passes_are_not_captured():
     (dict(core_steps=0), r"`core_steps` must be an int in \[1, interval\] = \[1, 10\], got 0"),
     (dict(growth=-0.5), r"`growth` must be a number in \[0, 1\], got -0.5"),
     (dict(growth=True), r"`growth` must be a number in \[0, 1\], got True"),
+    (dict(patience=-1), r"`patience` must be an int >= 0, got -1"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(ValueError, match=message):
@@ -1055,27 +1056,51 @@ def lr_zero_steps(layer, integrator, steps):
         integrator.step(optimizer)
 
 
-def test_the_growth_margin_holds_while_the_tolerance_rank_holds_and_ends_at_its_first_fall():
-    """Core diag(3, 2), tau 0.1: the tolerance rank stays 2 and each truncation keeps ceil(growth * 2) = 2 more
-    directions (the margin), while logged ranks say 2. Core diag(3, 2, 1, 1e-3): the first truncation falls to 3
-    (the 1e-3 direction goes) and from then on no margin is kept, also by an integrator resumed from its state."""
+def test_the_growth_margin_lasts_patience_truncations_after_the_last_rise():
+    """Core diag(3, 2), tau 0.1, growth 1, patience 3: the tolerance rank stays 2 and the first two truncations keep
+    ceil(growth * 2) = 2 more directions (the margin) while logged ranks say 2; the third, the third in a row that
+    does not raise the rank, drops it. Core diag(3, 2, 1, 1e-3): the tolerance rank falls to 3 and the margin stays
+    (a fall does not end it); a direction of the margin that grows past the tolerance raises the rank to 4 and
+    starts the count again, also across a resume from the integrator's state."""
     torch.manual_seed(0)
+    config = IntegratorConfig(tau=0.1, interval=1, growth=1.0, patience=3)
     layer = diagonal_core_layer([3.0, 2.0])
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.1, interval=1, growth=1.0))
-    for _ in range(3):
+    integrator = TuckerIntegrator(nn.Sequential(layer), config)
+    for _ in range(2):
         lr_zero_steps(layer, integrator, 1)
         assert layer.ranks == (4, 4) and integrator.ranks == {"0": (2, 2)}
-    integrator.truncate(final=True)
+    lr_zero_steps(layer, integrator, 1)
     assert layer.ranks == (2, 2) and integrator.ranks == {"0": (2, 2)} and not integrator.unfinished
 
     layer = diagonal_core_layer([3.0, 2.0, 1.0, 1e-3])
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.1, interval=1, growth=1.0))
-    lr_zero_steps(layer, integrator, 2)
-    assert layer.ranks == (3, 3) and integrator.ranks == {"0": (3, 3)}
-    resumed = TuckerIntegrator(nn.Sequential(layer), integrator.config)
+    integrator = TuckerIntegrator(nn.Sequential(layer), config)
+    lr_zero_steps(layer, integrator, 1)
+    assert layer.ranks == (6, 6) and integrator.ranks == {"0": (3, 3)}  # fell, margin kept
+    with torch.no_grad():  # the loss grows a direction of the margin past the tolerance
+        layer.core[4, 4] = 1.5
+    lr_zero_steps(layer, integrator, 1)
+    assert integrator.ranks == {"0": (4, 4)} and layer.ranks == (8, 8)
+    lr_zero_steps(layer, integrator, 1)
+    resumed = TuckerIntegrator(nn.Sequential(layer), config)
     resumed.load_state_dict(copy.deepcopy(integrator.state_dict()))
-    lr_zero_steps(layer, resumed, 2)
-    assert layer.ranks == (3, 3)
+    lr_zero_steps(layer, resumed, 1)
+    assert layer.ranks == (8, 8)  # two truncations without a rise: the margin stays
+    lr_zero_steps(layer, resumed, 1)
+    assert layer.ranks == (4, 4) and resumed.ranks == {"0": (4, 4)}  # the third drops it
+    resumed.truncate(final=True)
+    assert layer.ranks == (4, 4)
+
+
+def test_a_state_written_before_patience_keeps_its_settled_modes_without_margin():
+    """Integrator states written before ``patience`` list the modes whose tolerance rank fell ("settled"); they
+    resume without a growth margin, modes not listed with one."""
+    for settled, ranks in (([], (6, 6)), (["0:0", "0:1"], (3, 3))):
+        layer = diagonal_core_layer([3.0, 2.0, 1.0])
+        integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.1, interval=1, growth=1.0))
+        integrator.load_state_dict({"steps": 0, "frozen": False, "basis_grads": {}, "augmented": {}, "decided": {},
+                                    "settled": settled})
+        lr_zero_steps(layer, integrator, 1)
+        assert layer.ranks == ranks
 
 
 def test_the_growth_rule_grows_ranks_to_a_teacher_five_times_the_start():

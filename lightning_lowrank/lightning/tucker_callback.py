@@ -51,7 +51,7 @@ class TuckerCallback(LowRankCallback):
         tau: relative truncation tolerance in [0, 1).
         rank, max_rank, kernel_rank, include, exclude, min_size, keep_first_last, init, layer_types: which layers
             are converted and at which initial and maximum ranks (:class:`~lightning_lowrank.TuckerConfig`).
-        min_rank, modes, method, interval, core_steps, growth: the integrator's options
+        min_rank, modes, method, interval, core_steps, growth, patience: the integrator's options
             (:class:`~lightning_lowrank.IntegratorConfig`). Layers still at their augmented ranks or keeping a
             growth margin when training ends are truncated to their tolerance ranks then; logged ranks and
             compression are the tolerance ranks the last truncation decided.
@@ -71,6 +71,7 @@ class TuckerCallback(LowRankCallback):
         interval: int = 10,
         core_steps: int | None = None,
         growth: float = 0.25,
+        patience: int = 5,
         freeze_after_steps: int | None = None,
         freeze_after_epochs: int | None = None,
         include: Sequence[str] = (),
@@ -85,7 +86,8 @@ class TuckerCallback(LowRankCallback):
                                        exclude=exclude, min_size=min_size, keep_first_last=keep_first_last,
                                        init=init, **conversion)
         self.integration = IntegratorConfig(tau=tau, min_rank=min_rank, modes=modes, method=method, interval=interval,
-                                           core_steps=core_steps, growth=growth)
+                                           core_steps=core_steps, growth=growth,
+                                           patience=patience)
         if isinstance(max_rank, int) and not isinstance(max_rank, bool) and min_rank > max_rank:
             raise ValueError(f"`min_rank` ({min_rank}) must not exceed `max_rank` ({max_rank})")
         for name, value in (("freeze_after_steps", freeze_after_steps), ("freeze_after_epochs", freeze_after_epochs)):

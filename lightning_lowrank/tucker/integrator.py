@@ -22,10 +22,13 @@ The growth rule: a new direction starts at zero, so under the paper's rule (``gr
 reaches tau ||C|| within one window; a rank that starts below what the task needs then never grows (the directions
 the loss needs are found again, from zero, every window). Keeping the next ceil(growth * d) singular directions as
 well lets them go on training, with their optimizer state, into the next windows: one the loss needs grows until the
-tolerance rule keeps it, and a new growth margin forms above it. A mode keeps a margin until its tolerance rank
-first falls: from then on it holds more than the loss needs, and the margin would only hold noise (with Adam, whose
-normalized steps move noise directions as fast as signal ones, long enough to pass the tolerance). So a full-rank
-start runs the paper's rule. Keeping more directions only lowers the truncation error, so the paper's bound
+tolerance rule keeps it, and a new growth margin forms above it. A mode keeps its margin for ``patience``
+truncations after its tolerance rank last rose (or after the start): a direction the loss needs passes the tolerance
+within that many windows, while noise, which grows like the square root of the steps where signal grows like the
+steps, rarely does; then the mode runs the paper's rule until a new direction passes the tolerance within one window
+(its rank rises), which gives it a margin again. A noisy fall does not end the margin, so a small start keeps
+growing where the loss needs rank; a full-rank start only falls, so after ``patience`` windows it runs the paper's
+rule. Keeping more directions only lowers the truncation error, so the paper's bound
 (discarded part <= tau ||C||_F per mode) holds at every step; the end of training (``truncate(final=True)``,
 :meth:`~TuckerIntegrator.freeze`) drops the margin by the tolerance rule alone.
 """
@@ -77,8 +80,10 @@ class IntegratorConfig:
             the layers always train at their augmented ranks and a new direction has ``interval`` steps to become
             significant.
         growth: directions kept beyond each adapted mode's tolerance rank d, ceil(growth * d) of them (within
-            ``max_rank``), until d first falls, so that ranks started low grow where the loss needs them (module
-            docstring); 0 is the paper's rule. Logged ranks, compression and the end of training use d.
+            ``max_rank``), so that ranks started low grow where the loss needs them (module docstring); 0 is the
+            paper's rule. Logged ranks, compression and the end of training use d.
+        patience: truncations a mode keeps its growth margin after its tolerance rank last rose (or after the start);
+            0 is the paper's rule.
     """
 
     tau: float = 0.1
@@ -88,6 +93,7 @@ class IntegratorConfig:
     interval: int = 10
     core_steps: int | None = None
     growth: float = 0.25
+    patience: int = 5
 
     def __post_init__(self) -> None:
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 <= self.tau < 1:
@@ -100,6 +106,7 @@ class IntegratorConfig:
         check_int("interval", self.interval, 1)
         if isinstance(self.growth, bool) or not isinstance(self.growth, (int, float)) or not 0 <= self.growth <= 1:
             raise ValueError(f"`growth` must be a number in [0, 1], got {self.growth!r}")
+        check_int("patience", self.patience, 0)
         if self.core_steps is None:
             object.__setattr__(self, "core_steps", self.interval)
         if isinstance(self.core_steps, bool) or not isinstance(self.core_steps, int) \
@@ -144,7 +151,7 @@ class TuckerIntegrator:
         self._captures: dict[str, Capture] = {}
         self._before_augmentation: dict[str, tuple[int, ...]] = {}  # layer name -> its ranks, until truncation
         self._decided: dict[str, tuple[int, ...]] = {}  # layer name -> tolerance ranks, while it keeps a growth margin
-        self._settled: set[tuple[str, int]] = set()  # (layer name, mode) whose tolerance rank fell: no more margin
+        self._calm: dict[tuple[str, int], int] = {}  # (layer name, mode) -> truncations since its tolerance rank rose
         self._augmenting = False  # whether augment() readied the optimizer step in flight
         self._basis_grads: dict[tuple[str, int], Tensor] = {}  # dL/dU summed over the steps since the last augmentation
         self._prepared = False  # whether before_step readied the optimizer step that after_step completes
@@ -206,18 +213,25 @@ class TuckerIntegrator:
 
     def state_dict(self) -> dict[str, object]:
         """Step count, whether frozen, the basis gradients summed since the last augmentation, the ranks before
-        augmentation of the layers awaiting truncation and the tolerance ranks of those keeping a growth margin."""
+        augmentation of the layers awaiting truncation, the tolerance ranks of those keeping a growth margin and
+        the truncations since each mode's tolerance rank last rose."""
         return {"steps": self.steps, "frozen": self.frozen,
                 "basis_grads": {f"{name}:{mode}": grad for (name, mode), grad in self._basis_grads.items()},
                 "augmented": {name: list(ranks) for name, ranks in self._before_augmentation.items()},
                 "decided": {name: list(ranks) for name, ranks in self._decided.items()},
-                "settled": sorted(f"{name}:{mode}" for name, mode in self._settled)}
+                "calm": {f"{name}:{mode}": count for (name, mode), count in self._calm.items()}}
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         self.steps = int(state["steps"])
         self._before_augmentation = {name: tuple(ranks) for name, ranks in state.get("augmented", {}).items()}
         self._decided = {name: tuple(ranks) for name, ranks in state.get("decided", {}).items()}
-        self._settled = {(name, int(mode)) for name, mode in (key.rsplit(":", 1) for key in state.get("settled", ()))}
+        self._calm.clear()
+        for key, count in state.get("calm", {}).items():
+            name, mode = key.rsplit(":", 1)
+            self._calm[name, int(mode)] = int(count)
+        for key in state.get("settled", ()):  # written before `patience`: a mode whose tolerance rank fell
+            name, mode = key.rsplit(":", 1)
+            self._calm[name, int(mode)] = self.config.patience
         self._basis_grads.clear()
         for key, grad in state.get("basis_grads", {}).items():
             name, mode = key.rsplit(":", 1)
@@ -399,8 +413,9 @@ class TuckerIntegrator:
             tolerance = [self._clamp(next(decided), size, layer.max_ranks[mode]) if self.config.adapts(mode)
                          else next(decided) for mode, size in enumerate(layer.ranks)]
             before = self._decided.get(name, self._before_augmentation.get(name, layer.ranks))  # the last decision
-            self._settled.update((name, mode) for mode, (r, last) in enumerate(zip(tolerance, before)) if r < last)
-            grows = [self.config.adapts(mode) and not final and (name, mode) not in self._settled
+            for mode, (r, last) in enumerate(zip(tolerance, before)):
+                self._calm[name, mode] = 0 if r > last else self._calm.get((name, mode), 0) + 1
+            grows = [self.config.adapts(mode) and not final and self._calm[name, mode] < self.config.patience
                      for mode in range(len(tolerance))]
             keep = consistent_ranks([self._clamp(r + math.ceil(self.config.growth * r), size, layer.max_ranks[mode])
                                      if grow else r
