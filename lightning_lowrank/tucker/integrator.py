@@ -27,8 +27,8 @@ truncations after its tolerance rank last rose (or after the start): a direction
 within that many windows, while noise, which grows like the square root of the steps where signal grows like the
 steps, rarely does; then the mode runs the paper's rule until a new direction passes the tolerance within one window
 (its rank rises), which gives it a margin again. A noisy fall does not end the margin, so a small start keeps
-growing where the loss needs rank; a full-rank start only falls, so after ``patience`` windows it runs the paper's
-rule. Keeping more directions only lowers the truncation error, so the paper's bound
+growing where the loss needs rank. A mode that starts at its largest rank (a full-rank start) has nothing to grow
+into: it runs the paper's rule until its rank rises. Keeping more directions only lowers the truncation error, so the paper's bound
 (discarded part <= tau ||C||_F per mode) holds at every step; the end of training (``truncate(final=True)``,
 :meth:`~TuckerIntegrator.freeze`) drops the margin by the tolerance rule alone.
 """
@@ -82,8 +82,9 @@ class IntegratorConfig:
         growth: directions kept beyond each adapted mode's tolerance rank d, ceil(growth * d) of them (within
             ``max_rank``), so that ranks started low grow where the loss needs them (module docstring); 0 is the
             paper's rule. Logged ranks, compression and the end of training use d.
-        patience: truncations a mode keeps its growth margin after its tolerance rank last rose (or after the start);
-            0 is the paper's rule.
+        patience: a mode keeps its growth margin until ``patience`` truncations in a row have not raised its
+            tolerance rank (counted from the start, or from none for a mode that starts at its ``max_rank``); 0 is
+            the paper's rule.
     """
 
     tau: float = 0.1
@@ -171,6 +172,10 @@ class TuckerIntegrator:
                     raise ValueError(f"`min_rank` {self.config.min_rank} exceeds the max_rank {n} of mode {mode} "
                                      f"of Tucker layer {name!r}: lower `min_rank`, or exclude the layer")
         self.layers.update(layers)
+        for name, layer in layers.items():  # a mode at its largest rank has nothing to grow into: the paper's rule
+            for mode, (r, n) in enumerate(zip(layer.ranks, layer.max_ranks)):
+                if r >= n:
+                    self._calm[name, mode] = self.config.patience
         if self.config.method == "augmented":
             for name, layer in layers.items():
                 self._captures[name] = Capture(layer)
@@ -225,7 +230,6 @@ class TuckerIntegrator:
         self.steps = int(state["steps"])
         self._before_augmentation = {name: tuple(ranks) for name, ranks in state.get("augmented", {}).items()}
         self._decided = {name: tuple(ranks) for name, ranks in state.get("decided", {}).items()}
-        self._calm.clear()
         for key, count in state.get("calm", {}).items():
             name, mode = key.rsplit(":", 1)
             self._calm[name, int(mode)] = int(count)
