@@ -22,13 +22,13 @@ The growth rule: a new direction starts at zero, so under the paper's rule (``gr
 reaches tau ||C|| within one window; a rank that starts below what the task needs then never grows (the directions
 the loss needs are found again, from zero, every window). Keeping the next ceil(growth * d) singular directions as
 well lets them go on training, with their optimizer state, into the next windows: one the loss needs grows until the
-tolerance rule keeps it, and a new growth margin forms above it. A mode keeps its margin for ``patience``
-truncations after its tolerance rank last rose (or after the start): a direction the loss needs passes the tolerance
-within that many windows, while noise, which grows like the square root of the steps where signal grows like the
-steps, rarely does; then the mode runs the paper's rule until a new direction passes the tolerance within one window
-(its rank rises), which gives it a margin again. A noisy fall does not end the margin, so a small start keeps
-growing where the loss needs rank. A mode that starts at its largest rank (a full-rank start) has nothing to grow
-into: it runs the paper's rule until its rank rises. Keeping more directions only lowers the truncation error, so the paper's bound
+tolerance rule keeps it, and a new growth margin forms above it. A mode keeps its margin until ``patience``
+truncations in a row have not raised its tolerance rank: a direction the loss needs passes the tolerance within that
+many windows, while noise, which grows like the square root of the steps where signal grows like the steps, rarely
+does; then the mode runs the paper's rule until a new direction passes the tolerance within one window (its rank
+rises), which gives it a margin again. A noisy fall does not end the margin, so a small start keeps growing where the
+loss needs rank. A mode that starts at its largest rank (a full-rank start) has nothing to grow into: it runs the
+paper's rule until its rank rises. Keeping more directions only lowers the truncation error, so the paper's bound
 (discarded part <= tau ||C||_F per mode) holds at every step; the end of training (``truncate(final=True)``,
 :meth:`~TuckerIntegrator.freeze`) drops the margin by the tolerance rule alone.
 """
@@ -83,8 +83,8 @@ class IntegratorConfig:
             ``max_rank``), so that ranks started low grow where the loss needs them (module docstring); 0 is the
             paper's rule. Logged ranks, compression and the end of training use d.
         patience: a mode keeps its growth margin until ``patience`` truncations in a row have not raised its
-            tolerance rank (counted from the start, or from none for a mode that starts at its ``max_rank``); 0 is
-            the paper's rule.
+            tolerance rank (a mode that starts at its ``max_rank`` has none until its rank rises); 0 is the paper's
+            rule.
     """
 
     tau: float = 0.1
@@ -94,7 +94,7 @@ class IntegratorConfig:
     interval: int = 10
     core_steps: int | None = None
     growth: float = 0.25
-    patience: int = 5
+    patience: int = 20
 
     def __post_init__(self) -> None:
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 <= self.tau < 1:
@@ -230,17 +230,14 @@ class TuckerIntegrator:
         self.steps = int(state["steps"])
         self._before_augmentation = {name: tuple(ranks) for name, ranks in state.get("augmented", {}).items()}
         self._decided = {name: tuple(ranks) for name, ranks in state.get("decided", {}).items()}
-        for key, count in state.get("calm", {}).items():
-            name, mode = key.rsplit(":", 1)
-            self._calm[name, int(mode)] = int(count)
-        for key in state.get("settled", ()):  # written before `patience`: a mode whose tolerance rank fell
-            name, mode = key.rsplit(":", 1)
-            self._calm[name, int(mode)] = self.config.patience
+        self._calm.update((_layer_mode(key), int(count)) for key, count in state.get("calm", {}).items())
+        # written before `patience`: the modes whose tolerance rank fell ("settled") keep no margin
+        self._calm.update((_layer_mode(key), self.config.patience) for key in state.get("settled", ()))
         self._basis_grads.clear()
         for key, grad in state.get("basis_grads", {}).items():
-            name, mode = key.rsplit(":", 1)
-            u = self.layers[name].factors[int(mode)]
-            self._basis_grads[name, int(mode)] = grad.to(u.device, u.dtype)
+            name, mode = _layer_mode(key)
+            u = self.layers[name].factors[mode]
+            self._basis_grads[name, mode] = grad.to(u.device, u.dtype)
         if state["frozen"]:
             self.freeze()
         for capture in self._captures.values():
@@ -475,6 +472,12 @@ def gradients_finite(parameters: Sequence[Tensor], fetch: Tensor | None = None) 
     values = finite if fetch is None else torch.cat([finite.to(fetch.dtype), fetch.to(finite.device)])
     first, *rest = values.tolist()
     return bool(first), rest
+
+
+def _layer_mode(key: str) -> tuple[str, int]:
+    """``"<layer name>:<mode>"`` (a key of the integrator's state) as (layer name, mode)."""
+    name, mode = key.rsplit(":", 1)
+    return name, int(mode)
 
 
 def _mask_outside_block(layer: TuckerLayer) -> None:
