@@ -1,0 +1,98 @@
+"""The integrator's step on the layers' own device and dtype: no float64 for float32 or bf16 layers (checked on any
+device), and, on CUDA (skipped without it), every tensor stays on the GPU and the step synchronizes with the host
+only where documented: the finiteness check of every step, the rank decision of a truncating step, and each
+eigen- or singular value decomposition (``torch.linalg.eigh``/``svd`` synchronize on CUDA)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+import lightning_lowrank as ll
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def small_net(dtype: torch.dtype, device: str) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 16, 3, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(16 * 8 * 8, 10))
+    ll.convert(net, ll.TuckerConfig(rank=0.5))
+    return net.to(device=device, dtype=dtype)
+
+
+def train_step(net, integrator, optimizer, device, dtype):
+    x = torch.randn(8, 3, 8, 8, device=device, dtype=dtype)
+    optimizer.zero_grad()
+    net(x).float().square().mean().backward()
+    integrator.step(optimizer)
+
+
+class Float64Ops(TorchFunctionMode):
+    """Names the torch functions that return a float64 tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in outputs):
+            self.seen.append(getattr(func, "__name__", repr(func)))
+        return out
+
+
+@pytest.mark.parametrize("method", ["parallel", "augmented"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_step_computes_nothing_in_float64_for_lower_precision_layers(method, dtype):
+    """Float64 is slow on most GPUs: the augmenting and truncating steps of float32 and bf16 layers (QR, eigh, SVD,
+    the parallel gradient, the optimizer-state rotation) compute in float32 at most."""
+    net = small_net(dtype, "cpu")
+    integrator = ll.TuckerIntegrator(net, ll.IntegratorConfig(tau=0.2, method=method, interval=2, core_steps=1))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    train_step(net, integrator, optimizer, "cpu", dtype)  # Adam's state exists before the recorded steps
+    with Float64Ops() as mode:
+        for _ in range(4):  # augmenting, truncating and plain steps
+            train_step(net, integrator, optimizer, "cpu", dtype)
+    assert integrator.steps == 5 and not mode.seen
+
+
+def synchronizations(fn) -> int:
+    """How many synchronizing CUDA operations ``fn`` calls (torch's sync debug mode)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_step_stays_on_the_gpu_and_synchronizes_only_where_documented(monkeypatch, dtype):
+    net = small_net(dtype, "cuda")
+    integrator = ll.TuckerIntegrator(net, ll.IntegratorConfig(tau=0.2, interval=3, core_steps=2))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    decompositions = []
+    for name in ("eigh", "svd"):
+        original = getattr(torch.linalg, name)
+        monkeypatch.setattr(torch.linalg, name, lambda *a, _f=original, **k: decompositions.append(1) or _f(*a, **k))
+    x = torch.randn(8, 3, 8, 8, device="cuda", dtype=dtype)
+    for step in range(7):
+        optimizer.zero_grad()
+        net(x).float().square().mean().backward()
+        torch.cuda.synchronize()
+        decompositions.clear()
+        truncating = integrator.truncation_due
+        syncs = synchronizations(lambda: integrator.step(optimizer))
+        assert syncs <= 1 + truncating + len(decompositions), (step, syncs, truncating, len(decompositions))
+    tensors = [*net.parameters(), *(v for s in optimizer.state.values() for v in s.values() if v.dim())]
+    assert all(t.device.type == "cuda" for t in tensors)
+    assert all(p.dtype == dtype for p in net.parameters())
