@@ -1,5 +1,5 @@
-"""The transformer benchmark end to end in a tiny configuration: every arm runs, and the LightningCLI arm reproduces
-the callback arm (the same callback configured from YAML)."""
+"""Benchmarks end to end in tiny configurations: the transformer's every arm runs, and the LightningCLI arm reproduces
+the callback arm (the same callback configured from YAML); the teacher-student growth table has every row."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARK = Path(__file__).parent.parent / "benchmarks" / "char_transformer.py"
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+BENCHMARK = BENCHMARKS / "char_transformer.py"
 
 
 @pytest.mark.slow
@@ -24,3 +25,14 @@ def test_char_transformer_runs_every_arm(monkeypatch, capsys):
     callback = next(row for name, row in rows.items() if name.startswith("TuckerCallback(tau=0.1"))
     assert rows["LightningCLI, tau=0.1"][1] == callback[1]  # the same bits per character
     assert float(rows["fixed-rank floor, rank 0.25"][3].rstrip("%")) > 0  # compressed
+
+
+def test_teacher_growth_prints_a_row_per_optimizer_schedule_and_rule(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["teacher_growth.py", "--steps", "3", "--patience", "1", "5"])
+    runpy.run_path(str(BENCHMARKS / "teacher_growth.py"), run_name="__main__")
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    # growth 0 once (patience plays no part), the default growth once per patience
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
+        (optimizer, schedule, growth, patience) for optimizer in ("SGD", "Adam") for schedule in ("1:1", "10:10")
+        for growth, patience in (("0.00", "1"), ("0.25", "1"), ("0.25", "5"))]
+    assert all(1 <= int(r[4]) <= 64 for r in rows)
