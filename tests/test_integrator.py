@@ -1056,12 +1056,12 @@ def lr_zero_steps(layer, integrator, steps):
         integrator.step(optimizer)
 
 
-def test_the_growth_margin_lasts_patience_truncations_after_the_last_rise():
+def test_the_growth_margin_lasts_patience_truncations_and_renews_when_a_mode_fills_it():
     """Core diag(3, 2), tau 0.1, growth 1, patience 3: the tolerance rank stays 2 and the first two truncations keep
-    ceil(growth * 2) = 2 more directions (the margin) while logged ranks say 2; the third, the third in a row that
-    does not raise the rank, drops it. Core diag(3, 2, 1, 1e-3): the tolerance rank falls to 3 and the margin stays
-    (a fall does not end it); a direction of the margin that grows past the tolerance raises the rank to 4 and
-    starts the count again, also across a resume from the integrator's state."""
+    ceil(growth * 2) = 2 more directions (the margin) while logged ranks say 2; the third drops it. Core
+    diag(3, 2, 1, 1e-3): the tolerance rank falls to 3 and the margin stays (a fall does not end it). A rise by one
+    direction does not renew it (noise moves a rank that much); growing by a whole margin (3, to 6) does, and the
+    renewed margin lasts three truncations, also across a resume from the integrator's state."""
     torch.manual_seed(0)
     config = IntegratorConfig(tau=0.1, interval=1, growth=1.0, patience=3)
     layer = diagonal_core_layer([3.0, 2.0])
@@ -1072,23 +1072,35 @@ def test_the_growth_margin_lasts_patience_truncations_after_the_last_rise():
     lr_zero_steps(layer, integrator, 1)
     assert layer.ranks == (2, 2) and integrator.ranks == {"0": (2, 2)} and not integrator.unfinished
 
-    layer = diagonal_core_layer([3.0, 2.0, 1.0, 1e-3])
-    integrator = TuckerIntegrator(nn.Sequential(layer), config)
-    lr_zero_steps(layer, integrator, 1)
-    assert layer.ranks == (6, 6) and integrator.ranks == {"0": (3, 3)}  # fell, margin kept
-    with torch.no_grad():  # the loss grows a direction of the margin past the tolerance
-        layer.core[4, 4] = 1.5
+    def fallen():
+        layer = diagonal_core_layer([3.0, 2.0, 1.0, 1e-3])
+        integrator = TuckerIntegrator(nn.Sequential(layer), config)
+        lr_zero_steps(layer, integrator, 1)
+        assert layer.ranks == (6, 6) and integrator.ranks == {"0": (3, 3)}  # fell, margin kept
+        return layer, integrator
+
+    layer, integrator = fallen()
+    with torch.no_grad():  # the loss grows one direction of the margin past the tolerance
+        layer.core[3, 3] = 1.2
     lr_zero_steps(layer, integrator, 1)
     assert integrator.ranks == {"0": (4, 4)} and layer.ranks == (8, 8)
+    lr_zero_steps(layer, integrator, 1)
+    assert layer.ranks == (4, 4)  # not renewed: the third truncation drops the margin
+
+    layer, integrator = fallen()
+    with torch.no_grad():  # the loss grows the whole margin past the tolerance
+        layer.core[3, 3], layer.core[4, 4], layer.core[5, 5] = 1.2, 1.5, 1.4
+    lr_zero_steps(layer, integrator, 1)
+    assert integrator.ranks == {"0": (6, 6)} and layer.ranks == (12, 12)
     lr_zero_steps(layer, integrator, 1)
     resumed = TuckerIntegrator(nn.Sequential(layer), config)
     resumed.load_state_dict(copy.deepcopy(integrator.state_dict()))
     lr_zero_steps(layer, resumed, 1)
-    assert layer.ranks == (8, 8)  # two truncations without a rise: the margin stays
+    assert layer.ranks == (12, 12)  # two truncations after the renewal: the margin stays
     lr_zero_steps(layer, resumed, 1)
-    assert layer.ranks == (4, 4) and resumed.ranks == {"0": (4, 4)}  # the third drops it
+    assert layer.ranks == (6, 6) and resumed.ranks == {"0": (6, 6)}  # the third drops it
     resumed.truncate(final=True)
-    assert layer.ranks == (4, 4)
+    assert layer.ranks == (6, 6)
 
 
 def test_a_state_written_before_patience_keeps_its_settled_modes_without_margin():

@@ -22,15 +22,15 @@ The growth rule: a new direction starts at zero, so under the paper's rule (``gr
 reaches tau ||C|| within one window; a rank that starts below what the task needs then never grows (the directions
 the loss needs are found again, from zero, every window). Keeping the next ceil(growth * d) singular directions as
 well lets them go on training, with their optimizer state, into the next windows: one the loss needs grows until the
-tolerance rule keeps it, and a new growth margin forms above it. A mode keeps its margin until ``patience``
-truncations in a row have not raised its tolerance rank: a direction the loss needs passes the tolerance within that
-many windows, while noise, which grows like the square root of the steps where signal grows like the steps, rarely
-does; then the mode runs the paper's rule until a new direction passes the tolerance within one window (its rank
-rises), which gives it a margin again. A noisy fall does not end the margin, so a small start keeps growing where the
-loss needs rank. A mode that starts at its largest rank (a full-rank start) has nothing to grow into: it runs the
-paper's rule until its rank rises. Keeping more directions only lowers the truncation error, so the paper's bound
-(discarded part <= tau ||C||_F per mode) holds at every step; the end of training (``truncate(final=True)``,
-:meth:`~TuckerIntegrator.freeze`) drops the margin by the tolerance rule alone.
+tolerance rule keeps it, and a new growth margin forms above it. A mode keeps its margin for ``patience``
+truncations, renewed whenever its tolerance rank has grown by a whole margin (ceil(growth * low)) above the lowest
+it reached since the last renewal: a mode that needs rank fills its margin within a few windows, while the noise of
+a flat spectrum moves the tolerance rank by a direction or two either way. A noisy fall does not end the margin (so
+a small start keeps growing where the loss needs rank), and a mode that stops growing runs the paper's rule once
+its margin expires (so its rank falls to what the loss needs). A mode that starts at its largest rank (a full-rank
+start) has nothing to grow into: it starts without a margin. Keeping more directions only lowers the truncation
+error, so the paper's bound (discarded part <= tau ||C||_F per mode) holds at every step; the end of training
+(``truncate(final=True)``, :meth:`~TuckerIntegrator.freeze`) drops the margin by the tolerance rule alone.
 """
 
 from __future__ import annotations
@@ -82,9 +82,9 @@ class IntegratorConfig:
         growth: directions kept beyond each adapted mode's tolerance rank d, ceil(growth * d) of them (within
             ``max_rank``), so that ranks started low grow where the loss needs them (module docstring); 0 is the
             paper's rule. Logged ranks, compression and the end of training use d.
-        patience: a mode keeps its growth margin until ``patience`` truncations in a row have not raised its
-            tolerance rank (a mode that starts at its ``max_rank`` has none until its rank rises); 0 is the paper's
-            rule.
+        patience: truncations a mode keeps its growth margin after the start or its last renewal (its tolerance rank
+            grew by a whole margin above its lowest since; a mode that starts at its ``max_rank`` starts without);
+            0 is the paper's rule.
     """
 
     tau: float = 0.1
@@ -152,7 +152,8 @@ class TuckerIntegrator:
         self._captures: dict[str, Capture] = {}
         self._before_augmentation: dict[str, tuple[int, ...]] = {}  # layer name -> its ranks, until truncation
         self._decided: dict[str, tuple[int, ...]] = {}  # layer name -> tolerance ranks, while it keeps a growth margin
-        self._calm: dict[tuple[str, int], int] = {}  # (layer name, mode) -> truncations since its tolerance rank rose
+        # (layer name, mode) -> (lowest tolerance rank, truncations) since its growth margin was last renewed
+        self._margins: dict[tuple[str, int], tuple[int, int]] = {}
         self._augmenting = False  # whether augment() readied the optimizer step in flight
         self._basis_grads: dict[tuple[str, int], Tensor] = {}  # dL/dU summed over the steps since the last augmentation
         self._prepared = False  # whether before_step readied the optimizer step that after_step completes
@@ -172,10 +173,9 @@ class TuckerIntegrator:
                     raise ValueError(f"`min_rank` {self.config.min_rank} exceeds the max_rank {n} of mode {mode} "
                                      f"of Tucker layer {name!r}: lower `min_rank`, or exclude the layer")
         self.layers.update(layers)
-        for name, layer in layers.items():  # a mode at its largest rank has nothing to grow into: the paper's rule
+        for name, layer in layers.items():  # a mode at its largest rank has nothing to grow into: no margin
             for mode, (r, n) in enumerate(zip(layer.ranks, layer.max_ranks)):
-                if r >= n:
-                    self._calm[name, mode] = self.config.patience
+                self._margins[name, mode] = (r, self.config.patience if r >= n else 0)
         if self.config.method == "augmented":
             for name, layer in layers.items():
                 self._captures[name] = Capture(layer)
@@ -219,20 +219,22 @@ class TuckerIntegrator:
     def state_dict(self) -> dict[str, object]:
         """Step count, whether frozen, the basis gradients summed since the last augmentation, the ranks before
         augmentation of the layers awaiting truncation, the tolerance ranks of those keeping a growth margin and
-        the truncations since each mode's tolerance rank last rose."""
+        each mode's lowest tolerance rank and truncations since its margin was last renewed."""
         return {"steps": self.steps, "frozen": self.frozen,
                 "basis_grads": {f"{name}:{mode}": grad for (name, mode), grad in self._basis_grads.items()},
                 "augmented": {name: list(ranks) for name, ranks in self._before_augmentation.items()},
                 "decided": {name: list(ranks) for name, ranks in self._decided.items()},
-                "calm": {f"{name}:{mode}": count for (name, mode), count in self._calm.items()}}
+                "margins": {f"{name}:{mode}": list(margin) for (name, mode), margin in self._margins.items()}}
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         self.steps = int(state["steps"])
         self._before_augmentation = {name: tuple(ranks) for name, ranks in state.get("augmented", {}).items()}
         self._decided = {name: tuple(ranks) for name, ranks in state.get("decided", {}).items()}
-        self._calm.update((_layer_mode(key), int(count)) for key, count in state.get("calm", {}).items())
-        # written before `patience`: the modes whose tolerance rank fell ("settled") keep no margin
-        self._calm.update((_layer_mode(key), self.config.patience) for key in state.get("settled", ()))
+        self._margins.update((_layer_mode(key), (int(low), int(count)))
+                             for key, (low, count) in state.get("margins", {}).items())
+        for key in state.get("settled", ()):  # written before `patience`: a mode whose tolerance rank fell
+            name, mode = _layer_mode(key)
+            self._margins[name, mode] = (self.layers[name].ranks[mode], self.config.patience)
         self._basis_grads.clear()
         for key, grad in state.get("basis_grads", {}).items():
             name, mode = _layer_mode(key)
@@ -413,10 +415,11 @@ class TuckerIntegrator:
                                          "ranks cannot be decided (lower the learning rate, or clip gradients)")
             tolerance = [self._clamp(next(decided), size, layer.max_ranks[mode]) if self.config.adapts(mode)
                          else next(decided) for mode, size in enumerate(layer.ranks)]
-            before = self._decided.get(name, self._before_augmentation.get(name, layer.ranks))  # the last decision
-            for mode, (r, last) in enumerate(zip(tolerance, before)):
-                self._calm[name, mode] = 0 if r > last else self._calm.get((name, mode), 0) + 1
-            grows = [self.config.adapts(mode) and not final and self._calm[name, mode] < self.config.patience
+            for mode, r in enumerate(tolerance):
+                low, count = self._margins.get((name, mode), (r, self.config.patience))
+                renewed = r >= low + math.ceil(self.config.growth * low)  # grew by a whole margin above its low
+                self._margins[name, mode] = (r, 0) if renewed else (min(low, r), count + 1)
+            grows = [self.config.adapts(mode) and not final and self._margins[name, mode][1] < self.config.patience
                      for mode in range(len(tolerance))]
             keep = consistent_ranks([self._clamp(r + math.ceil(self.config.growth * r), size, layer.max_ranks[mode])
                                      if grow else r
