@@ -1059,9 +1059,10 @@ def lr_zero_steps(layer, integrator, steps):
 def test_the_growth_margin_lasts_patience_truncations_and_renews_when_a_mode_fills_it():
     """Core diag(3, 2), tau 0.1, growth 1, patience 3: the tolerance rank stays 2 and the first two truncations keep
     ceil(growth * 2) = 2 more directions (the margin) while logged ranks say 2; the third drops it. Core
-    diag(3, 2, 1, 1e-3): the tolerance rank falls to 3 and the margin stays (a fall does not end it). A rise by one
-    direction does not renew it (noise moves a rank that much); growing by a whole margin (3, to 6) does, and the
-    renewed margin lasts three truncations, also across a resume from the integrator's state."""
+    diag(3, 2, 1, 1e-3): the truncation at which the tolerance rank falls to 3 keeps no margin, the next one has it
+    again (a fall does not end it). A rise by one direction does not renew it (noise moves a rank that much), so the
+    third truncation drops it; growing by a whole margin (3, to 6) renews it for three more truncations, also across a
+    resume from the integrator's state."""
     torch.manual_seed(0)
     config = IntegratorConfig(tau=0.1, interval=1, growth=1.0, patience=3)
     layer = diagonal_core_layer([3.0, 2.0])
@@ -1076,16 +1077,16 @@ def test_the_growth_margin_lasts_patience_truncations_and_renews_when_a_mode_fil
         layer = diagonal_core_layer([3.0, 2.0, 1.0, 1e-3])
         integrator = TuckerIntegrator(nn.Sequential(layer), config)
         lr_zero_steps(layer, integrator, 1)
-        assert layer.ranks == (6, 6) and integrator.ranks == {"0": (3, 3)}  # fell, margin kept
+        assert layer.ranks == (3, 3)  # fell: no margin at this truncation
+        lr_zero_steps(layer, integrator, 1)
+        assert layer.ranks == (6, 6) and integrator.ranks == {"0": (3, 3)}  # and again at the next
         return layer, integrator
 
     layer, integrator = fallen()
     with torch.no_grad():  # the loss grows one direction of the margin past the tolerance
         layer.core[3, 3] = 1.2
     lr_zero_steps(layer, integrator, 1)
-    assert integrator.ranks == {"0": (4, 4)} and layer.ranks == (8, 8)
-    lr_zero_steps(layer, integrator, 1)
-    assert layer.ranks == (4, 4)  # not renewed: the third truncation drops the margin
+    assert integrator.ranks == {"0": (4, 4)} and layer.ranks == (4, 4)  # not renewed: the third drops the margin
 
     layer, integrator = fallen()
     with torch.no_grad():  # the loss grows the whole margin past the tolerance

@@ -25,12 +25,14 @@ well lets them go on training, with their optimizer state, into the next windows
 tolerance rule keeps it, and a new growth margin forms above it. A mode keeps its margin for ``patience``
 truncations, renewed whenever its tolerance rank has grown by a whole margin (ceil(growth * low)) above the lowest
 it reached since the last renewal: a mode that needs rank fills its margin within a few windows, while the noise of
-a flat spectrum moves the tolerance rank by a direction or two either way. A noisy fall does not end the margin (so
-a small start keeps growing where the loss needs rank), and a mode that stops growing runs the paper's rule once
-its margin expires (so its rank falls to what the loss needs). A mode that starts at its largest rank (a full-rank
-start) has nothing to grow into: it starts without a margin. Keeping more directions only lowers the truncation
-error, so the paper's bound (discarded part <= tau ||C||_F per mode) holds at every step; the end of training
-(``truncate(final=True)``, :meth:`~TuckerIntegrator.freeze`) drops the margin by the tolerance rule alone.
+a flat spectrum moves the tolerance rank by a direction or two either way. A truncation at which the tolerance rank
+fell keeps no margin (the mode holds more than the loss needs, and its storage shrinks with it), but the fall does
+not end the margin: the next truncation that does not fall has one again, so a small start keeps growing where the
+loss needs rank after a noisy fall. A mode that stops growing runs the paper's rule once its margin expires. A mode
+that starts at its largest rank (a full-rank start) has nothing to grow into: it starts without a margin. Keeping
+more directions only lowers the truncation error, so the paper's bound (discarded part <= tau ||C||_F per mode)
+holds at every step; the end of training (``truncate(final=True)``, :meth:`~TuckerIntegrator.freeze`) drops the
+margin by the tolerance rule alone.
 """
 
 from __future__ import annotations
@@ -415,12 +417,13 @@ class TuckerIntegrator:
                                          "ranks cannot be decided (lower the learning rate, or clip gradients)")
             tolerance = [self._clamp(next(decided), size, layer.max_ranks[mode]) if self.config.adapts(mode)
                          else next(decided) for mode, size in enumerate(layer.ranks)]
+            before = self._decided.get(name, self._before_augmentation.get(name, layer.ranks))  # the last decision
             for mode, r in enumerate(tolerance):
                 low, count = self._margins.get((name, mode), (r, self.config.patience))
                 renewed = r >= low + math.ceil(self.config.growth * low)  # grew by a whole margin above its low
                 self._margins[name, mode] = (r, 0) if renewed else (min(low, r), count + 1)
             grows = [self.config.adapts(mode) and not final and self._margins[name, mode][1] < self.config.patience
-                     for mode in range(len(tolerance))]
+                     and r >= last for mode, (r, last) in enumerate(zip(tolerance, before))]
             keep = consistent_ranks([self._clamp(r + math.ceil(self.config.growth * r), size, layer.max_ranks[mode])
                                      if grow else r
                                      for mode, (r, size, grow) in enumerate(zip(tolerance, layer.ranks, grows))])
