@@ -104,8 +104,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, interval, core_steps):
         torch.manual_seed(0)
         model = Student(lr=0.03, optimizer="adam")
         checkpoint = ModelCheckpoint(dirpath=tmp_path / f"{epochs}-{ckpt_path is not None}", save_last=True)
-        # patience 1: the storage shrinks in the first epoch (a margin only at a truncation that raises a rank)
-        callback = ll.TuckerCallback(tau=0.4, interval=interval, core_steps=core_steps, patience=1)
+        callback = ll.TuckerCallback(tau=0.4, interval=interval, core_steps=core_steps)
         fit = trainer(max_epochs=epochs, enable_checkpointing=True, callbacks=[callback, checkpoint])
         fit.fit(model, ckpt_path=ckpt_path)
         return model, fit
@@ -189,7 +188,7 @@ def test_a_growth_margin_trains_while_logs_and_the_end_of_fit_show_the_tolerance
     margin: the final ranks are the tolerance ranks of the last truncation, as ``ll.summary`` reports them."""
     torch.manual_seed(0)
     model = Student(lr=0.01, optimizer="adam")
-    callback = ll.TuckerCallback(tau=0.2, rank=1, interval=2, core_steps=1, growth=1.0, patience=20)
+    callback = ll.TuckerCallback(tau=0.2, rank=1, interval=2, core_steps=1, growth=1.0)
     seen = DecidedAtBatchStart(callback)
     fit = trainer(max_steps=29, max_epochs=-1, callbacks=[callback, seen], logger=CSVLogger(tmp_path, name="run"))
     fit.fit(model)
