@@ -1104,6 +1104,22 @@ def test_the_growth_margin_lasts_patience_truncations_and_renews_when_a_mode_fil
     assert layer.ranks == (6, 6)
 
 
+def test_a_mode_that_starts_at_its_max_rank_never_keeps_a_growth_margin():
+    """A full-rank start runs the paper's rule: TuckerLinear(12, 12) with max_rank 4, started at 4 on the core
+    diag(3, 2, 1, 1e-3), falls to 3 and keeps 3, while the same layer started at 3 keeps a margin up to 4."""
+    torch.manual_seed(0)
+    config = IntegratorConfig(tau=0.1, interval=1, growth=1.0, patience=3)
+    for start, values, ranks in ((4, [3.0, 2.0, 1.0, 1e-3], (3, 3)), (3, [3.0, 2.0, 1.0], (4, 4))):
+        layer = TuckerLinear(12, 12, bias=False, ranks=(start, start), max_ranks=(4, 4))
+        with torch.no_grad():
+            layer.core.zero_()
+            layer.core[:start, :start] = torch.diag(torch.tensor(values, dtype=layer.core.dtype))
+        integrator = TuckerIntegrator(nn.Sequential(layer), config)
+        for _ in range(2):  # within the patience
+            lr_zero_steps(layer, integrator, 1)
+            assert layer.ranks == ranks and integrator.ranks == {"0": (3, 3)}
+
+
 def test_a_state_written_before_patience_keeps_its_settled_modes_without_margin():
     """Integrator states written before ``patience`` list the modes whose tolerance rank fell ("settled"); they
     resume without a growth margin, modes not listed with one."""

@@ -29,7 +29,8 @@ a flat spectrum moves the tolerance rank by a direction or two either way. A tru
 fell keeps no margin (the mode holds more than the loss needs, and its storage shrinks with it), but the fall does
 not end the margin: the next truncation that does not fall has one again, so a small start keeps growing where the
 loss needs rank after a noisy fall. A mode that stops growing runs the paper's rule once its margin expires. A mode
-that starts at its largest rank (a full-rank start) has nothing to grow into: it starts without a margin. Keeping
+that starts at its largest rank (a full-rank start) never keeps one: it has nothing to grow into, and under Adam
+renewals let noise raise a full start's ranks (README "What training costs"); it runs the paper's rule. Keeping
 more directions only lowers the truncation error, so the paper's bound (discarded part <= tau ||C||_F per mode)
 holds at every step; the end of training (``truncate(final=True)``, :meth:`~TuckerIntegrator.freeze`) drops the
 margin by the tolerance rule alone.
@@ -85,7 +86,7 @@ class IntegratorConfig:
             ``max_rank``), so that ranks started low grow where the loss needs them (module docstring); 0 is the
             paper's rule. Logged ranks, compression and the end of training use d.
         patience: truncations a mode keeps its growth margin after the start or its last renewal (its tolerance rank
-            grew by a whole margin above its lowest since; a mode that starts at its ``max_rank`` starts without);
+            grew by a whole margin above its lowest since; a mode that starts at its ``max_rank`` never keeps one);
             0 is the paper's rule.
     """
 
@@ -175,9 +176,9 @@ class TuckerIntegrator:
                     raise ValueError(f"`min_rank` {self.config.min_rank} exceeds the max_rank {n} of mode {mode} "
                                      f"of Tucker layer {name!r}: lower `min_rank`, or exclude the layer")
         self.layers.update(layers)
-        for name, layer in layers.items():  # a mode at its largest rank has nothing to grow into: no margin
-            for mode, (r, n) in enumerate(zip(layer.ranks, layer.max_ranks)):
-                self._margins[name, mode] = (r, self.config.patience if r >= n else 0)
+        for name, layer in layers.items():  # a mode that starts at its largest rank never keeps a margin
+            self._margins.update(((name, mode), (r, 0)) for mode, (r, n) in enumerate(zip(layer.ranks,
+                                                                                       layer.max_ranks)) if r < n)
         if self.config.method == "augmented":
             for name, layer in layers.items():
                 self._captures[name] = Capture(layer)
@@ -232,11 +233,11 @@ class TuckerIntegrator:
         self.steps = int(state["steps"])
         self._before_augmentation = {name: tuple(ranks) for name, ranks in state.get("augmented", {}).items()}
         self._decided = {name: tuple(ranks) for name, ranks in state.get("decided", {}).items()}
-        self._margins.update((_layer_mode(key), (int(low), int(count)))
-                             for key, (low, count) in state.get("margins", {}).items())
-        for key in state.get("settled", ()):  # written before `patience`: a mode whose tolerance rank fell
-            name, mode = _layer_mode(key)
-            self._margins[name, mode] = (self.layers[name].ranks[mode], self.config.patience)
+        if "margins" in state:
+            self._margins = {_layer_mode(key): (int(low), int(count)) for key, (low, count) in state["margins"].items()}
+        else:  # written before `patience`: the modes below their max_rank whose tolerance rank never fell keep one
+            for key in state.get("settled", ()):
+                self._margins.pop(_layer_mode(key), None)
         self._basis_grads.clear()
         for key, grad in state.get("basis_grads", {}).items():
             name, mode = _layer_mode(key)
@@ -419,11 +420,13 @@ class TuckerIntegrator:
                          else next(decided) for mode, size in enumerate(layer.ranks)]
             before = self._decided.get(name, self._before_augmentation.get(name, layer.ranks))  # the last decision
             for mode, r in enumerate(tolerance):
-                low, count = self._margins.get((name, mode), (r, self.config.patience))
-                renewed = r >= low + math.ceil(self.config.growth * low)  # grew by a whole margin above its low
-                self._margins[name, mode] = (r, 0) if renewed else (min(low, r), count + 1)
-            grows = [self.config.adapts(mode) and not final and self._margins[name, mode][1] < self.config.patience
-                     and r >= last for mode, (r, last) in enumerate(zip(tolerance, before))]
+                if (name, mode) in self._margins:
+                    low, count = self._margins[name, mode]
+                    renewed = r >= low + math.ceil(self.config.growth * low)  # grew by a whole margin above its low
+                    self._margins[name, mode] = (r, 0) if renewed else (min(low, r), count + 1)
+            grows = [self.config.adapts(mode) and not final and (name, mode) in self._margins
+                     and self._margins[name, mode][1] < self.config.patience and r >= last
+                     for mode, (r, last) in enumerate(zip(tolerance, before))]
             keep = consistent_ranks([self._clamp(r + math.ceil(self.config.growth * r), size, layer.max_ranks[mode])
                                      if grow else r
                                      for mode, (r, size, grow) in enumerate(zip(tolerance, layer.ranks, grows))])
