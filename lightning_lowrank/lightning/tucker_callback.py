@@ -86,8 +86,7 @@ class TuckerCallback(LowRankCallback):
                                        exclude=exclude, min_size=min_size, keep_first_last=keep_first_last,
                                        init=init, **conversion)
         self.integration = IntegratorConfig(tau=tau, min_rank=min_rank, modes=modes, method=method, interval=interval,
-                                           core_steps=core_steps, growth=growth,
-                                           patience=patience)
+                                           core_steps=core_steps, growth=growth, patience=patience)
         if isinstance(max_rank, int) and not isinstance(max_rank, bool) and min_rank > max_rank:
             raise ValueError(f"`min_rank` ({min_rank}) must not exceed `max_rank` ({max_rank})")
         for name, value in (("freeze_after_steps", freeze_after_steps), ("freeze_after_epochs", freeze_after_epochs)):

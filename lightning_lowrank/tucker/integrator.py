@@ -29,11 +29,10 @@ a flat spectrum moves the tolerance rank by a direction or two either way. A tru
 fell keeps no margin (the mode holds more than the loss needs, and its storage shrinks with it), but the fall does
 not end the margin: the next truncation that does not fall has one again, so a small start keeps growing where the
 loss needs rank after a noisy fall. A mode that stops growing runs the paper's rule once its margin expires. A mode
-that starts at its largest rank (a full-rank start) never keeps one: it has nothing to grow into, and under Adam
-renewals let noise raise a full start's ranks (README "What training costs"); it runs the paper's rule. Keeping
-more directions only lowers the truncation error, so the paper's bound (discarded part <= tau ||C||_F per mode)
-holds at every step; the end of training (``truncate(final=True)``, :meth:`~TuckerIntegrator.freeze`) drops the
-margin by the tolerance rule alone.
+that starts at its largest rank (a full-rank start) never keeps one: it has nothing to grow into, and runs the
+paper's rule. Keeping more directions only lowers the truncation error, so the paper's bound (discarded part
+<= tau ||C||_F per mode) holds at every step; the end of training (``truncate(final=True)``,
+:meth:`~TuckerIntegrator.freeze`) drops the margin by the tolerance rule alone.
 """
 
 from __future__ import annotations
