@@ -74,7 +74,7 @@ def main() -> None:
         for tau, (interval, core_steps) in itertools.product(args.taus, args.schedules):
             result = run((tau, (interval, core_steps)))
             ratio = f"{result.step_ms / dense.step_ms:8.2f}" if dense else f"{'-':>8}"
-            print(f"{seed:>4} {tau:5.2f} {f'{interval}:{core_steps}':>8} {result.accuracy:>9} "
+            print(f"{seed:>4} {tau:5.3g} {f'{interval}:{core_steps}':>8} {result.accuracy:>9} "
                   f"{result.compression_rate:11.1%} {result.step_ms:8.1f} {ratio}  {result.ranks}", flush=True)
 
 
