@@ -690,6 +690,62 @@ def test_delayed_truncation_resumes_exactly_in_the_middle_of_the_core_steps():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+class _NeverHolds(TuckerIntegrator):
+    """The reference of held bases: an integrator whose layers compute their basis gradients on every step."""
+
+    def _arm(self):
+        super()._arm()
+        for layer in self.layers.values():
+            layer.hold_bases = False
+
+
+@pytest.mark.parametrize("method", ["parallel", "augmented"])
+@pytest.mark.parametrize("interval, core_steps", [(1, 1), (3, 1), (3, 3), (4, 2)])
+def test_backward_computes_the_basis_gradients_only_where_the_step_uses_them(method, interval, core_steps):
+    """A step inside a window (after its augmenting step, before its truncation) and every step after freeze()
+    train the core only: their backward computes no basis gradient. The augmenting step and the steps outside the
+    window (whose gradients the next augmentation sums) still get theirs. Reference: the same run computing every
+    basis gradient, which the integrator then drops (equal to 1e-12, ranks and Adam state included)."""
+    runs = []
+    for integrator_cls in (TuckerIntegrator, _NeverHolds):
+        layer, backward = interval_problem()
+        config = IntegratorConfig(tau=0.1, method=method, interval=interval, core_steps=core_steps, growth=0.25)
+        integrator = integrator_cls(nn.Sequential(layer), config)
+        optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
+        computed = []
+        for step in range(14):
+            if step == 11:
+                integrator.freeze(optimizer)
+            optimizer.zero_grad()
+            backward()
+            computed.append(all(u.grad is not None for u in layer.factors))
+            assert integrator.step(optimizer)
+        runs.append((layer, integrator, optimizer, computed))
+    (layer, integrator, optimizer, computed), reference = runs[0], runs[1][:3]
+    assert_same_run((layer, integrator, optimizer), reference)
+    in_window = [1 <= step % interval < core_steps for step in range(14)]
+    assert computed == [not held and step < 11 for step, held in enumerate(in_window)]
+    assert runs[1][3] == [True] * 14
+    integrator.remove()
+    assert not any(layer.hold_bases for layer in integrator.layers.values())
+
+
+def test_a_window_left_open_by_other_options_still_gives_the_next_augmentation_its_basis_gradients():
+    """A state saved inside a window (interval 3, core_steps 3) and loaded under interval 2: the next step is due,
+    closes that window and augments, so its backward computes the basis gradients the augmentation spans."""
+    layer, backward, integrator, optimizer = delayed_problem()
+    for _ in range(4):
+        optimizer.zero_grad()
+        backward()
+        integrator.step(optimizer)
+    assert integrator.state_dict()["augmented"]  # inside the window that step 3 opened
+    other = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.1, interval=2, core_steps=2))
+    other.load_state_dict(integrator.state_dict())
+    optimizer.zero_grad()
+    backward()
+    assert other.due and all(u.grad is not None for u in layer.factors)
+
+
 def poisoned_run(skip, steps=7, steps_before=0):
     """delayed_problem (interval 3, core_steps 3) for ``steps`` steps; at step ``skip`` a NaN gradient (a skipped
     step), or with ``skip=None`` no skip. ``steps_before`` starts the integrator's count there (a loaded state)."""

@@ -179,9 +179,8 @@ class TuckerIntegrator:
             self._margins.update(((name, mode), (r, 0)) for mode, (r, n) in enumerate(zip(layer.ranks,
                                                                                        layer.max_ranks)) if r < n)
         if self.config.method == "augmented":
-            for name, layer in layers.items():
-                self._captures[name] = Capture(layer)
-                self._captures[name].active = self.due and not self.frozen
+            self._captures.update((name, Capture(layer)) for name, layer in layers.items())
+        self._arm()
 
     @property
     def due(self) -> bool:
@@ -213,8 +212,7 @@ class TuckerIntegrator:
         ``optimizer``'s state); later steps train the cores (and every non-basis parameter) only."""
         self.truncate(optimizer, final=True)
         self.frozen = True
-        for capture in self._captures.values():
-            capture.active = False
+        self._arm()
         self._basis_grads.clear()
         self.clear()
 
@@ -244,8 +242,7 @@ class TuckerIntegrator:
             self._basis_grads[name, mode] = grad.to(u.device, u.dtype)
         if state["frozen"]:
             self.freeze()
-        for capture in self._captures.values():
-            capture.active = self.due
+        self._arm()
 
     def before_step(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
         """Augment if due, else take the bases off the optimizer; False if a gradient of the step is not finite.
@@ -325,14 +322,24 @@ class TuckerIntegrator:
         if truncate and self.truncation_due:
             self.truncate(optimizer)
         self.steps += 1
+        self._arm()
+
+    def _arm(self) -> None:
+        """Ready the layers for the next step: its backward computes the basis gradients only where they are used
+        (the next step augments, or sums them for the next augmentation: the window is closed); the captures of
+        ``method="augmented"`` only before an augmenting step."""
+        for name, layer in self.layers.items():
+            layer.hold_bases = self.frozen or (name in self._before_augmentation and not self.due)
         for capture in self._captures.values():
             capture.active = self.due
 
     def remove(self) -> None:
-        """Remove the forward hooks."""
+        """Remove the forward hooks; the layers compute their basis gradients again."""
         for capture in self._captures.values():
             capture.handle.remove()
         self._captures.clear()
+        for layer in self.layers.values():
+            layer.hold_bases = False
 
     @torch.no_grad()
     def augment(self, optimizer: torch.optim.Optimizer | None = None) -> None:

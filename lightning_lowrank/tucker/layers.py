@@ -61,6 +61,8 @@ class TuckerLayer(nn.Module):
 
     The parameters ``factors`` (n_i x s_i) and ``core`` (s_1 x ... x s_d) start at the storage s_i =
     ``storage_size(n_i, r_i)`` and are reallocated by :meth:`resize` (the integrator does, as ranks change).
+    With ``hold_bases`` True an eager forward treats the factors as constants, so backward computes no basis gradient
+    (the integrator sets it for the steps that train the core only); compiled forwards ignore it.
     """
 
     mode_names: tuple[str, ...]
@@ -90,6 +92,7 @@ class TuckerLayer(nn.Module):
         self.core = nn.Parameter(torch.empty(storage, **factory))
         self.bias = nn.Parameter(torch.empty(self.shape[0], **factory)) if bias else None
         self.ranks = ranks
+        self.hold_bases = False
         self.register_state_dict_post_hook(TuckerLayer._save_ranks)
         self.register_load_state_dict_pre_hook(TuckerLayer._load_pre_hook)
         self.register_load_state_dict_post_hook(TuckerLayer._zero_outside_ranks)
@@ -247,11 +250,13 @@ class TuckerLayer(nn.Module):
         return self.core[tuple(slice(r) for r in self.ranks)]
 
     def _forward_factors(self) -> tuple[list[Tensor], Tensor]:
-        """Factors and core the forward computes with: the active ones in eager mode (cost follows the rank); the
-        stored ones under torch.compile, whose graph then never depends on a rank (the core is 0 outside the block)."""
+        """Factors and core the forward computes with: the active ones in eager mode (cost follows the rank; detached
+        while ``hold_bases``); the stored ones under torch.compile, whose graph then never depends on a rank (the core
+        is 0 outside the block) nor on ``hold_bases``."""
         if torch.compiler.is_compiling():
             return list(self.factors), self.core
-        return self.active_factors(), self.active_core()
+        factors = self.active_factors()
+        return [u.detach() for u in factors] if self.hold_bases else factors, self.active_core()
 
     @property
     def weight(self) -> Tensor:
