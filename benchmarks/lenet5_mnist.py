@@ -21,7 +21,7 @@ import itertools
 import lightning.pytorch as pl
 from classifiers import ImageClassifier
 from mnist import MNISTDataModule
-from training import add_schedule_options, fit_and_test, schedules
+from training import add_schedule_options, fit_and_test, schedule_label, schedules
 
 import lightning_lowrank as ll
 
@@ -65,7 +65,7 @@ def main() -> None:
                                         rank=rank if rank == "full" else float(rank), init=args.init,
                                         growth=args.growth, patience=args.patience)])
         ratio = f"{result.epoch_seconds / dense.epoch_seconds:8.2f}" if dense else f"{'-':>8}"
-        print(f"{tau:6.2f} {method:>9} {f'{interval}:{core_steps}':>8} {rank:>5} {result.test_acc:9.2%} "
+        print(f"{tau:6.2f} {method:>9} {schedule_label(interval, core_steps):>8} {rank:>5} {result.test_acc:9.2%} "
               f"{result.compression_rate:11.1%} {result.epoch_seconds:8.1f} {ratio}  {result.ranks}", flush=True)
 
 

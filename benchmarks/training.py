@@ -31,11 +31,15 @@ def add_schedule_options(parser) -> None:
                         help="interval k as the schedule k:1 (what the tables run before core_steps existed ran)")
 
 
-def schedules(args, default: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
-    """The ``--schedules`` pairs and the ``--intervals`` k as k:1; if neither, ``default`` (the package's default
-    schedule if None)."""
-    package = ll.IntegratorConfig()
-    return [*args.schedules, *((k, 1) for k in args.intervals)] or default or [(package.interval, package.core_steps)]
+def schedules(args, default: list[tuple[int, int]] | None = None) -> list[tuple[int | None, int | None]]:
+    """The ``--schedules`` pairs and the ``--intervals`` k as k:1; if neither, ``default`` (if None: the package's
+    default, ``(None, None)``, which the optimizer chooses)."""
+    return [*args.schedules, *((k, 1) for k in args.intervals)] or default or [(None, None)]
+
+
+def schedule_label(interval: int | None, core_steps: int | None) -> str:
+    """``k:s``, or ``default`` for the package's default schedule."""
+    return "default" if interval is None else f"{interval}:{core_steps}"
 
 
 class EpochTimer(pl.Callback):

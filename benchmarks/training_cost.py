@@ -1,12 +1,13 @@
 """What training costs: dense against TuckerCallback, each arm in its own process, ratios to dense from one run.
 
     python benchmarks/training_cost.py [--model lenet5] [--epochs 2] [--tau 0.15] [--ranks full 0.25]
-                                       [--init hosvd] [--growth 0.25] [--patience 20] [--limit-batches N]
-                                       [--plot docs/memory.png]
+                                       [--init hosvd] [--growth 0.25] [--patience 20] [--schedule 10:10]
+                                       [--limit-batches N] [--plot docs/memory.png]
 
 LeNet5 on MNIST (28x28) or the VGG-style net on Fashion-MNIST (32x32, 3 channels), SGD lr 0.05 momentum 0.9, batch
 128 (LeNet5) or 32 (VGG-style). Arms: dense, and ``TuckerCallback(tau, rank)`` for every ``--ranks`` (``full``: the
-full-rank start; a fraction: the start below it). Per arm: peak bytes of parameters + gradients + optimizer state over
+full-rank start; a fraction: the start below it; ``--schedule k:s``: ``interval=k, core_steps=s``, default the
+package's, 1:1 for this SGD). Per arm: peak bytes of parameters + gradients + optimizer state over
 the run (measured after backward, before the integrator drops the basis gradients, and after each step), the same at
 the end, peak process RSS (each arm in a fresh process), median time per training step over the first 20 steps and
 over the last epoch, compression rate and test accuracy; each with its ratio to the dense arm. ``--plot`` writes the
@@ -29,6 +30,7 @@ import lightning.pytorch as pl
 import torch
 from classifiers import ImageClassifier
 from mnist import MNISTDataModule
+from training import schedule
 
 import lightning_lowrank as ll
 
@@ -79,8 +81,9 @@ def run_arm(args: argparse.Namespace, arm: str) -> dict[str, object]:
     callbacks: list[pl.Callback] = [meter]
     if arm != "dense":
         rank = arm if arm == "full" else float(arm)
+        interval, core_steps = args.schedule
         callbacks.append(ll.TuckerCallback(tau=args.tau, rank=rank, init=args.init, growth=args.growth,
-                                           patience=args.patience))
+                                           patience=args.patience, interval=interval, core_steps=core_steps))
     trainer = pl.Trainer(max_epochs=args.epochs, callbacks=callbacks, limit_val_batches=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_train_batches=args.limit_batches)
@@ -129,6 +132,7 @@ def main() -> None:
                         help="the integrator's growth margin (0: the paper's rule)")
     parser.add_argument("--patience", type=int, default=ll.IntegratorConfig.patience,
                         help="truncations a mode keeps its growth margin after its rank last rose")
+    parser.add_argument("--schedule", type=schedule, default=(None, None), help="interval:core_steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default=None, help="write the state-bytes curves to this PNG")
     parser.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # run one arm in this process

@@ -24,7 +24,7 @@ import torch
 from classifiers import ImageClassifier, vgg
 from mnist import MNISTDataModule
 from torch import nn
-from training import add_schedule_options, fit_and_test, schedules
+from training import add_schedule_options, fit_and_test, schedule_label, schedules
 
 import lightning_lowrank as ll
 
@@ -90,7 +90,7 @@ def main() -> None:
         adaptive_model = classifier()
         adaptive = fit_and_test(adaptive_model, data, args.epochs, [ll.TuckerCallback(
             tau=args.tau, method=args.method, interval=interval, core_steps=core_steps)])
-        rows = [(f"TuckerCallback, {interval}:{core_steps}", adaptive)]
+        rows = [(f"TuckerCallback, {schedule_label(interval, core_steps)}", adaptive)]
         if not args.no_fixed_rank:
             fixed_model = classifier()
             fixed_model.net = fixed_rank(adaptive_model.net)

@@ -461,6 +461,9 @@ def test_two_optimizers_with_manual_optimization():
     fit.fit(model)
     assert len(callback.integrators) == 2
     assert sorted(len(i.layers) for i in callback.integrators.values()) == [1, 2]
+    # each optimizer's integrator runs the default schedule of its optimizer: SGD the paper's, Adam 10:10
+    schedules = {type(o).__name__: (i.config.interval, i.config.core_steps) for o, i in callback.integrators.items()}
+    assert schedules == {"SGD": (1, 1), "Adam": (10, 10)}
     assert all(i.steps == 24 for i in callback.integrators.values())
     assert model.net[3].ranks < model.net[3].max_ranks
     assert_healthy(model)
@@ -903,12 +906,16 @@ def test_fit_prints_the_stored_and_effective_parameters_and_the_final_ranks(capl
     at the end of fit the table is `ll.summary`'s, numbers included."""
     import logging
 
+    class AtFitStart(pl.Callback):  # the stored parameters right after conversion (the storage follows the rank)
+        def on_fit_start(self, trainer, pl_module):
+            self.stored = sum(p.numel() for m in tucker_layers(pl_module).values() for p in m.parameters())
+
     torch.manual_seed(0)
     model = Student(lr=0.02)
+    at_fit_start = AtFitStart()
     with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
-        trainer(max_epochs=2, callbacks=[ll.TuckerCallback(tau=0.3)]).fit(model)
+        trainer(max_epochs=2, callbacks=[ll.TuckerCallback(tau=0.3), at_fit_start]).fit(model)
     text = caplog.text
-    stored = sum(p.numel() for m in tucker_layers(model).values() for p in m.parameters())
-    assert f"the converted layers store {stored:,} parameters" in text
+    assert f"the converted layers store {at_fit_start.stored:,} parameters" in text
     assert f"ranks at the end of fit\n{ll.summary(model)}" in text
     assert f"{sum(p.numel() for p in model.parameters()):,} in the whole model" in text

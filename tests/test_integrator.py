@@ -129,7 +129,7 @@ def test_one_pass_galerkin_gradient_equals_a_second_pass(kind):
 
 def test_augmentation_is_exact_orthonormal_and_capped():
     layer = TuckerConv2d(6, 8, 3, ranks=(3, 4, 3, 3), max_ranks=(5, 6, 3, 3))
-    integrator = TuckerIntegrator(nn.Sequential(layer))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(interval=1))
     weight = layer.dense_weight().detach()
     layer(torch.randn(2, 6, 6, 6)).sum().backward()
     integrator.augment()
@@ -443,8 +443,8 @@ def test_directions_without_gradient_stay_out(method):
 @pytest.mark.parametrize("poison", ["nan input", "inf in one factor gradient"])
 def test_non_finite_gradient_changes_nothing(poison):
     layer = TuckerConv2d(4, 6, 3, ranks=(3, 3, 3, 3))
-    integrator = TuckerIntegrator(nn.Sequential(layer))
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    integrator = TuckerIntegrator(nn.Sequential(layer), optimizer=optimizer)
     state = {k: v.clone() for k, v in layer.state_dict().items()}
     x = torch.randn(2, 4, 5, 5)
     if poison == "nan input":
@@ -877,7 +877,8 @@ def test_evaluation_passes_are_not_captured():
     (dict(method="exact"), "`method` must be 'parallel' or 'augmented'"),
     (dict(interval=0), "`interval` must be an int >= 1, got 0"),
     (dict(interval=3, core_steps=4), r"`core_steps` must be an int in \[1, interval\] = \[1, 3\], got 4"),
-    (dict(core_steps=0), r"`core_steps` must be an int in \[1, interval\] = \[1, 10\], got 0"),
+    (dict(interval=10, core_steps=0), r"`core_steps` must be an int in \[1, interval\] = \[1, 10\], got 0"),
+    (dict(core_steps=5), r"`core_steps` \(5\) needs an `interval` \(an int >= 1\): with `interval=None`"),
     (dict(growth=-0.5), r"`growth` must be a number in \[0, 1\], got -0.5"),
     (dict(growth=True), r"`growth` must be a number in \[0, 1\], got True"),
     (dict(patience=-1), r"`patience` must be an int >= 0, got -1"),
@@ -890,6 +891,28 @@ def test_bad_options(options, message):
 def test_module_without_tucker_layers():
     with pytest.raises(ValueError, match="has no Tucker layers; call lightning_lowrank.convert first"):
         TuckerIntegrator(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("optimizer_cls, schedule", [
+    (torch.optim.SGD, (1, 1)), (torch.optim.ASGD, (1, 1)), (torch.optim.Adam, (10, 10)),
+    (torch.optim.AdamW, (10, 10)), (torch.optim.RMSprop, (10, 10)), (torch.optim.Adagrad, (10, 10)),
+])
+def test_the_default_schedule_follows_the_optimizer(optimizer_cls, schedule):
+    """interval=None: the paper's step for the optimizers whose step follows the gradient's size, the authors'
+    later 10:10 for those that normalize it (README "Schedules"); a schedule given explicitly is kept."""
+    layer = TuckerLinear(8, 6, ranks=(2, 2))
+    optimizer = optimizer_cls(layer.parameters(), lr=0.01)
+    integrator = TuckerIntegrator(nn.Sequential(layer), optimizer=optimizer)
+    assert (integrator.config.interval, integrator.config.core_steps) == schedule
+    explicit = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(interval=4, core_steps=2), optimizer=optimizer)
+    assert (explicit.config.interval, explicit.config.core_steps) == (4, 2)
+
+
+def test_the_default_schedule_needs_the_optimizer():
+    layer = TuckerLinear(8, 6, ranks=(2, 2))
+    with pytest.raises(ValueError, match="`interval` None chooses the schedule from the optimizer: give the"):
+        TuckerIntegrator(nn.Sequential(layer))
+    TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(interval=1))  # an explicit schedule needs none
 
 
 @pytest.mark.slow

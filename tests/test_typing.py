@@ -29,7 +29,7 @@ def train(model: pl.LightningModule) -> nn.Module:
 def by_hand(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
     conversion: ll.ConversionReport = ll.convert(model, rank=0.5)
     print(conversion.converted, conversion.skipped)
-    integrator = ll.TuckerIntegrator(model, ll.IntegratorConfig(tau=0.1))
+    integrator = ll.TuckerIntegrator(model, ll.IntegratorConfig(tau=0.1), optimizer=optimizer)
     layer = ll.TuckerLinear(16, 8, ranks=(4, 4))
     layer.set_ranks((2, 2))
     weight: torch.Tensor = layer.weight

@@ -119,7 +119,8 @@ def load_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], model: nn.Mo
     if "pending" in entry:
         pending = entry["pending"]
         layers = {name: model.get_submodule(name) for name in pending["ranks"]}
-        integrator = TuckerIntegrator(layers, IntegratorConfig(**pending["config"]))
+        config = {**pending["config"], "interval": 1, "core_steps": 1}  # the final truncation follows no schedule
+        integrator = TuckerIntegrator(layers, IntegratorConfig(**config))
         integrator.load_state_dict({"steps": 0, "frozen": False, "augmented": pending["ranks"]})
         integrator.truncate(final=True)
         integrator.remove()  # no forward hooks stay on the returned model

@@ -68,7 +68,7 @@ class TuckerCallback(LowRankCallback):
         kernel_rank: RankSpec = "full",
         modes: Literal["channels", "all"] = "channels",
         method: Literal["parallel", "augmented"] = "parallel",
-        interval: int = 10,
+        interval: int | None = None,
         core_steps: int | None = None,
         growth: float = 0.25,
         patience: int = 20,
@@ -192,7 +192,7 @@ class TuckerCallback(LowRankCallback):
             def broadcast(tensor: Tensor) -> Tensor:
                 return trainer.strategy.broadcast(tensor, src=0)
 
-        self.integrators[optimizer] = TuckerIntegrator(new, self.integration, reduce, broadcast)
+        self.integrators[optimizer] = TuckerIntegrator(new, self.integration, reduce, broadcast, optimizer=optimizer)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         integrator = self.integrators.get(optimizer)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -70,11 +70,16 @@ class IntegratorConfig:
             ``"augmented"``: the exact Galerkin gradient on the augmented bases (the paper's step), formed from each
             layer's input and output gradient kept by forward hooks; costs about one more backward pass.
         interval: augment every ``interval`` optimizer steps; the steps in between train the cores with the bases
-            held fixed (the optimizer never sees a basis gradient). 1 is the paper's method; the default 10 (with
-            ``core_steps`` = 10) and why: README "Schedules". The augmenting step's core gradient is the Galerkin
-            gradient of its own batch (a summed step would overshoot under momentum).
+            held fixed (the optimizer never sees a basis gradient). 1 is the paper's method. The augmenting step's
+            core gradient is the Galerkin gradient of its own batch (a summed step would overshoot under momentum).
+            None (the default): chosen from the optimizer (:meth:`for_optimizer`): 1 (the paper's step) for
+            SGD and ASGD, whose steps follow the gradient's size, so one step already tells a new direction's
+            weight; 10 with ``core_steps`` 10 (the authors' later code) for every other optimizer (Adam-type,
+            RMSprop, Adagrad, ...: steps normalized per entry, under which a new direction needs several steps to
+            stand out from noise). Why, measured: README "Schedules".
         core_steps: optimizer steps the core takes at the augmented ranks before truncation, in [1, interval]
-            (None, the default: ``interval``): the augmenting step and ``core_steps - 1`` more with the augmented
+            (None, the default: ``interval``; with ``interval`` None it must be None): the augmenting step and
+            ``core_steps - 1`` more with the augmented
             bases held (their basis gradients are dropped: those steps train the core only). The remaining
             ``interval - core_steps`` steps of the interval run at the truncated ranks and sum their basis gradients
             for the next augmentation. 1 truncates right after the augmenting step (the paper's schedule, and what
@@ -93,7 +98,7 @@ class IntegratorConfig:
     min_rank: int = 1
     modes: Literal["channels", "all"] = "channels"
     method: Literal["parallel", "augmented"] = "parallel"
-    interval: int = 10
+    interval: int | None = None
     core_steps: int | None = None
     growth: float = 0.25
     patience: int = 20
@@ -106,10 +111,17 @@ class IntegratorConfig:
             raise ValueError(f"`modes` must be 'channels' or 'all', got {self.modes!r}")
         if self.method not in ("parallel", "augmented"):
             raise ValueError(f"`method` must be 'parallel' or 'augmented', got {self.method!r}")
-        check_int("interval", self.interval, 1)
+        if self.interval is None:
+            if self.core_steps is not None:
+                raise ValueError(f"`core_steps` ({self.core_steps!r}) needs an `interval` (an int >= 1): with "
+                                 "`interval=None` the optimizer chooses both")
+        else:
+            check_int("interval", self.interval, 1)
         if isinstance(self.growth, bool) or not isinstance(self.growth, (int, float)) or not 0 <= self.growth <= 1:
             raise ValueError(f"`growth` must be a number in [0, 1], got {self.growth!r}")
         check_int("patience", self.patience, 0)
+        if self.interval is None:
+            return
         if self.core_steps is None:
             object.__setattr__(self, "core_steps", self.interval)
         if isinstance(self.core_steps, bool) or not isinstance(self.core_steps, int) \
@@ -119,6 +131,21 @@ class IntegratorConfig:
 
     def adapts(self, mode: int) -> bool:
         return self.modes == "all" or mode < 2
+
+    def for_optimizer(self, optimizer: torch.optim.Optimizer | None) -> IntegratorConfig:
+        """This config with its schedule set: as given, or (``interval`` None) 1:1 for SGD and ASGD and 10:10 for
+        every other optimizer.
+
+        Raises:
+            ValueError: ``interval`` is None and no ``optimizer`` is given.
+        """
+        if self.interval is not None:
+            return self
+        if optimizer is None:
+            raise ValueError("`interval` None chooses the schedule from the optimizer: give the integrator its "
+                             "optimizer, or set `interval` (1: the paper's step; 10: ten core steps per window)")
+        interval = 1 if isinstance(optimizer, (torch.optim.SGD, torch.optim.ASGD)) else 10
+        return replace(self, interval=interval)
 
 
 class TuckerIntegrator:
@@ -139,16 +166,22 @@ class TuckerIntegrator:
             gradient of ``method="augmented"``; None: one process.
         broadcast: makes the rank decision (a 1-D integer tensor) the same on every process, for example by
             broadcasting it from the first one; None: identity.
+        optimizer: the optimizer that steps the layers' cores; it chooses the schedule when ``config.interval`` is
+            None (:meth:`IntegratorConfig.for_optimizer`), and must be given then.
+
+    Raises:
+        ValueError: ``module`` holds no Tucker layer; ``config.interval`` is None and no ``optimizer`` is given.
     """
 
     def __init__(self, module: nn.Module | Mapping[str, TuckerLayer], config: IntegratorConfig | None = None,
                  reduce: Callable[[Tensor], Tensor] | None = None,
-                 broadcast: Callable[[Tensor], Tensor] | None = None) -> None:
-        self.config = config or IntegratorConfig()
+                 broadcast: Callable[[Tensor], Tensor] | None = None, *,
+                 optimizer: torch.optim.Optimizer | None = None) -> None:
         named = module.named_modules() if isinstance(module, nn.Module) else module.items()
         layers = {name: m for name, m in named if isinstance(m, TuckerLayer)}
         if not layers:
             raise ValueError(f"{type(module).__name__} has no Tucker layers; call lightning_lowrank.convert first")
+        self.config = (config or IntegratorConfig()).for_optimizer(optimizer)
         self.reduce, self.broadcast = reduce, broadcast
         self.layers: dict[str, TuckerLayer] = {}
         self._captures: dict[str, Capture] = {}
