@@ -160,6 +160,29 @@ def test_truncation_error_bound(tau):
     assert layer.ranks[0] < 12 or tau == 0.02
 
 
+@pytest.mark.parametrize("in_features, out_features", [(4, 12), (12, 4), (9, 9)])
+def test_a_matrix_core_truncates_to_the_truncated_svd_of_w_on_either_side(in_features, out_features):
+    """A TuckerLinear's core after augmentation is r_out x r_in, wider or taller when a side reaches its mode size;
+    truncation (one eigen-decomposition, of the smaller side) leaves the truncated SVD of W at the tolerance rank:
+    the smallest k whose discarded singular values have 2-norm <= tau ||W||_F."""
+    torch.manual_seed(0)
+    layer = TuckerLinear(in_features, out_features, ranks=(3, 3))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.3, interval=1, growth=0))
+    optimizer = torch.optim.SGD([layer.core], lr=0.5)
+    ((layer(torch.randn(16, in_features)) - torch.randn(16, out_features)) ** 2).sum().backward()
+    integrator.augment(optimizer)
+    optimizer.step()
+    assert layer.ranks == (min(6, out_features), min(6, in_features))
+    before = layer.dense_weight().detach()
+    u, s, vh = torch.linalg.svd(before)
+    k = next(k for k in range(1, len(s) + 1) if s[k:].norm() <= 0.3 * s.norm())
+    integrator.truncate(optimizer)
+    assert layer.ranks == (k, k) and 1 < k < min(in_features, out_features, 6)
+    torch.testing.assert_close(layer.dense_weight(), u[:, :k] @ torch.diag(s[:k]) @ vh[:k], rtol=0, atol=1e-12)
+    for factor in layer.active_factors():
+        assert_orthonormal(factor, atol=1e-12)
+
+
 def test_at_max_rank_the_step_is_the_augmented_step_truncated_back():
     """A layer at its max_rank still augments (storage beyond max_rank): with tau = 0 the step is the best
     rank-r approximation (truncated SVD) of W - lr dL/dW x_i U_hat_i U_hat_i^T, U_hat_i = orth([U_i | dL/dU_i])."""

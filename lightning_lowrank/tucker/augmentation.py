@@ -82,17 +82,22 @@ def parallel_gradient(layer: TuckerLayer, core: Tensor, bases: tuple[Tensor, ...
     G M^T). Singular values below max(r, p) * eps * s_max (M is r x p) are at the rounding level of M and count as
     zero, the pseudo-inverse's usual cut-off. The SVD of M itself, not an inverse of the Gram matrix M M^T, keeps
     the conditioning unsquared, so float32 gives what the float64 pseudo-inverse of M M^T gave (tested on a core
-    of condition 1e7). Blocks with two or more new modes: zero.
+    of condition 1e7). Blocks with two or more new modes: zero. A matrix core's two unfoldings are C and C^T: one
+    SVD serves both.
     """
     if layer.core.grad is None:
         return None
     grad = core.new_zeros(tuple(u.shape[1] for u in bases))
     grad[tuple(slice(r) for r in old)] = layer.core.grad[tuple(slice(r) for r in old)]
+    svd = None
     for mode, (basis, r) in enumerate(zip(bases, old)):
         if basis.shape[1] == r:
             continue
         m = unfold(core, mode)
-        p, s, vh = torch.linalg.svd(m, full_matrices=False)
+        if svd is not None and core.ndim == 2:  # C^T = V S P^T
+            p, s, vh = svd[2].T, svd[1], svd[0].T
+        else:
+            p, s, vh = svd = torch.linalg.svd(m, full_matrices=False)
         inverse = torch.where(s > max(m.shape) * torch.finfo(s.dtype).eps * s[:1], 1 / s, 0)
         new_dirs = basis[:, r:].T.to(m.dtype) @ layer.factors[mode].grad[:, :r].to(m.dtype)
         values = (new_dirs @ p) * inverse @ vh

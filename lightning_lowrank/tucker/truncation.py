@@ -27,14 +27,16 @@ def rank_candidates(layer: TuckerLayer, old_ranks: Sequence[int], tau: float,
     largest = core.abs().amax()
     core = torch.nan_to_num(core / largest.clamp_min(torch.finfo(core.dtype).tiny), 0.0, 0.0, 0.0)
     theta = tau * torch.linalg.vector_norm(core)
+    rotates = [adapts(mode) or old_ranks[mode] != r for mode, r in enumerate(layer.ranks)]
+    pairs = matrix_pairs(core) if core.ndim == 2 and all(rotates) else [None] * core.ndim
     vectors: list[Tensor | None] = []
     candidates = [torch.isfinite(largest).long()]
     for mode, r in enumerate(layer.ranks):
-        if not adapts(mode) and old_ranks[mode] == r:
+        if not rotates[mode]:
             vectors.append(None)
             candidates.append(torch.tensor(r, device=core.device))
             continue
-        p, s = singular_pairs(core, mode)
+        p, s = pairs[mode] or singular_pairs(core, mode)
         vectors.append(p.to(layer.core.dtype))
         candidates.append(tail_rank(s, theta) if adapts(mode) else torch.tensor(old_ranks[mode], device=core.device))
     return vectors, candidates
@@ -52,6 +54,21 @@ def rotate_layer(layer: TuckerLayer, rotations: Sequence[Tensor | None],
             u[:, : p.shape[1]] = u[:, : p.shape[0]] @ p
     layer.core[tuple(slice(r) for r in new_core.shape)] = new_core
     layer.set_ranks(new_core.shape)
+
+
+def matrix_pairs(core: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Per mode of a matrix core C (r_0 x r_1), an orthonormal basis whose first k columns span its top k singular
+    vectors on that side (for every k), and the singular values, from one eigen-decomposition.
+
+    eigh of the smaller side's Gram matrix (:func:`singular_pairs`) gives that side's vectors P; the other side's
+    first k columns are the QR of C^T P_k = V_k S_k (QR keeps the leading columns' span), a product and a QR in
+    place of the larger Gram's eigh (for Linear(1024, 512) augmented to 512 x 1024: 1024 x 1024). The other side
+    keeps at most min(r_0, r_1) directions, as many as C has.
+    """
+    small = 0 if core.shape[0] <= core.shape[1] else 1
+    p, s = singular_pairs(core, small)
+    other = torch.linalg.qr(unfold(core, small).T @ p).Q
+    return [(p, s), (other, s)] if small == 0 else [(other, s), (p, s)]
 
 
 def singular_pairs(tensor: Tensor, mode: int) -> tuple[Tensor, Tensor]:
