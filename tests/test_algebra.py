@@ -7,7 +7,7 @@ import tensorly as tl
 import torch
 from reference import assert_orthonormal, truncated_hosvd
 
-from lightning_lowrank.tucker.algebra import fold, mode_dot, multi_mode_dot, tucker_decomposition, unfold
+from lightning_lowrank.tucker.algebra import fold, mode_dot, multi_mode_dot, thin_svd, tucker_decomposition, unfold
 
 tl.set_backend("pytorch")
 
@@ -44,3 +44,34 @@ def test_the_truncated_decomposition_is_the_truncated_hosvd():
     core, factors = tucker_decomposition(weight, (4, 3, 2, 3))
     assert core.shape == (4, 3, 2, 3) and [u.shape for u in factors] == [(8, 4), (6, 3), (3, 2), (3, 3)]
     torch.testing.assert_close(tl.tucker_to_tensor((core, factors)), truncated_hosvd(weight, (4, 3, 2, 3)))
+
+
+@pytest.mark.parametrize("shape", [(6, 54), (5, 10), (6, 11), (7, 7), (9, 4)])
+def test_thin_svd_is_the_svd(shape):
+    """P diag(s) V^T = M with orthonormal P and V and s the singular values, for wide matrices (from n >= 2m through
+    the QR of M^T) and the others (LAPACK directly), against torch's svdvals."""
+    torch.manual_seed(0)
+    m = torch.randn(shape, dtype=torch.float64)
+    p, s, vh = thin_svd(m)
+    k = min(shape)
+    assert p.shape == (shape[0], k) and s.shape == (k,) and vh.shape == (k, shape[1])
+    torch.testing.assert_close(s, torch.linalg.svdvals(m), rtol=0, atol=1e-12)
+    torch.testing.assert_close(p * s @ vh, m, rtol=0, atol=1e-12)
+    assert_orthonormal(p)
+    assert_orthonormal(vh.T)
+
+
+def test_thin_svd_of_a_wide_ill_conditioned_matrix_is_as_accurate_as_lapacks():
+    """float32, 6 x 54, singular values 1 ... 1e-7: every singular value within 10 eps s_max of the float64 ones,
+    as LAPACK's direct SVD is (the QR path loses nothing to the conditioning), and M rebuilt as accurately."""
+    torch.manual_seed(0)
+    left, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(54, 6, dtype=torch.float64))
+    exact = torch.logspace(0, -7, 6, dtype=torch.float64)
+    m = (left * exact @ right.T).float()
+    p, s, vh = thin_svd(m)
+    eps = torch.finfo(torch.float32).eps
+    assert (s.double() - exact).abs().max() <= 10 * eps
+    assert torch.linalg.norm(p * s @ vh - m) <= 10 * eps * torch.linalg.norm(m)
+    direct = torch.linalg.svdvals(m)
+    assert (s.double() - exact).abs().max() <= 10 * max((direct.double() - exact).abs().max(), eps)

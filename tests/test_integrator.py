@@ -17,6 +17,7 @@ from lightning_lowrank import (
     TuckerIntegrator,
     TuckerLinear,
 )
+from lightning_lowrank.tucker.algebra import unfold
 from lightning_lowrank.tucker.storage import storage_size
 
 
@@ -235,29 +236,42 @@ def teacher_student(student, teacher, x_shape, steps, lr, tau):
     return student
 
 
-def test_the_parallel_gradient_needs_no_float64_on_an_ill_conditioned_core():
-    """float32, core singular values 1 ... 1e-7 (condition 1e7; its Gram matrix's 1e14 is beyond float32). The
-    parallel method's new block N^T dL/dU (M M^T)^+ M, computed from the SVD of M in float32, equals the same
-    formula evaluated in float64 (pseudo-inverse of the Gram matrix, rtol 1e-12) from the same float32 inputs, to
-    1e-2 on every new direction that carries a gradient (6e-3 here: float32 resolves the 3e-6 direction to a few
-    percent). Without the singular value cut-off (max(r, p) eps s_max) the 1e-7 direction's rounding noise
-    dominates; a cut-off at 1e-3 s_max loses the 6e-5 and 3e-6 directions: both fail."""
+@pytest.mark.parametrize("kind, decades", [("linear", 7), ("conv", 5)])
+def test_the_parallel_gradient_needs_no_float64_on_an_ill_conditioned_core(kind, decades):
+    """float32, mode-0 unfolding with singular values 1 ... 10^-decades (condition 1e7 for the matrix core, 1e5 for
+    the conv core; their Gram matrices' 1e14 and 1e10 are beyond float32). The parallel method's new block
+    N^T dL/dU (M M^T)^+ M of each mode, computed from the SVD of M in float32, equals the same formula evaluated in
+    float64 (pseudo-inverse of the Gram matrix, rtol 1e-12) from the same float32 inputs, to 1e-2 on every new
+    direction that carries a gradient (6e-3 for the matrix core: float32 resolves its 3e-6 direction to a few
+    percent). The conv core's unfoldings are wide (6 x 54: the SVD through the QR of M^T), the matrix core's
+    square. Without the singular value cut-off (max(r, p) eps s_max) the 1e-7 direction's rounding noise
+    dominates; a cut-off at 1e-3 s_max loses the 6e-5 and 3e-6 directions: both fail, as does an SVD from the Gram
+    matrix."""
     torch.manual_seed(0)
-    layer = TuckerLinear(16, 12, bias=False, ranks=(6, 6), dtype=torch.float32)
+    if kind == "linear":
+        layer = TuckerLinear(16, 12, bias=False, ranks=(6, 6), dtype=torch.float32)
+    else:
+        layer = TuckerConv2d(16, 12, 3, bias=False, ranks=(6, 6, 3, 3), dtype=torch.float32)
+    shape = layer.ranks
     left, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
-    right, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(math.prod(shape[1:]), 6, dtype=torch.float64))
+    unfolding = left @ torch.diag(torch.logspace(0, -decades, 6, dtype=torch.float64)) @ right.T
     with torch.no_grad():
         layer.core.zero_()
-        layer.core[:6, :6] = (left @ torch.diag(torch.logspace(0, -7, 6, dtype=torch.float64)) @ right.T).float()
-    core = layer.core[:6, :6].detach().double()
-    x, target = torch.randn(32, 16, dtype=torch.float32), torch.randn(32, 12, dtype=torch.float32)
-    ((layer(x) - target) ** 2).sum().backward()
-    basis_grads = [u.grad[:, :6].double() for u in layer.factors]
+        layer.core[tuple(slice(r) for r in shape)] = unfolding.reshape(shape).float()
+    core = layer.active_core().detach().double()
+    x = torch.randn((32, 16) if kind == "linear" else (4, 16, 6, 6), dtype=torch.float32)
+    out = layer(x)
+    ((out - torch.randn_like(out)) ** 2).sum().backward()
+    basis_grads = [u.grad[:, :r].double() for u, r in zip(layer.factors, shape)]
     TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, interval=1, growth=0)).augment()
-    for mode, m in ((0, core), (1, core.T)):
+    for mode in (0, 1):
+        m = unfold(core, mode)
         new = layer.factors[mode][:, 6:12].detach().double()
         expected = new.T @ basis_grads[mode] @ torch.linalg.pinv(m @ m.T, hermitian=True, rtol=1e-12) @ m
-        block = (layer.core.grad[6:12, :6] if mode == 0 else layer.core.grad[:6, 6:12].T).double()
+        index = [slice(r) for r in shape]
+        index[mode] = slice(6, 12)
+        block = unfold(layer.core.grad[tuple(index)], mode).double()
         carried = block.abs().sum(1) > 0  # new directions the QR found significant
         assert carried.sum() >= 3
         assert torch.linalg.norm(block[carried] - expected[carried]) <= 1e-2 * torch.linalg.norm(expected)

@@ -29,6 +29,21 @@ def fold(matrix: Tensor, mode: int, shape: Sequence[int]) -> Tensor:
     return torch.movedim(matrix.reshape(shape[mode], *rest), 0, mode)
 
 
+def thin_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD M = P diag(s) V^T of an (m x n) matrix: P (m x k), s (k, descending), V^T (k x n), k = min(m, n).
+
+    A wide matrix (n >= 2m: a core's mode unfolding, r x the product of the other ranks) goes through the QR of its
+    transpose, M^T = Q R, and the SVD of the small R^T = P S W^T, so M = P S (Q W)^T: Householder QR and SVD are
+    both backward stable, so the singular values carry the same error relative to s_max as a direct SVD's, at less
+    than half its time on a CPU (r x 9r conv unfoldings; LAPACK's own path for wide matrices computes more).
+    """
+    if matrix.shape[1] < 2 * matrix.shape[0]:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    q, r = torch.linalg.qr(matrix.T)
+    p, s, wh = torch.linalg.svd(r.T)
+    return p, s, wh @ q.T
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the integrator's QR and eigen-decompositions: float32 at least, whatever the training precision."""
     return dtype if dtype == torch.float64 else torch.float32

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_lowrank.tucker.algebra import compute_dtype, fold, unfold
+from lightning_lowrank.tucker.algebra import compute_dtype, fold, thin_svd, unfold
 from lightning_lowrank.tucker.layers import TuckerLayer
 
 
@@ -80,10 +80,10 @@ def parallel_gradient(layer: TuckerLayer, core: Tensor, bases: tuple[Tensor, ...
     N_i^T dL/dU_i (M M^T)^+ M = N_i^T dL/dU_i P S^-1 V^T with M = Mat_i(C) = P S V^T (SVD in the core's compute
     dtype). In exact arithmetic that is N_i^T G V V^T, the Galerkin block projected on M's row space (dL/dU_i =
     G M^T). Singular values below max(r, p) * eps * s_max (M is r x p) are at the rounding level of M and count as
-    zero, the pseudo-inverse's usual cut-off. The SVD of M itself, not an inverse of the Gram matrix M M^T, keeps
-    the conditioning unsquared, so float32 gives what the float64 pseudo-inverse of M M^T gave (tested on a core
-    of condition 1e7). Blocks with two or more new modes: zero. A matrix core's two unfoldings are C and C^T: one
-    SVD serves both.
+    zero, the pseudo-inverse's usual cut-off. The SVD of M itself (:func:`thin_svd`), not an inverse of the Gram
+    matrix M M^T, keeps the conditioning unsquared, so float32 gives what the float64 pseudo-inverse of M M^T gave
+    (tested on cores of condition 1e7 and 1e5). Blocks with two or more new modes: zero. A matrix core's two
+    unfoldings are C and C^T: one SVD serves both.
     """
     if layer.core.grad is None:
         return None
@@ -97,7 +97,7 @@ def parallel_gradient(layer: TuckerLayer, core: Tensor, bases: tuple[Tensor, ...
         if svd is not None and core.ndim == 2:  # C^T = V S P^T
             p, s, vh = svd[2].T, svd[1], svd[0].T
         else:
-            p, s, vh = svd = torch.linalg.svd(m, full_matrices=False)
+            p, s, vh = svd = thin_svd(m)
         inverse = torch.where(s > max(m.shape) * torch.finfo(s.dtype).eps * s[:1], 1 / s, 0)
         new_dirs = basis[:, r:].T.to(m.dtype) @ layer.factors[mode].grad[:, :r].to(m.dtype)
         values = (new_dirs @ p) * inverse @ vh
