@@ -2,7 +2,7 @@
 
     python benchmarks/lenet5_mnist.py [--epochs 20] [--taus 0.05 0.1 0.15 0.2 0.3]
                                       [--methods parallel] [--schedules 10:10] [--intervals 1] [--momentum 0.0]
-                                      [--ranks full] [--init hosvd] [--growth 0.25] [--patience 20]
+                                      [--ranks full] [--init hosvd] [--growth 0.25] [--patience 200]
 
 SGD lr 0.05, batch 128, 60,000 training images, tested on the 10,000 test images. For every tau, method and
 schedule and initial rank (``--ranks``: ``full``, or a fraction of each channel mode for a start below it):

@@ -1,6 +1,6 @@
 """Growth from below on a teacher-student problem: which ranks the integrator reaches, by growth rule and schedule.
 
-    python benchmarks/teacher_growth.py [--tau 0.05] [--growth 0 0.25] [--patience 20] [--steps 400]
+    python benchmarks/teacher_growth.py [--tau 0.05] [--growth 0 0.25] [--patience 200] [--steps 400]
 
 A ``TuckerLinear(64, 64)`` student starting at rank 2 learns a rank-10 teacher W* (y = W* x, x standard normal,
 batch 128, squared error) with SGD (lr 2) and Adam (lr 1e-2), under the paper's schedule (1:1) and the default

@@ -1,7 +1,7 @@
 """What training costs: dense against TuckerCallback, each arm in its own process, ratios to dense from one run.
 
     python benchmarks/training_cost.py [--model lenet5] [--epochs 2] [--tau 0.15] [--ranks full 0.25]
-                                       [--init hosvd] [--growth 0.25] [--patience 20] [--schedule 10:10]
+                                       [--init hosvd] [--growth 0.25] [--patience 200] [--schedule 10:10]
                                        [--limit-batches N] [--plot docs/memory.png]
 
 LeNet5 on MNIST (28x28) or the VGG-style net on Fashion-MNIST (32x32, 3 channels), SGD lr 0.05 momentum 0.9, batch

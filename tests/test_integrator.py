@@ -1220,6 +1220,25 @@ def test_the_growth_margin_lasts_patience_truncations_and_renews_when_a_mode_fil
     assert layer.ranks == (6, 6)
 
 
+@pytest.mark.parametrize("interval, core_steps", [(1, 1), (2, 1), (2, 2), (3, 3)])
+def test_patience_counts_optimizer_steps_whatever_the_schedule(interval, core_steps):
+    """Core diag(3, 2), tau 0.1, growth 1, patience 6: the margin (2 more directions) is gone after the truncation
+    that ends the 6th optimizer step or the one before it (truncations come every ``interval`` steps), on every
+    schedule; counted in truncations it would last ``interval`` times longer."""
+    torch.manual_seed(0)
+    layer = diagonal_core_layer([3.0, 2.0])
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.1, interval=interval,
+                                                                         core_steps=core_steps, growth=1.0,
+                                                                         patience=6))
+    lr_zero_steps(layer, integrator, 1)
+    steps = 1
+    while layer.ranks != (2, 2) or integrator.unfinished:  # at the augmented ranks, or keeping the margin
+        lr_zero_steps(layer, integrator, 1)
+        steps += 1
+        assert steps <= 6
+    assert steps > 6 - interval
+
+
 def test_a_mode_that_starts_at_its_max_rank_never_keeps_a_growth_margin():
     """A full-rank start runs the paper's rule: TuckerLinear(12, 12) with max_rank 4, started at 4 on the core
     diag(3, 2, 1, 1e-3), falls to 3 and keeps 3, while the same layer started at 3 keeps a margin up to 4."""

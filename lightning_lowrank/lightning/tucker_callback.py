@@ -71,7 +71,7 @@ class TuckerCallback(LowRankCallback):
         interval: int | None = None,
         core_steps: int | None = None,
         growth: float = 0.25,
-        patience: int = 20,
+        patience: int = 200,
         freeze_after_steps: int | None = None,
         freeze_after_epochs: int | None = None,
         include: Sequence[str] = (),

@@ -23,7 +23,8 @@ reaches tau ||C|| within one window; a rank that starts below what the task need
 the loss needs are found again, from zero, every window). Keeping the next ceil(growth * d) singular directions as
 well lets them go on training, with their optimizer state, into the next windows: one the loss needs grows until the
 tolerance rule keeps it, and a new growth margin forms above it. A mode keeps its margin for ``patience``
-truncations, renewed whenever its tolerance rank has grown by a whole margin (ceil(growth * low)) above the lowest
+optimizer steps (``patience / interval`` truncations: a new direction gets as many steps to prove itself whatever the
+schedule), renewed whenever its tolerance rank has grown by a whole margin (ceil(growth * low)) above the lowest
 it reached since the last renewal: a mode that needs rank fills its margin within a few windows, while the noise of
 a flat spectrum moves the tolerance rank by a direction or two either way. A truncation at which the tolerance rank
 fell keeps no margin (the mode holds more than the loss needs, and its storage shrinks with it), but the fall does
@@ -89,9 +90,11 @@ class IntegratorConfig:
         growth: directions kept beyond each adapted mode's tolerance rank d, ceil(growth * d) of them (within
             ``max_rank``), so that ranks started low grow where the loss needs them (module docstring); 0 is the
             paper's rule. Logged ranks, compression and the end of training use d.
-        patience: truncations a mode keeps its growth margin after the start or its last renewal (its tolerance rank
-            grew by a whole margin above its lowest since; a mode that starts at its ``max_rank`` never keeps one);
-            0 is the paper's rule.
+        patience: optimizer steps a mode keeps its growth margin after the start or its last renewal (its tolerance
+            rank grew by a whole margin above its lowest since; a mode that starts at its ``max_rank`` never keeps
+            one), counted by truncations: the margin is kept at truncations while truncations since * ``interval``
+            < ``patience``. 0 is the paper's rule. The default, 200, is 20 windows of 10:10 and 200 steps of 1:1
+            (README "What training costs": 20 steps of 1:1 left small starts of LeNet5 at rank 1-2).
     """
 
     tau: float = 0.1
@@ -101,7 +104,7 @@ class IntegratorConfig:
     interval: int | None = None
     core_steps: int | None = None
     growth: float = 0.25
-    patience: int = 20
+    patience: int = 200
 
     def __post_init__(self) -> None:
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 <= self.tau < 1:
@@ -464,7 +467,7 @@ class TuckerIntegrator:
                     renewed = r >= low + math.ceil(self.config.growth * low)  # grew by a whole margin above its low
                     self._margins[name, mode] = (r, 0) if renewed else (min(low, r), count + 1)
             grows = [self.config.adapts(mode) and not final and (name, mode) in self._margins
-                     and self._margins[name, mode][1] < self.config.patience and r >= last
+                     and self._margins[name, mode][1] * self.config.interval < self.config.patience and r >= last
                      for mode, (r, last) in enumerate(zip(tolerance, before))]
             keep = consistent_ranks([self._clamp(r + math.ceil(self.config.growth * r), size, layer.max_ranks[mode])
                                      if grow else r
