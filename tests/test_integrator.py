@@ -1172,9 +1172,10 @@ def lr_zero_steps(layer, integrator, steps):
         integrator.step(optimizer)
 
 
-def test_the_growth_margin_lasts_patience_truncations_and_renews_when_a_mode_fills_it():
-    """Core diag(3, 2), tau 0.1, growth 1, patience 3: the tolerance rank stays 2 and the first two truncations keep
-    ceil(growth * 2) = 2 more directions (the margin) while logged ranks say 2; the third drops it. Core
+def test_the_growth_margin_lasts_patience_steps_and_renews_when_a_mode_fills_it():
+    """Core diag(3, 2), tau 0.1, growth 1, patience 3 (at 1:1, three truncations): the tolerance rank stays 2 and
+    the first two truncations keep ceil(growth * 2) = 2 more directions (the margin) while logged ranks say 2; the
+    third drops it. Core
     diag(3, 2, 1, 1e-3): the truncation at which the tolerance rank falls to 3 keeps no margin, the next one has it
     again (a fall does not end it). A rise by one direction does not renew it (noise moves a rank that much), so the
     third truncation drops it; growing by a whole margin (3, to 6) renews it for three more truncations, also across a
