@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--growth", type=float, default=ll.IntegratorConfig.growth,
                         help="the integrator's growth margin (0: the paper's rule)")
     parser.add_argument("--patience", type=int, default=ll.IntegratorConfig.patience,
-                        help="truncations a mode keeps its growth margin after its rank last rose")
+                        help="optimizer steps a mode keeps its growth margin after the start or its last renewal")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline row")
     args = parser.parse_args()

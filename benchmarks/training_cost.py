@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--growth", type=float, default=ll.IntegratorConfig.growth,
                         help="the integrator's growth margin (0: the paper's rule)")
     parser.add_argument("--patience", type=int, default=ll.IntegratorConfig.patience,
-                        help="truncations a mode keeps its growth margin after its rank last rose")
+                        help="optimizer steps a mode keeps its growth margin after the start or its last renewal")
     parser.add_argument("--schedule", type=schedule, default=(None, None), help="interval:core_steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default=None, help="write the state-bytes curves to this PNG")

@@ -88,8 +88,8 @@ def main() -> None:
 
     for interval, core_steps in schedules(args):
         adaptive_model = classifier()
-        adaptive = fit_and_test(adaptive_model, data, args.epochs, [ll.TuckerCallback(
-            tau=args.tau, method=args.method, interval=interval, core_steps=core_steps)])
+        adaptive = fit_and_test(adaptive_model, data, args.epochs, [ll.TuckerCallback(  # the full start of its rows
+            tau=args.tau, rank="full", method=args.method, interval=interval, core_steps=core_steps)])
         rows = [(f"TuckerCallback, {schedule_label(interval, core_steps)}", adaptive)]
         if not args.no_fixed_rank:
             fixed_model = classifier()

@@ -61,7 +61,7 @@ def test_ranks_fall_and_metrics_reach_the_csv_logger(tmp_path):
     """From full rank on a rank-2 teacher, the linear ranks fall to 2 and every metric is a CSV column."""
     torch.manual_seed(0)
     model = Student(lr=0.02)
-    fit = trainer(max_epochs=10, callbacks=[ll.TuckerCallback(tau=0.3, interval=1)],
+    fit = trainer(max_epochs=10, callbacks=[ll.TuckerCallback(tau=0.3, rank="full", interval=1)],
                   logger=CSVLogger(tmp_path, name="run"))
     fit.fit(model)
     rows = read_metrics(fit.logger.log_dir)
@@ -148,7 +148,7 @@ def test_delayed_truncation_logs_the_decided_ranks_and_ends_truncated(tmp_path):
     torch.manual_seed(0)
     model = Student(lr=0.01, optimizer="adam")
     seen = RanksAtBatchStart()
-    callback = ll.TuckerCallback(tau=0.2, interval=4, core_steps=4)
+    callback = ll.TuckerCallback(tau=0.2, rank="full", interval=4, core_steps=4)  # no growth margin
     fit = trainer(max_steps=18, max_epochs=-1, callbacks=[callback, seen], logger=CSVLogger(tmp_path, name="run"))
     fit.fit(model)
     rows = [row for row in read_metrics(fit.logger.log_dir) if row["lowrank/net.3/rank_out"] and row["step"]]
@@ -188,7 +188,7 @@ def test_a_growth_margin_trains_while_logs_and_the_end_of_fit_show_the_tolerance
     margin: the final ranks are the tolerance ranks of the last truncation, as ``ll.summary`` reports them."""
     torch.manual_seed(0)
     model = Student(lr=0.01, optimizer="adam")
-    callback = ll.TuckerCallback(tau=0.2, rank=1, interval=2, core_steps=1, growth=1.0)
+    callback = ll.TuckerCallback(tau=0.2, rank=1, interval=2, core_steps=1, growth=1.0, init="hosvd")
     seen = DecidedAtBatchStart(callback)
     fit = trainer(max_steps=29, max_epochs=-1, callbacks=[callback, seen], logger=CSVLogger(tmp_path, name="run"))
     fit.fit(model)
@@ -356,7 +356,7 @@ def test_gradient_accumulation_runs_the_integrator_on_real_steps_only():
 
     torch.manual_seed(0)
     reference = CountingStudent(lr=0.02)
-    ll.convert(reference)
+    ll.convert(reference, callback.conversion)
     integrator = ll.TuckerIntegrator(reference, ll.IntegratorConfig(tau=0.3, interval=1))
     optimizer = reference.configure_optimizers()
     for _ in range(2):
@@ -365,6 +365,7 @@ def test_gradient_accumulation_runs_the_integrator_on_real_steps_only():
             if index % 4 == 3:
                 assert integrator.step(optimizer)
                 optimizer.zero_grad(set_to_none=True)
+    integrator.truncate(optimizer, final=True)  # as the end of fit: the growth margin dropped
     assert [m.ranks for m in tucker_layers(model).values()] == [m.ranks for m in tucker_layers(reference).values()]
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
@@ -507,7 +508,7 @@ def test_torch_compile_recompiles_once_per_storage_not_per_rank():
     torch.manual_seed(0)
     model = Compiled(lr=0.02)
     storages = Storages()
-    fit = trainer(max_epochs=3, callbacks=[ll.TuckerCallback(tau=0.3, interval=1), storages],
+    fit = trainer(max_epochs=3, callbacks=[ll.TuckerCallback(tau=0.3, rank="full", interval=1), storages],
                   num_sanity_val_steps=0, limit_val_batches=0)
     fit.fit(model)
     assert len(storages.ranks) > len(storages.seen) > 1  # ranks changed more often than the storage did
@@ -562,6 +563,36 @@ def test_placed_before_swa_it_works_and_after_it_is_refused():
     assert_healthy(model)
     with pytest.raises(ValueError, match="TuckerCallback must come before StochasticWeightAveraging"):
         trainer(callbacks=[StochasticWeightAveraging(swa_lrs=0.01), ll.TuckerCallback()]).fit(Student())
+
+
+def test_swa_averages_the_frozen_layers_whose_storage_changed_since_its_copy():
+    """SWA copies the model at its setup, at the storage of the start; from a start below full rank the storage grows
+    before the freeze. Reference: the mean of the model's states where SWA averages (``swa_epoch_start=2``: at the
+    starts of the second to the last epoch)."""
+
+    class Snapshots(pl.Callback):
+        def __init__(self):
+            self.states, self.storage = [], {}
+
+        def on_fit_start(self, trainer, pl_module):
+            self.storage["setup"] = [m.storage for m in tucker_layers(pl_module).values()]
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch >= 1:
+                self.states.append({k: v.clone() for k, v in pl_module.state_dict().items()})
+                self.storage["averaged"] = [m.storage for m in tucker_layers(pl_module).values()]
+
+    torch.manual_seed(0)
+    model, snapshots = Student(lr=0.02), Snapshots()
+    trainer(max_epochs=4, callbacks=[ll.TuckerCallback(tau=0.3, freeze_after_epochs=1), snapshots,
+                                     StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=2)]).fit(model)
+    assert snapshots.storage["setup"] != snapshots.storage["averaged"]
+    assert len(snapshots.states) == 3
+    for key, value in model.state_dict().items():
+        if value.is_floating_point():
+            expected = sum(state[key] for state in snapshots.states) / 3
+            torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=key)
+    assert_healthy(model)
 
 
 def test_freeze_after_steps_fixes_ranks_and_bases():
@@ -661,7 +692,7 @@ def test_step_metrics_reach_the_logger_at_every_logging_step(tmp_path):
     torch.manual_seed(0)
     model = Student(lr=0.02)
     seen = RanksAtBatchStart()
-    callback = ll.TuckerCallback(tau=0.3, interval=1)
+    callback = ll.TuckerCallback(tau=0.3, rank="full", interval=1)  # no growth margin: the active ranks are logged
     formed = []
     metrics = callback.metrics
     callback.metrics = lambda module: formed.append(1) or metrics(module)
@@ -892,11 +923,17 @@ def test_bf16_true_training_reloads_at_its_ranks_with_load_from_checkpoint(tmp_p
 def test_progress_bar_shows_compression_and_the_effective_and_stored_parameters():
     torch.manual_seed(0)
     model = Student(lr=0.02)
-    fit = trainer(max_epochs=2, callbacks=[ll.TuckerCallback(tau=0.3, interval=1)])
+    stored = []
+
+    class Stored(pl.Callback):  # after TuckerCallback, whose epoch-end metrics are the last the bar shows
+        def on_train_epoch_end(self, trainer, pl_module):
+            stored.append(sum(p.numel() for p in pl_module.parameters()))
+
+    fit = trainer(max_epochs=2, callbacks=[ll.TuckerCallback(tau=0.3, interval=1), Stored()])
     fit.fit(model)
     shown = fit.progress_bar_metrics
     report = ll.summary(model)
-    assert shown["lowrank/stored_params"] == sum(p.numel() for p in model.parameters())
+    assert shown["lowrank/stored_params"] == stored[-1]  # the end of fit drops the growth margin: less stored
     assert shown["lowrank/params"] == report.params < shown["lowrank/stored_params"]
     assert shown["lowrank/compression_rate"] == pytest.approx(report.compression_rate)
 

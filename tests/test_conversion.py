@@ -125,7 +125,8 @@ def test_device_and_dtype_follow_the_layer():
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(rank=0), "`rank` must be an int >= 1, a fraction in \\(0, 1\\] or 'full', got 0"),
+    (dict(rank=0), "`rank` must be an int >= 1, a fraction in \\(0, 1\\] or 'full' or None \\(a quarter, at most "
+                   "`max_rank`\\), got 0"),
     (dict(rank=-3), "`rank` must be an int >= 1"),
     (dict(max_rank=1.5), "`max_rank` must be an int >= 1, a fraction in \\(0, 1\\]"),
     (dict(rank=0.0), "`rank` must be"),
@@ -255,6 +256,27 @@ def test_max_rank_alone_sets_the_initial_rank():
     ll.convert(model, max_rank=0.5)
     assert model[0].max_ranks[:2] == model[0].ranks[:2] == (8, 2)  # ceil(0.5 * 16), ceil(0.5 * 3)
     assert model[8].max_ranks == (32, 64) and model[8].ranks == (32, 32)  # a linear layer's two ranks are equal
+
+
+def test_the_callback_starts_at_a_quarter_at_most_max_rank_with_the_dense_norm():
+    """TuckerCallback's defaults (``rank=None``, ``init="hosvd_scaled"``): ceil(n / 4) per channel mode, capped by a
+    `max_rank` given alone, each layer's weight at the dense weight's Frobenius norm; an explicit rank above
+    `max_rank` is still refused."""
+    torch.manual_seed(0)
+    model = small_cnn()
+    norms = {name: m.weight.norm() for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    ll.convert(model, ll.TuckerCallback().conversion)
+    assert model[0].ranks[:2] == (4, 1) and model[8].ranks == (16, 16)  # ceil(16 / 4), ceil(3 / 4); 64 / 4 (equal)
+    for name, norm in norms.items():
+        torch.testing.assert_close(model.get_submodule(name).weight.norm(), norm)
+    capped = small_cnn()
+    ll.convert(capped, ll.TuckerCallback(max_rank=0.1).conversion)
+    assert capped[0].ranks[:2] == capped[0].max_ranks[:2] == (2, 1)  # ceil(0.1 * 16): below a quarter
+    wide = small_cnn()
+    ll.convert(wide, ll.TuckerCallback(max_rank=0.5).conversion)
+    assert wide[0].ranks[:2] == (4, 1) and wide[0].max_ranks[:2] == (8, 2)
+    with pytest.raises(ValueError, match=r"`rank` \(0.5\) must not exceed `max_rank` \(0.25\)"):
+        ll.TuckerCallback(rank=0.5, max_rank=0.25)
 
 
 def test_a_module_registered_under_two_names_becomes_one_tucker_layer_under_both():

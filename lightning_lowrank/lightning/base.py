@@ -11,6 +11,8 @@ from lightning.pytorch.strategies import (
     DeepSpeedStrategy,
     SingleDeviceStrategy,
 )
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from typing_extensions import override
 
 from lightning_lowrank.lightning.checkpoint import CHECKPOINT_KEY, split_state
@@ -102,6 +104,25 @@ def writes_logs(trainer: pl.Trainer) -> bool:
     logging_step`` fails if it changes.
     """
     return bool(trainer._logger_connector.should_update_logs)
+
+
+def averaged_models(trainer: pl.Trainer) -> list[nn.Module]:
+    """The model copy of every averaging callback (:data:`AVERAGING`), which it made at its setup and averages into.
+
+    Lightning has no public attribute for it: this is the one place that reads their private ``_average_model``;
+    ``test_callback.py::test_placed_before_swa_it_works_and_after_it_is_refused`` and
+    ``::test_weight_averaging_after_the_freeze_keeps_orthonormal_factors`` fail if it changes.
+    """
+    copies = []
+    for callback in trainer.callbacks:
+        if isinstance(callback, AVERAGING):
+            copy = getattr(callback, "_average_model", None)
+            if copy is None:
+                raise RuntimeError(f"{type(callback).__name__} holds no model copy where this Lightning version "
+                                   f"({pl.__version__}) kept one (`_average_model`): lightning_lowrank cannot "
+                                   "match it to the trained layers' storage")
+            copies.append(copy.module if isinstance(copy, AveragedModel) else copy)
+    return copies
 
 
 def check_conversion_reaches_main_process(strategy: pl.strategies.Strategy, function: str) -> None:

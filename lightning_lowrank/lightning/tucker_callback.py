@@ -21,6 +21,7 @@ from typing_extensions import override
 from lightning_lowrank.lightning.base import (
     AVERAGING,
     LowRankCallback,
+    averaged_models,
     check_checkpoint_callbacks,
     check_conversion_reaches_main_process,
     check_strategy,
@@ -50,7 +51,12 @@ class TuckerCallback(LowRankCallback):
     Args:
         tau: relative truncation tolerance in [0, 1).
         rank, max_rank, kernel_rank, include, exclude, min_size, keep_first_last, init, layer_types: which layers
-            are converted and at which initial and maximum ranks (:class:`~lightning_lowrank.TuckerConfig`).
+            are converted and at which initial and maximum ranks (:class:`~lightning_lowrank.TuckerConfig`). The
+            defaults start every channel mode at a quarter of its size (at most ``max_rank``) with the core scaled
+            to the dense weight's norm (``init="hosvd_scaled"``): the run stays below the dense run's memory and
+            step time from the first step and the ranks grow where the loss needs them (README "What training
+            costs"). Weights to keep as they are (pretrained): ``rank="full"`` (exact; the first truncations
+            choose the ranks) or ``init="hosvd"`` (the best approximation at the start's ranks).
         min_rank, modes, method, interval, core_steps, growth, patience: the integrator's options
             (:class:`~lightning_lowrank.IntegratorConfig`). Layers still at their augmented ranks or keeping a
             growth margin when training ends are truncated to their tolerance ranks then; logged ranks and
@@ -62,7 +68,7 @@ class TuckerCallback(LowRankCallback):
     def __init__(
         self,
         tau: float = 0.1,
-        rank: RankSpec = "full",
+        rank: RankSpec | None = None,
         max_rank: RankSpec = "full",
         min_rank: int = 1,
         kernel_rank: RankSpec = "full",
@@ -78,7 +84,7 @@ class TuckerCallback(LowRankCallback):
         exclude: Sequence[str] = (),
         min_size: int = 0,
         keep_first_last: bool = False,
-        init: Literal["hosvd", "hosvd_scaled", "random"] = "hosvd",
+        init: Literal["hosvd", "hosvd_scaled", "random"] = "hosvd_scaled",
         layer_types: Sequence[type[nn.Module]] | None = None,
     ) -> None:
         conversion = {} if layer_types is None else {"layer_types": layer_types}
@@ -212,9 +218,25 @@ class TuckerCallback(LowRankCallback):
     def _freeze_if_due(self, trainer: pl.Trainer) -> None:
         if (self.freeze_after_steps is not None and trainer.global_step >= self.freeze_after_steps
                 or self.freeze_after_epochs is not None and trainer.current_epoch >= self.freeze_after_epochs):
-            for optimizer, integrator in self.integrators.items():
-                if not integrator.frozen:
-                    integrator.freeze(optimizer)
+            due = [(optimizer, integrator) for optimizer, integrator in self.integrators.items()
+                   if not integrator.frozen]
+            for optimizer, integrator in due:
+                integrator.freeze(optimizer)
+            if due:
+                self._match_averaged_models(trainer, trainer.lightning_module)
+
+    def _match_averaged_models(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Load the model into the averaging callbacks' copies (made at their setup, at the storage of the start), so
+        that they hold parameters of the trained layers' shapes: nothing has been averaged into them before the
+        freeze (refused), SWA's and WeightAveraging's first update copy the model anyway, and WeightAveraging swaps
+        its copy in for every validation, also before averaging starts (it then validates the current model)."""
+        for copy in averaged_models(trainer):
+            copy.load_state_dict(pl_module.state_dict())
+
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not all(integrator.frozen for integrator in self.integrators.values()):
+            self._match_averaged_models(trainer, pl_module)
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

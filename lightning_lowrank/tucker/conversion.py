@@ -22,18 +22,26 @@ r_i <= prod_{j != i} r_j (a linear layer's two ranks are equal): beyond that a m
 """
 
 
+START = 0.25
+"""The start ``rank=None`` takes: a quarter of each channel mode, at most its ``max_rank`` (TuckerCallback's default;
+why, measured: README "What training costs")."""
+
+
 CONVERTIBLE: tuple[type[nn.Module], ...] = (*TUCKER_LAYERS, nn.MultiheadAttention)
 """Dense module types :func:`convert` replaces: Linear and Conv by Tucker layers, attention by
 :class:`~lightning_lowrank.tucker.attention.SplitAttention` whose four projections become Tucker layers."""
 
 
-def _check_rank_spec(name: str, spec: RankSpec) -> None:
+def _check_rank_spec(name: str, spec: RankSpec | None) -> None:
+    if spec is None and name == "rank":
+        return
     if isinstance(spec, bool) or not (
         spec == "full" if isinstance(spec, str)
         else spec >= 1 if isinstance(spec, int)
         else isinstance(spec, float) and 0 < spec <= 1
     ):
-        raise ValueError(f"`{name}` must be an int >= 1, a fraction in (0, 1] or 'full', got {spec!r}")
+        default = " or None (a quarter, at most `max_rank`)" if name == "rank" else ""
+        raise ValueError(f"`{name}` must be an int >= 1, a fraction in (0, 1] or 'full'{default}, got {spec!r}")
 
 
 def resolve_rank(spec: RankSpec, size: int, bound: int) -> int:
@@ -49,7 +57,9 @@ class TuckerConfig:
     """Which layers become Tucker layers, and at which ranks.
 
     Args:
-        rank: initial active rank of the channel modes (output and input); "full" starts at `max_rank`.
+        rank: initial active rank of the channel modes (output and input); "full" starts at `max_rank` (exact:
+            the default here); None starts at a quarter of each mode (:data:`START`), at most `max_rank`
+            (TuckerCallback's default: a start that trains below the dense cost).
         max_rank: largest rank of the channel modes that truncation keeps (augmentation may exceed it for one
             interval); the storage follows the rank (:func:`~lightning_lowrank.tucker.storage.storage_size`).
         kernel_rank: initial rank of the spatial modes of convolutions.
@@ -66,7 +76,7 @@ class TuckerConfig:
             orthonormal factors, the dense weights projected onto them).
     """
 
-    rank: RankSpec = "full"
+    rank: RankSpec | None = "full"
     max_rank: RankSpec = "full"
     kernel_rank: RankSpec = "full"
     layer_types: tuple[type[nn.Module], ...] = CONVERTIBLE
@@ -79,7 +89,7 @@ class TuckerConfig:
     def __post_init__(self) -> None:
         for name in ("rank", "max_rank", "kernel_rank"):
             _check_rank_spec(name, getattr(self, name))
-        if self.max_rank != "full" and self.rank != "full" and (type(self.rank) is type(self.max_rank)
+        if self.max_rank != "full" and self.rank not in ("full", None) and (type(self.rank) is type(self.max_rank)
                                                                 and self.rank > self.max_rank):
             raise ValueError(f"`rank` ({self.rank}) must not exceed `max_rank` ({self.max_rank})")
         for name in ("include", "exclude", "layer_types"):
@@ -105,7 +115,8 @@ class TuckerConfig:
             specs = (self.rank, self.max_rank) if mode < 2 else (self.kernel_rank, "full")
             try:
                 max_rank = resolve_rank(specs[1], size, bound)
-                rank = max_rank if specs[0] == "full" else resolve_rank(specs[0], size, bound)
+                rank = (max_rank if specs[0] == "full" else min(resolve_rank(START, size, bound), max_rank)
+                        if specs[0] is None else resolve_rank(specs[0], size, bound))
             except ValueError as error:
                 raise ValueError(f"layer {layer_name!r}, mode {mode}: {error}; give a smaller int, a fraction in "
                                  f"(0, 1] or 'full', or exclude the layer") from None
