@@ -1,6 +1,7 @@
 """Two CPU processes (gloo) train a Student with TuckerCallback; each saves its rank history and final state.
 
-    python tests/ddp_run.py OUT_DIR      (run by test_callback.py::test_ddp_processes_end_every_step_identical)
+    python tests/ddp_run.py OUT_DIR [RANK]   (run by test_callback.py::test_ddp_processes_end_every_step_identical;
+                                              RANK: the callback's ``rank``, "full" or "default")
 """
 
 import os
@@ -25,13 +26,14 @@ class RankHistory(pl.Callback):
         self.storages.append([s for m in layers for s in m.storage])
 
 
-def main(out: Path) -> None:
+def main(out: Path, rank: str) -> None:
     torch.manual_seed(0)  # the same initial model everywhere (DDP also broadcasts it)
     history = RankHistory()
     # each process a different tolerance: only the broadcast of the first process's rank decision keeps them identical;
-    # the full start falls, so the storage shrinks
-    tau = 0.3 if os.environ.get("LOCAL_RANK", "0") == "0" else 0.05
-    callback = ll.TuckerCallback(tau=tau, rank="full", interval=1)
+    # the full start falls at tau 0.3 (its storage shrinks); the default start grows at tau 0.02 (its storage too)
+    taus = (0.3, 0.05) if rank == "full" else (0.02, 0.3)
+    tau = taus[0] if os.environ.get("LOCAL_RANK", "0") == "0" else taus[1]
+    callback = ll.TuckerCallback(tau=tau, interval=1, **({"rank": "full"} if rank == "full" else {}))
     trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=3, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[callback, history])
@@ -42,4 +44,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "full")

@@ -669,8 +669,11 @@ def test_sharded_strategies_are_refused():
 
 
 @pytest.mark.slow
-def test_ddp_processes_end_every_step_identical(tmp_path):
-    result = subprocess.run([sys.executable, str(HERE / "ddp_run.py"), str(tmp_path)], capture_output=True,
+@pytest.mark.parametrize("start", ["full", "default"])
+def test_ddp_processes_end_every_step_identical(tmp_path, start):
+    """Two processes with different tolerances: the full start's storage shrinks, the default (quarter) start's grows
+    with its ranks, and both processes keep identical ranks, storage and parameters at every step."""
+    result = subprocess.run([sys.executable, str(HERE / "ddp_run.py"), str(tmp_path), start], capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     states = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
@@ -679,6 +682,8 @@ def test_ddp_processes_end_every_step_identical(tmp_path):
     assert len(set(map(tuple, states[0]["ranks"]))) > 1  # ranks did change
     assert states[0]["storages"] == states[1]["storages"]
     assert len(set(map(tuple, states[0]["storages"]))) > 1  # and the storage with them
+    first, last = states[0]["storages"][0], states[0]["storages"][-1]
+    assert all(a >= b for a, b in zip(first, last)) if start == "full" else all(a <= b for a, b in zip(first, last))
     for key, value in states[0]["state_dict"].items():
         assert torch.equal(value, states[1]["state_dict"][key]), key
 
