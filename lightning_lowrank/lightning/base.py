@@ -116,12 +116,13 @@ def averaged_models(trainer: pl.Trainer) -> list[nn.Module]:
     copies = []
     for callback in trainer.callbacks:
         if isinstance(callback, AVERAGING):
-            copy = getattr(callback, "_average_model", None)
-            if copy is None:
-                raise RuntimeError(f"{type(callback).__name__} holds no model copy where this Lightning version "
-                                   f"({pl.__version__}) kept one (`_average_model`): lightning_lowrank cannot "
-                                   "match it to the trained layers' storage")
-            copies.append(copy.module if isinstance(copy, AveragedModel) else copy)
+            if not hasattr(callback, "_average_model"):
+                raise RuntimeError(f"{type(callback).__name__} keeps its model copy elsewhere than `_average_model` "
+                                   f"in this Lightning version ({pl.__version__}): lightning_lowrank cannot match it "
+                                   "to the trained layers' storage")
+            copy = callback._average_model  # None until its setup for fit
+            if copy is not None:
+                copies.append(copy.module if isinstance(copy, AveragedModel) else copy)
     return copies
 
 
