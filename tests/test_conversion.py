@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -125,8 +126,8 @@ def test_device_and_dtype_follow_the_layer():
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(rank=0), "`rank` must be an int >= 1, a fraction in \\(0, 1\\] or 'full' or None \\(a quarter, at most "
-                   "`max_rank`\\), got 0"),
+    (dict(rank=0), "`rank` must be an int >= 1, a fraction in \\(0, 1\\] or 'full' or None \\(a quarter, within "
+                   "`max_rank` and the dense size\\), got 0"),
     (dict(rank=-3), "`rank` must be an int >= 1"),
     (dict(max_rank=1.5), "`max_rank` must be an int >= 1, a fraction in \\(0, 1\\]"),
     (dict(rank=0.0), "`rank` must be"),
@@ -277,6 +278,25 @@ def test_the_callback_starts_at_a_quarter_at_most_max_rank_with_the_dense_norm()
     assert wide[0].ranks[:2] == (4, 1) and wide[0].max_ranks[:2] == (8, 2)
     with pytest.raises(ValueError, match=r"`rank` \(0.5\) must not exceed `max_rank` \(0.25\)"):
         ll.TuckerCallback(rank=0.5, max_rank=0.25)
+
+
+def test_the_default_start_stores_at_most_the_dense_weight():
+    """Where a quarter would store more than the dense weight (a square linear layer: factors 2 x n x n/2 and core
+    (n/2)^2, 1.25 n^2), ``rank=None`` lowers the start until factors and core (room for the augmentation included)
+    fit in the dense weight's n_out n_in entries; layers that fit keep the quarter. Reference: the stored entries
+    counted from the parameters' shapes, against the dense weight."""
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(1024, 256), nn.Conv2d(1, 6, 5))
+    ll.convert(model, ll.TuckerCallback().conversion)
+    for layer in model:
+        stored = sum(u.numel() for u in layer.factors) + layer.core.numel()
+        assert stored <= math.prod(layer.shape), layer
+    square, wide, small = model
+    assert square.ranks == (48, 48) and square.storage == (96, 96)  # 49 needs storage 128: 2 * 256 * 128 + 128^2
+    assert wide.ranks == (64, 64)  # a quarter of 256: 1024 * 128 + 256 * 128 + 128^2 <= 1024 * 256
+    assert small.ranks[:2] == (1, 1)  # a quarter (2, 1) stores 6 * 4 + 1 + 2 * 25 + 4 * 25 = 175 > 150
+    explicit = nn.Sequential(nn.Linear(256, 256))
+    ll.convert(explicit, ll.TuckerCallback(rank=0.25).conversion)
+    assert explicit[0].ranks == (64, 64)  # an explicit rank is taken as given
 
 
 def test_a_module_registered_under_two_names_becomes_one_tucker_layer_under_both():

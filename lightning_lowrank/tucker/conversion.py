@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Union
 
@@ -13,6 +14,7 @@ from lightning_lowrank.selection import ConversionReport, check_patterns, patter
 from lightning_lowrank.tucker.algebra import Init, consistent_ranks, full_ranks
 from lightning_lowrank.tucker.attention import SplitAttention
 from lightning_lowrank.tucker.layers import TUCKER_LAYERS, TuckerLayer
+from lightning_lowrank.tucker.storage import storage_size
 
 RankSpec = Union[int, float, Literal["full"]]
 """A rank per mode: an int in [1, n], a fraction of the mode size n in (0, 1] (rounded up), or 'full' (= n).
@@ -23,8 +25,9 @@ r_i <= prod_{j != i} r_j (a linear layer's two ranks are equal): beyond that a m
 
 
 START = 0.25
-"""The start ``rank=None`` takes: a quarter of each channel mode, at most its ``max_rank`` (TuckerCallback's default;
-why, measured: README "What training costs")."""
+"""The start ``rank=None`` takes: a quarter of each channel mode, at most its ``max_rank`` and at most what keeps the
+layer's storage within its dense weight (:func:`start_ranks`; TuckerCallback's default; why, measured: README "What
+training costs")."""
 
 
 CONVERTIBLE: tuple[type[nn.Module], ...] = (*TUCKER_LAYERS, nn.MultiheadAttention)
@@ -40,7 +43,7 @@ def _check_rank_spec(name: str, spec: RankSpec | None) -> None:
         else spec >= 1 if isinstance(spec, int)
         else isinstance(spec, float) and 0 < spec <= 1
     ):
-        default = " or None (a quarter, at most `max_rank`)" if name == "rank" else ""
+        default = " or None (a quarter, within `max_rank` and the dense size)" if name == "rank" else ""
         raise ValueError(f"`{name}` must be an int >= 1, a fraction in (0, 1] or 'full'{default}, got {spec!r}")
 
 
@@ -58,8 +61,9 @@ class TuckerConfig:
 
     Args:
         rank: initial active rank of the channel modes (output and input); "full" starts at `max_rank` (exact:
-            the default here); None starts at a quarter of each mode (:data:`START`), at most `max_rank`
-            (TuckerCallback's default: a start that trains below the dense cost).
+            the default here); None starts at a quarter of each mode (:data:`START`), at most `max_rank` and
+            lowered where the layer would store more than its dense weight (:func:`start_ranks`; TuckerCallback's
+            default: a start that trains below the dense cost).
         max_rank: largest rank of the channel modes that truncation keeps (augmentation may exceed it for one
             interval); the storage follows the rank (:func:`~lightning_lowrank.tucker.storage.storage_size`).
         kernel_rank: initial rank of the spatial modes of convolutions.
@@ -125,7 +129,25 @@ class TuckerConfig:
                                  f"`max_rank` {max_rank}")
             ranks.append(rank)
             max_ranks.append(max_rank)
-        return consistent_ranks(ranks), tuple(max_ranks)
+        ranks = consistent_ranks(ranks)
+        return (ranks if self.rank is not None else start_ranks(shape, ranks)), tuple(max_ranks)
+
+
+def start_ranks(shape: tuple[int, ...], ranks: tuple[int, ...]) -> tuple[int, ...]:
+    """``ranks`` with the channel ranks lowered (the larger first, down to 1) until the layer stores at most its
+    dense weight's prod_i n_i entries: sum_i n_i s_i + prod_i s_i with s_i = ``storage_size(n_i, r_i)`` (room for the
+    augmented bases; a square linear layer at a quarter would store 1.25 n^2)."""
+    ranks = list(ranks)
+    while _stored(shape, ranks) > math.prod(shape) and max(ranks[:2]) > 1:
+        mode = 0 if ranks[0] >= ranks[1] else 1
+        ranks[mode] -= 1
+    return consistent_ranks(ranks)
+
+
+def _stored(shape: Sequence[int], ranks: Sequence[int]) -> int:
+    """Entries a Tucker layer of ``shape`` stores at ``ranks``: factors n_i x s_i and the core prod_i s_i."""
+    storage = [storage_size(n, r) for n, r in zip(shape, ranks)]
+    return sum(n * s for n, s in zip(shape, storage)) + math.prod(storage)
 
 
 def convert(module: nn.Module, config: TuckerConfig | None = None, **options: object) -> ConversionReport:
