@@ -48,15 +48,18 @@ def mlp(in_features: int = 784, num_classes: int = 10, hidden: int = 1024) -> nn
 
 
 class ImageClassifier(pl.LightningModule):
-    """Cross-entropy training of ``lenet5``, ``vgg`` or ``mlp`` with SGD; logs ``train_loss``, ``val_acc``,
-    ``test_acc``.
+    """Cross-entropy training of ``lenet5``, ``vgg`` or ``mlp`` with SGD (``optimizer="sgd"``, with ``momentum``) or
+    AdamW; logs ``train_loss``, ``val_acc``, ``test_acc``.
 
     Input: (N, in_channels, image_size, image_size); output: (N, num_classes) logits.
     """
 
     def __init__(self, arch: Literal["lenet5", "vgg", "mlp"] = "lenet5", in_channels: int = 1, image_size: int = 28,
-                 num_classes: int = 10, lr: float = 0.05, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+                 num_classes: int = 10, lr: float = 0.05, momentum: float = 0.0, weight_decay: float = 0.0,
+                 optimizer: Literal["sgd", "adamw"] = "sgd") -> None:
         super().__init__()
+        if optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"`optimizer` must be 'sgd' or 'adamw', got {optimizer!r}")
         if arch not in ("lenet5", "vgg", "mlp"):
             raise ValueError(f"`arch` must be 'lenet5', 'vgg' or 'mlp', got {arch!r}")
         if lr <= 0:
@@ -89,5 +92,7 @@ class ImageClassifier(pl.LightningModule):
         self.log("test_acc", self.test_acc)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.hparams.optimizer == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum,
                                weight_decay=self.hparams.weight_decay)

@@ -2,10 +2,10 @@
 
     python benchmarks/training_cost.py [--model lenet5] [--epochs 2] [--tau 0.15] [--ranks full 0.25]
                                        [--init hosvd] [--growth 0.25] [--patience 200] [--schedule 10:10]
-                                       [--limit-batches N] [--plot docs/memory.png]
+                                       [--limit-batches N] [--optimizer sgd] [--plot docs/memory.png]
 
-LeNet5 on MNIST (28x28) or the VGG-style net on Fashion-MNIST (32x32, 3 channels), SGD lr 0.05 momentum 0.9, batch
-128 (LeNet5) or 32 (VGG-style). Arms: dense, and ``TuckerCallback(tau, rank)`` for every ``--ranks`` (``full``: the
+LeNet5 on MNIST (28x28) or the VGG-style net on Fashion-MNIST (32x32, 3 channels), SGD lr 0.05 momentum 0.9
+(``--optimizer adamw``: AdamW lr 1e-3, weight decay 0), batch 128 (LeNet5) or 32 (VGG-style). Arms: dense, and ``TuckerCallback(tau, rank)`` for every ``--ranks`` (``full``: the
 full-rank start; a fraction: the start below it; ``--schedule k:s``: ``interval=k, core_steps=s``, default the
 package's, 1:1 for this SGD). Per arm: peak bytes of parameters + gradients + optimizer state over
 the run (measured after backward, before the integrator drops the basis gradients, and after each step), the same at
@@ -34,6 +34,7 @@ from training import schedule
 
 import lightning_lowrank as ll
 
+OPTIMIZERS = {"sgd": "SGD lr 0.05 momentum 0.9", "adamw": "AdamW lr 1e-3"}
 SETTINGS = {"lenet5": dict(data="data/mnist", batch_size=128, image_size=28, channels=1),
             "vgg": dict(data="data/fashion-mnist", batch_size=32, image_size=32, channels=3)}
 
@@ -75,12 +76,12 @@ def run_arm(args: argparse.Namespace, arm: str) -> dict[str, object]:
     pl.seed_everything(args.seed, verbose=False)
     data = MNISTDataModule(setting["data"], batch_size=setting["batch_size"], val_size=0, seed=args.seed,
                            image_size=setting["image_size"], channels=setting["channels"])
-    model = ImageClassifier(args.model, in_channels=setting["channels"], image_size=setting["image_size"], lr=0.05,
-                            momentum=0.9)
+    optimizer = dict(lr=0.05, momentum=0.9) if args.optimizer == "sgd" else dict(lr=1e-3, optimizer="adamw")
+    model = ImageClassifier(args.model, in_channels=setting["channels"], image_size=setting["image_size"], **optimizer)
     meter = CostMeter()
     callbacks: list[pl.Callback] = [meter]
     if arm != "dense":
-        rank = arm if arm == "full" else float(arm)
+        rank = arm if arm == "full" else None if arm == "default" else float(arm)
         interval, core_steps = args.schedule
         callbacks.append(ll.TuckerCallback(tau=args.tau, rank=rank, init=args.init, growth=args.growth,
                                            patience=args.patience, interval=interval, core_steps=core_steps))
@@ -124,7 +125,7 @@ def main() -> None:
     parser.add_argument("--model", default="lenet5", choices=sorted(SETTINGS))
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--tau", type=float, default=0.15)
-    parser.add_argument("--ranks", nargs="+", default=["full", "0.25"], help="'full' or fractions in (0, 1]")
+    parser.add_argument("--ranks", nargs="+", default=["full", "0.25"], help="'full', 'default' (rank=None) or fractions in (0, 1]")
     parser.add_argument("--limit-batches", type=int, default=None, help="training batches per epoch (default all)")
     parser.add_argument("--init", default="hosvd", choices=["hosvd", "hosvd_scaled", "random"],
                         help="factors of a start below full rank (TuckerConfig.init)")
@@ -134,6 +135,7 @@ def main() -> None:
                         help="optimizer steps a mode keeps its growth margin after the start or its last renewal")
     parser.add_argument("--schedule", type=schedule, default=(None, None), help="interval:core_steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     parser.add_argument("--plot", default=None, help="write the state-bytes curves to this PNG")
     parser.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # run one arm in this process
     args = parser.parse_args()
@@ -148,7 +150,7 @@ def main() -> None:
         results.append(json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:]))
     dense = results[0]
     print(f"{args.model}, {args.epochs} epochs, tau {args.tau}, init {args.init}, growth {args.growth}, "
-          f"patience {args.patience}, SGD lr 0.05 momentum 0.9, batches per epoch {args.limit_batches or 'all'}, "
+          f"patience {args.patience}, {OPTIMIZERS[args.optimizer]}, batches per epoch {args.limit_batches or 'all'}, "
           f"seed {args.seed}")
     print(f"{'arm':>10} {'test acc':>8} {'compr.':>6} {'peak state':>14} {'end state':>14} {'peak RSS':>15} "
           f"{'first 20 ms':>14} {'last ep. ms':>14}  final ranks")
