@@ -5,9 +5,10 @@
                                        [--limit-batches N] [--optimizer sgd] [--plot docs/memory.png]
 
 LeNet5 on MNIST (28x28) or the VGG-style net on Fashion-MNIST (32x32, 3 channels), SGD lr 0.05 momentum 0.9
-(``--optimizer adamw``: AdamW lr 1e-3, weight decay 0), batch 128 (LeNet5) or 32 (VGG-style). Arms: dense, and ``TuckerCallback(tau, rank)`` for every ``--ranks`` (``full``: the
-full-rank start; a fraction: the start below it; ``--schedule k:s``: ``interval=k, core_steps=s``, default the
-package's, 1:1 for this SGD). Per arm: peak bytes of parameters + gradients + optimizer state over
+(``--optimizer adamw``: AdamW lr 1e-3, weight decay 0), batch 128 (LeNet5) or 32 (VGG-style). Arms: dense, and
+``TuckerCallback(tau, rank)`` for every ``--ranks`` (``full``: the full-rank start; a fraction: the start below it;
+``default``: ``rank=None``, chosen from the optimizer; ``--schedule k:s``: ``interval=k, core_steps=s``, default the
+package's: 1:1 for SGD, 10:10 for AdamW). Per arm: peak bytes of parameters + gradients + optimizer state over
 the run (measured after backward, before the integrator drops the basis gradients, and after each step), the same at
 the end, peak process RSS (each arm in a fresh process), median time per training step over the first 20 steps and
 over the last epoch, compression rate and test accuracy; each with its ratio to the dense arm. ``--plot`` writes the
@@ -125,7 +126,8 @@ def main() -> None:
     parser.add_argument("--model", default="lenet5", choices=sorted(SETTINGS))
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--tau", type=float, default=0.15)
-    parser.add_argument("--ranks", nargs="+", default=["full", "0.25"], help="'full', 'default' (rank=None) or fractions in (0, 1]")
+    parser.add_argument("--ranks", nargs="+", default=["full", "0.25"],
+                        help="'full', 'default' (rank=None) or fractions in (0, 1]")
     parser.add_argument("--limit-batches", type=int, default=None, help="training batches per epoch (default all)")
     parser.add_argument("--init", default="hosvd", choices=["hosvd", "hosvd_scaled", "random"],
                         help="factors of a start below full rank (TuckerConfig.init)")

@@ -95,6 +95,67 @@ def test_conversion_is_idempotent_across_stages():
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+class StartProbe(pl.Callback):
+    """The Tucker layers' ranks and state when training starts (after TuckerCallback's fit start)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.ranks = {name: m.ranks for name, m in tucker_layers(pl_module).items()}
+        self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+        self.weights = {name: m.dense_weight() for name, m in tucker_layers(pl_module).items()}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_the_default_start_follows_the_optimizer(optimizer):
+    """``rank=None``: under SGD the layers start as ``convert`` with the default start (a quarter, scaled) makes them
+    from the dense model; under Adam at full rank, exactly the dense weights. Before fit starts (and in runs
+    without fit) they are at full rank."""
+    torch.manual_seed(0)
+    model = Student(optimizer=optimizer)
+    dense = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, (nn.Linear,
+                                                                                                   nn.Conv2d))}
+    reference = Student(optimizer=optimizer)
+    reference.load_state_dict(model.state_dict())
+    callback, probe = ll.TuckerCallback(), StartProbe()
+    trainer(max_steps=1, callbacks=[callback, probe]).validate(model, verbose=False)
+    assert all(m.ranks == m.max_ranks for m in tucker_layers(model).values())  # validate: full rank, exact
+    trainer(max_steps=1, callbacks=[callback, probe]).fit(model)
+    if optimizer == "adam":
+        assert all(probe.ranks[name] == m.max_ranks for name, m in tucker_layers(model).items())
+        for name, weight in probe.weights.items():
+            torch.testing.assert_close(weight, dense[name], rtol=1e-5, atol=1e-6)
+        return
+    ll.convert(reference, ll.TuckerConfig(rank=None, init="hosvd_scaled"))
+    assert probe.ranks == {name: m.ranks for name, m in tucker_layers(reference).items()}
+    assert probe.ranks["net.3"] == (4, 4)  # a quarter of 16
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(probe.state[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert [p.shape for p in model.parameters()] != [p.shape for p in Student().parameters()]
+
+
+def test_a_run_resumed_from_the_default_start_keeps_the_checkpoints_ranks(tmp_path):
+    """Resuming (SGD, ``rank=None``) does not start the layers again: the run equals the uninterrupted one."""
+    def run(epochs, ckpt_path=None):
+        torch.manual_seed(0)
+        model = Student(lr=0.03)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / f"{epochs}-{ckpt_path is not None}", save_last=True)
+        fit = trainer(max_epochs=epochs, enable_checkpointing=True,
+                      callbacks=[ll.TuckerCallback(tau=0.05), checkpoint])
+        fit.fit(model, ckpt_path=ckpt_path)
+        return model
+
+    straight = run(2)
+    run(1)
+    resumed = run(2, ckpt_path=tmp_path / "1-False" / "last.ckpt")
+    start = Student()
+    ll.convert(start, ll.TuckerConfig(rank=None))
+    stored = torch.load(tmp_path / "1-False" / "last.ckpt", weights_only=False)["lightning_lowrank"]["state_dict"]
+    assert [tuple(stored[f"{name}.rank"].tolist()) for name in tucker_layers(start)] != \
+        [m.ranks for m in tucker_layers(start).values()]  # grown since the start
+    assert [m.ranks for m in tucker_layers(resumed).values()] == [m.ranks for m in tucker_layers(straight).values()]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert (a.double() - b.double()).abs().max() <= 1e-6, name
+
+
 @pytest.mark.parametrize("interval, core_steps", [(3, 1), (5, 5)])
 def test_resume_equals_an_uninterrupted_run(tmp_path, interval, core_steps):
     """Checkpoint after epoch 1 (8 steps: with 5 core steps, 3 steps into a window at the augmented ranks), resume

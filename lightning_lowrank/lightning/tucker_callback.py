@@ -4,7 +4,7 @@ checkpoint the exact factorization."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -27,9 +27,14 @@ from lightning_lowrank.lightning.base import (
     check_strategy,
 )
 from lightning_lowrank.lightning.checkpoint import CHECKPOINT_KEY
-from lightning_lowrank.tucker.conversion import RankSpec, TuckerConfig, convert
+from lightning_lowrank.tucker.conversion import RankSpec, TuckerConfig, convert, restart
 from lightning_lowrank.tucker.distributed import broadcast_layers, keep_out_of_ddp
-from lightning_lowrank.tucker.integrator import IntegratorConfig, TuckerIntegrator, gradients_finite
+from lightning_lowrank.tucker.integrator import (
+    IntegratorConfig,
+    TuckerIntegrator,
+    gradients_finite,
+    steps_follow_gradient,
+)
 from lightning_lowrank.tucker.layers import TuckerLayer
 from lightning_lowrank.tucker.optimizer_state import state_rules
 from lightning_lowrank.tucker.summary import summary
@@ -51,14 +56,16 @@ class TuckerCallback(LowRankCallback):
     Args:
         tau: relative truncation tolerance in [0, 1).
         rank, max_rank, kernel_rank, include, exclude, min_size, keep_first_last, init, layer_types: which layers
-            are converted and at which initial and maximum ranks (:class:`~lightning_lowrank.TuckerConfig`). The
-            defaults start every channel mode at a quarter of its size (at most ``max_rank``) with the core scaled
-            to the dense weight's norm (``init="hosvd_scaled"``): the run stays below the dense run's memory and
-            step time from the first step and the ranks grow where the loss needs them (README "What training
-            costs"; measured with SGD on CNNs: under AdamW a transformer's small-start ranks did not grow, and
-            square linear layers store more than dense at a quarter: use ``rank="full"`` there). Weights to keep as
-            they are (pretrained): ``rank="full"`` (exact; the first truncations choose the ranks) or
-            ``init="hosvd"`` (the best approximation at the start's ranks).
+            are converted and at which initial and maximum ranks (:class:`~lightning_lowrank.TuckerConfig`).
+            ``rank=None`` (the default) chooses the start from the optimizer at fit start: where its steps follow
+            the gradient's size (SGD, ASGD), every channel mode starts at a quarter of its size (at most
+            ``max_rank``, lowered where the layer would store more than its dense weight) with the core scaled to
+            the dense weight's norm (``init="hosvd_scaled"``), so the run stays below the dense run's memory from
+            the first step and the ranks grow where the loss needs them; under every other optimizer (Adam-type,
+            whose per-entry steps neither trained such a start nor grew its ranks) at full rank. Until then, and in
+            runs without fit, the converted layers are at full rank (exact). Why, measured: README "What training
+            costs". Weights to keep as they are (pretrained): ``rank="full"`` (exact; the first truncations choose
+            the ranks) or ``init="hosvd"`` (the best approximation at the start's ranks).
         min_rank, modes, method, interval, core_steps, growth, patience: the integrator's options
             (:class:`~lightning_lowrank.IntegratorConfig`). Layers still at their augmented ranks or keeping a
             growth margin when training ends are truncated to their tolerance ranks then; logged ranks and
@@ -108,6 +115,7 @@ class TuckerCallback(LowRankCallback):
         self._layers: dict[str, TuckerLayer] = {}
         self._membership: dict[torch.optim.Optimizer, int] = {}  # parameters per optimizer at the last look
         self._out_of_ddp: set[str] = set()  # Tucker layers kept out of DDP at setup
+        self._unstarted: set[str] = set()  # layers converted at full rank whose start (`rank=None`) the optimizer picks
 
     @property
     @override
@@ -131,7 +139,10 @@ class TuckerCallback(LowRankCallback):
                              "TuckerCallback's `freeze_after_epochs` (or `freeze_after_steps`) to a point at or "
                              "before averaging starts")
         if any(type(m) in self.conversion.layer_types or isinstance(m, TuckerLayer) for m in pl_module.modules()):
-            report = convert(pl_module, self.conversion)
+            chosen_later = self.conversion.rank is None  # full rank until fit start
+            report = convert(pl_module, replace(self.conversion, rank="full") if chosen_later else self.conversion)
+            if chosen_later:
+                self._unstarted.update(report.converted)
             if report.converted and stage == "fit":
                 check_conversion_reaches_main_process(trainer.strategy, "lightning_lowrank.convert")
             if report.converted:
@@ -152,6 +163,7 @@ class TuckerCallback(LowRankCallback):
         if not layers:
             raise ValueError(f"{type(pl_module).__name__} has no Tucker layers at fit start: if it builds its layers "
                              "in `configure_model`, call `lightning_lowrank.convert` there")
+        self._start(trainer, layers)
         if isinstance(trainer.strategy, DDPStrategy):
             wrapped = sorted(set(layers) - self._out_of_ddp)
             if wrapped:
@@ -178,6 +190,27 @@ class TuckerCallback(LowRankCallback):
                 integrator.load_state_dict(state)
             self.skipped_steps = self._loaded_state["skipped_steps"]
             self._loaded_state = None
+
+    def _start(self, trainer: pl.Trainer, layers: dict[str, TuckerLayer]) -> None:
+        """Start the layers converted at full rank for ``rank=None`` (not when resuming: the checkpoint holds their
+        ranks): below full rank (:func:`~lightning_lowrank.tucker.conversion.restart`) those whose cores an
+        optimizer steps whose steps follow the gradient's size; the others stay at full rank."""
+        unstarted, self._unstarted = self._unstarted, set()
+        if self._loaded_state is not None:
+            return
+        moved = {name: type(optimizer).__name__ for optimizer, members in
+                 _layers_by_optimizer(layers, trainer.optimizers).items()
+                 for name in members if name in unstarted and steps_follow_gradient(optimizer)}
+        for name in moved:
+            restart(layers[name], self.conversion, name)
+        if moved:
+            rank_zero_info(f"TuckerCallback: {sorted(set(moved.values()))} steps follow the gradient's size: "
+                           f"{len(moved)} layer(s) start below full rank; the converted layers store "
+                           f"{summary(trainer.lightning_module).stored_params:,} parameters")
+        if unstarted - set(moved):
+            rank_zero_info(f"TuckerCallback: {len(unstarted - set(moved))} layer(s) start at full rank: their "
+                           "optimizer normalizes its steps per entry, under which a start below full rank did not "
+                           "train (README \"What training costs\"); set `rank` to start them lower")
 
     def _join(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         """Give ``optimizer``'s integrator the Tucker layers whose cores it steps now (a finetuning callback may add

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Union
 
+import torch
 from torch import nn
 
 from lightning_lowrank.selection import ConversionReport, check_patterns, pattern_reason
@@ -142,6 +143,26 @@ def start_ranks(shape: tuple[int, ...], ranks: tuple[int, ...]) -> tuple[int, ..
         mode = 0 if ranks[0] >= ranks[1] else 1
         ranks[mode] -= 1
     return consistent_ranks(ranks)
+
+
+@torch.no_grad()
+def restart(layer: TuckerLayer, config: TuckerConfig, name: str) -> None:
+    """Lower a layer converted with ``rank="full"`` to the initial ranks ``config`` gives it
+    (:meth:`TuckerConfig.ranks_for`), its storage fitted to them: the leading block of the core and of each factor,
+    which for ``init="hosvd"`` and ``"hosvd_scaled"`` is the truncated HOSVD
+    (:func:`~lightning_lowrank.tucker.algebra.tucker_decomposition`), the core scaled back to its norm before for
+    ``"hosvd_scaled"``: the layer ``convert`` with ``config`` would have made (the storage beyond the ranks zero).
+    The parameters keep their identity; call it before the optimizer's first step (their optimizer state is not
+    resized)."""
+    norm = torch.linalg.vector_norm(layer.active_core().double())
+    ranks, _ = config.ranks_for(layer.shape, name)
+    layer.set_ranks(ranks)
+    layer.resize([storage_size(n, r) for n, r in zip(layer.shape, ranks)])
+    for u, r in zip(layer.factors, ranks):
+        u[:, r:] = 0  # as a conversion at these ranks leaves the storage beyond them
+    if config.init == "hosvd_scaled":
+        kept = torch.linalg.vector_norm(layer.active_core().double())
+        layer.core.mul_((norm / kept.clamp_min(1e-300)).to(layer.core.dtype))
 
 
 def _stored(shape: Sequence[int], ranks: Sequence[int]) -> int:

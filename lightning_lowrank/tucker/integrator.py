@@ -147,8 +147,16 @@ class IntegratorConfig:
         if optimizer is None:
             raise ValueError("`interval` None chooses the schedule from the optimizer: give the integrator its "
                              "optimizer, or set `interval` (1: the paper's step; 10: ten core steps per window)")
-        interval = 1 if isinstance(optimizer, (torch.optim.SGD, torch.optim.ASGD)) else 10
+        interval = 1 if steps_follow_gradient(optimizer) else 10
         return replace(self, interval=interval)
+
+
+def steps_follow_gradient(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer``'s steps follow the gradient's size (SGD, ASGD and their subclasses), rather than being
+    normalized per entry (Adam-type, RMSprop, Adagrad, ...: every entry moves by about the learning rate, signal or
+    noise). It chooses the integrator's schedule (:meth:`IntegratorConfig.for_optimizer`) and TuckerCallback's
+    default start."""
+    return isinstance(optimizer, (torch.optim.SGD, torch.optim.ASGD))
 
 
 class TuckerIntegrator:
