@@ -15,6 +15,11 @@ class ConversionReport:
     converted: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def names(self) -> list[str]:
+        """Every name of the converted layers (a module registered under several names has all of them)."""
+        return [name for entry in self.converted for name in entry.split(" = ")]
+
     def __str__(self) -> str:
         lines = [f"converted {len(self.converted)} layer(s): {', '.join(self.converted) or '-'}"]
         lines += [f"kept dense {name}: {reason}" for name, reason in self.skipped.items()]

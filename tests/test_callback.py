@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_models import Student
 from reference import assert_orthonormal
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_lowrank as ll
 
@@ -130,6 +131,29 @@ def test_the_default_start_follows_the_optimizer(optimizer):
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(probe.state[key], value, rtol=1e-5, atol=1e-6, msg=key)
     assert [p.shape for p in model.parameters()] != [p.shape for p in Student().parameters()]
+
+
+def test_the_default_start_lowers_a_layer_registered_under_two_names():
+    """A module registered twice (one object, reported as "a = b") starts below full rank under SGD like any other."""
+    class Shared(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            shared = nn.Linear(32, 32)
+            self.body = nn.Sequential(shared, nn.Tanh(), shared)
+            self.alias = shared
+
+        def training_step(self, batch, batch_idx):
+            return self.body(batch[0]).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        def train_dataloader(self):
+            return DataLoader(TensorDataset(torch.randn(8, 32)), batch_size=8)
+
+    model, probe = Shared(), StartProbe()
+    trainer(max_steps=1, callbacks=[ll.TuckerCallback(), probe]).fit(model)
+    assert model.body[0] is model.alias and probe.ranks == {"body.0": (6, 6)}  # below a quarter: a square layer
 
 
 def test_a_run_resumed_from_the_default_start_keeps_the_checkpoints_ranks(tmp_path):

@@ -299,6 +299,23 @@ def test_the_default_start_stores_at_most_the_dense_weight():
     assert explicit[0].ranks == (64, 64)  # an explicit rank is taken as given
 
 
+@pytest.mark.parametrize("init", ["hosvd", "random"])
+def test_converting_leaves_the_global_random_state_as_it_was(init):
+    """Reference: the random state before the conversion, so that a converted model trains on the dense model's
+    random stream (batch order, dropout); ``init="random"`` draws the same factors again from the same seed."""
+    def converted():
+        torch.manual_seed(0)
+        model = small_cnn()
+        state = torch.get_rng_state()
+        ll.convert(model, rank=0.5, init=init)
+        assert torch.equal(torch.get_rng_state(), state)
+        return model
+
+    first, second = converted(), converted()
+    for (key, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
 def test_a_module_registered_under_two_names_becomes_one_tucker_layer_under_both():
     """Reference: the dense model's output; the shared module stays shared (one object, trained once)."""
     class Twice(nn.Module):
@@ -318,6 +335,7 @@ def test_a_module_registered_under_two_names_becomes_one_tucker_layer_under_both
     report = ll.convert(model)
     assert model.body[0] is model.body[2] is model.extra and isinstance(model.extra, ll.TuckerLinear)
     assert report.converted == ["body.0 = body.2 = extra", "body.4"]
+    assert report.names == ["body.0", "body.2", "extra", "body.4"]
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
     assert len(ll.summary(model).layers) == 2
     exported = ll.compact(model)

@@ -142,7 +142,7 @@ class TuckerCallback(LowRankCallback):
             chosen_later = self.conversion.rank is None  # full rank until fit start
             report = convert(pl_module, replace(self.conversion, rank="full") if chosen_later else self.conversion)
             if chosen_later:
-                self._unstarted.update(report.converted)
+                self._unstarted.update(report.names)
             if report.converted and stage == "fit":
                 check_conversion_reaches_main_process(trainer.strategy, "lightning_lowrank.convert")
             if report.converted:

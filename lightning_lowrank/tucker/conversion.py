@@ -174,6 +174,9 @@ def _stored(shape: Sequence[int], ranks: Sequence[int]) -> int:
 def convert(module: nn.Module, config: TuckerConfig | None = None, **options: object) -> ConversionReport:
     """Replace the selected dense layers of ``module`` by Tucker layers, in place; idempotent.
 
+    The global random state is as before (the layers' construction and ``init="random"`` draw from a copy of it),
+    so a converted model trains on the same random stream (batch order, dropout) as the dense one.
+
     Args:
         module: the model; its layers keep their names, device and dtype.
         config: a :class:`TuckerConfig`, or its fields as keyword ``options``.
@@ -219,11 +222,13 @@ def convert(module: nn.Module, config: TuckerConfig | None = None, **options: ob
     for names, split in splits:
         for name in names:
             module.set_submodule(name, split)
-    for names, layer, ranks, max_ranks in plan:
-        tucker = TUCKER_LAYERS[type(layer)].from_dense(layer, ranks, max_ranks, config.init)
-        for name in names:
-            module.set_submodule(name, tucker)
-        report.converted.append(" = ".join(names))
+    cuda = sorted({p.device.index or 0 for _, layer, _, _ in plan for p in layer.parameters() if p.is_cuda})
+    with torch.random.fork_rng(devices=cuda):  # the training's random stream is that of the dense model
+        for names, layer, ranks, max_ranks in plan:
+            tucker = TUCKER_LAYERS[type(layer)].from_dense(layer, ranks, max_ranks, config.init)
+            for name in names:
+                module.set_submodule(name, tucker)
+            report.converted.append(" = ".join(names))
     if not any(isinstance(m, TuckerLayer) for m in module.modules()):
         raise ValueError(f"nothing to convert in {type(module).__name__}: no layer of type "
                          f"{[t.__name__ for t in config.layer_types]} passed the selection\n{report}")
@@ -234,7 +239,7 @@ def convert(module: nn.Module, config: TuckerConfig | None = None, **options: ob
 def _dense_modules(module: nn.Module, report: ConversionReport, config: TuckerConfig) -> dict[str, str]:
     """Every other module holding parameters of its own, with why it stays dense (not inside a factorized layer,
     nor inside a module the report already names)."""
-    known = [name for entry in report.converted for name in entry.split(" = ")] + list(report.skipped)
+    known = report.names + list(report.skipped)
     dense = {}
     for name, m in module.named_modules():
         if any(name == k or name.startswith(k + ".") for k in known) or isinstance(m, TuckerLayer):
