@@ -2,7 +2,8 @@
 
     python benchmarks/char_transformer.py [--steps 600] [--taus 0.1] [--layers 4] [--width 256] [--context 128]
                                           [--batch 32] [--rank full] [--max-rank full] [--init hosvd]
-                                          [--growth 0.25] [--interval 10] [--core-steps 10] [--floor 0.15 ...]
+                                          [--growth 0.25] [--interval 10] [--core-steps 10] [--scale-steps]
+                                          [--floor 0.15 ...]
                                           [--no-dense] [--no-cli]
 
 Text: the files of ``FILES`` from this Python's standard library (present on every machine, nothing downloaded), read
@@ -213,6 +214,7 @@ trainer:
         max_rank: {max_rank}
         init: {init}
         growth: {growth}
+        scale_steps: {scale_steps}
         interval: {interval}
         core_steps: {core_steps}
 """
@@ -252,6 +254,7 @@ def main() -> None:
     parser.add_argument("--growth", type=float, default=0.25, help="the callback's growth margin")
     parser.add_argument("--interval", type=int, default=10, help="the callback's interval")
     parser.add_argument("--core-steps", type=int, default=None, help="the callback's core_steps (default: interval)")
+    parser.add_argument("--scale-steps", action="store_true", help="the callback's scale_steps=True")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense row (ratios then read 'nan')")
     parser.add_argument("--floor", type=float, nargs="*", default=[],
                         help="fixed-rank floors: plain U, S V^T chains at these fractions, without the callback")
@@ -260,7 +263,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     rank, max_rank = (spec if spec == "full" else float(spec) for spec in (args.rank, args.max_rank))
     options = dict(rank=rank, max_rank=max_rank, init=args.init, growth=args.growth, interval=args.interval,
-                   core_steps=args.core_steps)
+                   core_steps=args.core_steps, scale_steps=args.scale_steps)
     arms = [] if args.no_dense else [("dense", lambda: run(args, []))]
     arms += [(f"TuckerCallback(tau={tau}, {', '.join(f'{k}={v}' for k, v in options.items())})",
               lambda tau=tau: run(args, [ll.TuckerCallback(tau=tau, **options)]))

@@ -2,7 +2,8 @@
 
     python benchmarks/training_cost.py [--model lenet5] [--epochs 2] [--tau 0.15] [--ranks full 0.25]
                                        [--init hosvd] [--growth 0.25] [--patience 200] [--schedule 10:10]
-                                       [--limit-batches N] [--optimizer sgd] [--plot docs/memory.png]
+                                       [--limit-batches N] [--optimizer sgd] [--scale-steps]
+                                       [--plot docs/memory.png]
 
 LeNet5 on MNIST (28x28) or the VGG-style net on Fashion-MNIST (32x32, 3 channels), SGD lr 0.05 momentum 0.9
 (``--optimizer adamw``: AdamW lr 1e-3, weight decay 0), batch 128 (LeNet5) or 32 (VGG-style). Arms: dense, and
@@ -85,7 +86,8 @@ def run_arm(args: argparse.Namespace, arm: str) -> dict[str, object]:
         rank = arm if arm == "full" else None if arm == "default" else float(arm)
         interval, core_steps = args.schedule
         callbacks.append(ll.TuckerCallback(tau=args.tau, rank=rank, init=args.init, growth=args.growth,
-                                           patience=args.patience, interval=interval, core_steps=core_steps))
+                                           patience=args.patience, interval=interval, core_steps=core_steps,
+                                           scale_steps=args.scale_steps))
     trainer = pl.Trainer(max_epochs=args.epochs, callbacks=callbacks, limit_val_batches=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_train_batches=args.limit_batches)
@@ -138,6 +140,7 @@ def main() -> None:
     parser.add_argument("--schedule", type=schedule, default=(None, None), help="interval:core_steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    parser.add_argument("--scale-steps", action="store_true", help="the callback's scale_steps=True")
     parser.add_argument("--plot", default=None, help="write the state-bytes curves to this PNG")
     parser.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # run one arm in this process
     args = parser.parse_args()

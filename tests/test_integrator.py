@@ -456,6 +456,32 @@ def test_fresh_core_entries_take_a_steady_state_adam_step():
         integrator.truncate(optimizer)
 
 
+@pytest.mark.parametrize("ranks", [(2, 2), (10, 10)])
+@pytest.mark.parametrize("scale_steps", [False, True])
+def test_scaled_steps_move_a_small_core_as_adam_moves_a_full_rank_one(ranks, scale_steps):
+    """Adam's first step moves every entry with a gradient by lr * sign(g) (closed form, eps negligible); with
+    ``scale_steps`` a core at ranks r (here the augmented ones, r x r of a 10 x 12 layer, full ranks 10 x 10) moves
+    by s lr sign(g), s = sqrt(10 * 10 / prod r): the Frobenius norm of a full-rank core's step. At full rank s = 1."""
+    torch.manual_seed(0)
+    layer = TuckerLinear(12, 10, ranks=ranks)
+    config = IntegratorConfig(tau=0.0, interval=2, core_steps=2, scale_steps=scale_steps)
+    integrator = TuckerIntegrator(nn.Sequential(layer), config)
+    lr = 0.01
+    optimizer = torch.optim.Adam(layer.parameters(), lr=lr, eps=1e-30)
+    (layer(torch.randn(16, 12)) - torch.randn(16, 10)).pow(2).sum().backward()
+    assert integrator.before_step(optimizer)  # augments: the step trains the core at the augmented ranks
+    before, grad = layer.active_core().detach().clone(), layer.core.grad[
+        tuple(slice(r) for r in layer.ranks)].clone()
+    optimizer.step()
+    integrator.after_step(optimizer)  # no truncation: the window has a second core step
+    scale = max(1.0, math.sqrt(100 / math.prod(layer.ranks))) if scale_steps else 1.0
+    assert scale_steps is False or scale == (2.5 if ranks == (2, 2) else 1.0)
+    moved = grad != 0
+    expected = -scale * lr * torch.sign(grad[moved])
+    torch.testing.assert_close((layer.active_core() - before)[moved], expected, rtol=1e-10, atol=0)
+    assert torch.equal(layer.active_core()[~moved], before[~moved])
+
+
 @pytest.mark.parametrize("method", ["augmented", "parallel"])
 def test_directions_without_gradient_stay_out(method):
     """A gradient inside span(U) leaves nothing to augment: the candidate directions are rounding noise, their core
@@ -919,6 +945,7 @@ def test_evaluation_passes_are_not_captured():
     (dict(growth=-0.5), r"`growth` must be a number in \[0, 1\], got -0.5"),
     (dict(growth=True), r"`growth` must be a number in \[0, 1\], got True"),
     (dict(patience=-1), r"`patience` must be an int >= 0, got -1"),
+    (dict(scale_steps=1), r"`scale_steps` must be True or False, got 1"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(ValueError, match=message):

@@ -66,7 +66,7 @@ class TuckerCallback(LowRankCallback):
             runs without fit, the converted layers are at full rank (exact). Why, measured: README "What training
             costs". Weights to keep as they are (pretrained): ``rank="full"`` (exact; the first truncations choose
             the ranks) or ``init="hosvd"`` (the best approximation at the start's ranks).
-        min_rank, modes, method, interval, core_steps, growth, patience: the integrator's options
+        min_rank, modes, method, interval, core_steps, growth, patience, scale_steps: the integrator's options
             (:class:`~lightning_lowrank.IntegratorConfig`). Layers still at their augmented ranks or keeping a
             growth margin when training ends are truncated to their tolerance ranks then; logged ranks and
             compression are the tolerance ranks the last truncation decided.
@@ -87,6 +87,7 @@ class TuckerCallback(LowRankCallback):
         core_steps: int | None = None,
         growth: float = 0.25,
         patience: int = 200,
+        scale_steps: bool = False,
         freeze_after_steps: int | None = None,
         freeze_after_epochs: int | None = None,
         include: Sequence[str] = (),
@@ -101,7 +102,8 @@ class TuckerCallback(LowRankCallback):
                                        exclude=exclude, min_size=min_size, keep_first_last=keep_first_last,
                                        init=init, **conversion)
         self.integration = IntegratorConfig(tau=tau, min_rank=min_rank, modes=modes, method=method, interval=interval,
-                                           core_steps=core_steps, growth=growth, patience=patience)
+                                           core_steps=core_steps, growth=growth, patience=patience,
+                                           scale_steps=scale_steps)
         if isinstance(max_rank, int) and not isinstance(max_rank, bool) and min_rank > max_rank:
             raise ValueError(f"`min_rank` ({min_rank}) must not exceed `max_rank` ({max_rank})")
         for name, value in (("freeze_after_steps", freeze_after_steps), ("freeze_after_epochs", freeze_after_epochs)):

@@ -46,7 +46,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_lowrank.tucker.algebra import compute_dtype, consistent_ranks, mode_dot
+from lightning_lowrank.tucker.algebra import compute_dtype, consistent_ranks, full_ranks, mode_dot
 from lightning_lowrank.tucker.augmentation import Capture, augmented_basis, parallel_gradient
 from lightning_lowrank.tucker.distributed import average_gradients, drop_absent
 from lightning_lowrank.tucker.layers import TuckerLayer
@@ -95,6 +95,11 @@ class IntegratorConfig:
             one), counted by truncations: the margin is kept at truncations while truncations since * ``interval``
             < ``patience``. 0 is the paper's rule. The default, 200, is 20 windows of 10:10 and 200 steps of 1:1
             (README "What training costs": 20 steps of 1:1 left small starts of LeNet5 at rank 1-2).
+        scale_steps: multiply each optimizer step of a core by s = sqrt(prod_i f_i / prod_i r_i) (f_i the full
+            ranks, r_i the active ranks of the step): C <- C_before + s (C_after - C_before). An optimizer that
+            moves every entry by about its learning rate (Adam-type) moves a core of few entries less, relative to
+            its norm, than a full-rank one; scaled, the step's Frobenius norm is that of the full-rank core's. 1 at
+            full rank. Default False.
     """
 
     tau: float = 0.1
@@ -105,6 +110,7 @@ class IntegratorConfig:
     core_steps: int | None = None
     growth: float = 0.25
     patience: int = 200
+    scale_steps: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 <= self.tau < 1:
@@ -123,6 +129,8 @@ class IntegratorConfig:
         if isinstance(self.growth, bool) or not isinstance(self.growth, (int, float)) or not 0 <= self.growth <= 1:
             raise ValueError(f"`growth` must be a number in [0, 1], got {self.growth!r}")
         check_int("patience", self.patience, 0)
+        if not isinstance(self.scale_steps, bool):
+            raise ValueError(f"`scale_steps` must be True or False, got {self.scale_steps!r}")
         if self.interval is None:
             return
         if self.core_steps is None:
@@ -203,6 +211,7 @@ class TuckerIntegrator:
         self._augmenting = False  # whether augment() readied the optimizer step in flight
         self._basis_grads: dict[tuple[str, int], Tensor] = {}  # dL/dU summed over the steps since the last augmentation
         self._prepared = False  # whether before_step readied the optimizer step that after_step completes
+        self._cores_before: dict[str, tuple[Tensor, float]] = {}  # scale_steps: active core before the step, s
         self.steps = 0  # steps of the schedule: calls of before_step, skipped ones included
         self.frozen = False
         self.add_layers(layers)
@@ -302,6 +311,7 @@ class TuckerIntegrator:
         skipped it although its gradients were finite) is ended at the next call: its augmentation undone, counted,
         its window closed by the next augmentation.
         """
+        self._cores_before.clear()  # kept for a step whose after_step never came
         if self._prepared:  # the last step's after_step never came
             if self._augmenting:
                 self._undo_augmentation(optimizer)
@@ -324,15 +334,31 @@ class TuckerIntegrator:
         if self.due:
             self.truncate(optimizer)  # a window left open (resumed with other options) closes first
             self.augment(optimizer)
-            return True
-        for name, layer in self.layers.items():
-            summed = layer.core.grad is not None and not self.frozen and name not in self._before_augmentation
-            for mode, u in enumerate(layer.factors):
-                if u.grad is not None and summed:
-                    self._accumulate(name, mode, u.grad[:, : layer.ranks[mode]])
-                u.grad = None
-            _mask_outside_block(layer)
+        else:
+            for name, layer in self.layers.items():
+                summed = layer.core.grad is not None and not self.frozen and name not in self._before_augmentation
+                for mode, u in enumerate(layer.factors):
+                    if u.grad is not None and summed:
+                        self._accumulate(name, mode, u.grad[:, : layer.ranks[mode]])
+                    u.grad = None
+                _mask_outside_block(layer)
+        if self.config.scale_steps:
+            self._keep_cores()
         return True
+
+    def _keep_cores(self) -> None:
+        """Keep the active core of every layer whose step :meth:`after_step` scales (s > 1, a gradient)."""
+        for name, layer in self.layers.items():
+            scale = math.sqrt(math.prod(full_ranks(layer.shape)) / math.prod(layer.ranks))
+            if layer.core.grad is not None and scale > 1:
+                self._cores_before[name] = (layer.active_core().detach().clone(), scale)
+
+    @torch.no_grad()
+    def _scale_steps(self) -> None:
+        """C <- C_before + s (C - C_before) on the active block of every core kept by :meth:`_keep_cores`."""
+        for name, (before, scale) in self._cores_before.items():
+            self.layers[name].active_core().mul_(scale).add_(before, alpha=1 - scale)
+        self._cores_before.clear()
 
     @torch.no_grad()
     def _undo_augmentation(self, optimizer: torch.optim.Optimizer | None) -> None:
@@ -359,6 +385,7 @@ class TuckerIntegrator:
         if not self._prepared:
             return
         self._prepared = self._augmenting = False
+        self._scale_steps()
         self._end_step(optimizer)
 
     def _end_step(self, optimizer: torch.optim.Optimizer | None, truncate: bool = True) -> None:
