@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_lowrank as ll
+from lightning_lowrank.tucker.algebra import full_ranks
 
 HERE = Path(__file__).parent
 
@@ -131,6 +132,29 @@ def test_the_default_start_follows_the_optimizer(optimizer):
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(probe.state[key], value, rtol=1e-5, atol=1e-6, msg=key)
     assert [p.shape for p in model.parameters()] != [p.shape for p in Student().parameters()]
+
+
+def test_scaled_steps_reach_the_integrator_and_move_the_core_further():
+    """``scale_steps=True`` under Adam: the same run, one step at a quarter start, moves the cores s times as far as
+    without it (s = sqrt(full / active entries) > 1 for every layer here; Adam's first step is lr * sign(g))."""
+    class AfterStep(StartProbe):
+        def on_train_batch_end(self, trainer, pl_module, *args):  # before the end of fit truncates
+            self.moves = {name: (m.active_core() - self.state[f"{name}.core"][tuple(slice(r) for r in m.ranks)])
+                          .detach().clone() for name, m in tucker_layers(pl_module).items()}
+            self.scales = {name: math.sqrt(math.prod(full_ranks(m.shape)) / math.prod(m.ranks))
+                           for name, m in tucker_layers(pl_module).items()}
+
+    probes = {}
+    for scale in (False, True):
+        torch.manual_seed(0)
+        model, probes[scale] = Student(optimizer="adam", lr=0.01), AfterStep()
+        callback = ll.TuckerCallback(rank=0.25, tau=0.0, interval=2, scale_steps=scale)
+        trainer(max_steps=1, callbacks=[callback, probes[scale]]).fit(model)
+        assert integrator_of(callback).config.scale_steps is scale
+    for name, scale in probes[True].scales.items():
+        assert scale > 1
+        torch.testing.assert_close(probes[True].moves[name], scale * probes[False].moves[name], rtol=1e-4,
+                                   atol=1e-7)
 
 
 def test_the_default_start_lowers_a_layer_registered_under_two_names():
