@@ -153,7 +153,9 @@ class TuckerCallback(LowRankCallback):
                                f"{totals.stored_params:,} parameters (factors and core at their storage, room for "
                                f"the next augmentation: what Lightning's model summary counts) for "
                                f"{totals.factorized_params:,} effective ones at the active ranks "
-                               f"({totals.dense_params:,} dense); compression {totals.compression_rate:.1%}")
+                               f"({totals.dense_params:,} dense); compression {totals.compression_rate:.1%}"
+                               + (" (full rank until fit starts: the optimizer then chooses the start)"
+                                  if chosen_later else ""))
         # else the module builds its layers in `configure_model` and converts them there (checked at fit start)
         if isinstance(trainer.strategy, DDPStrategy):  # before the strategy wraps the module
             keep_out_of_ddp(pl_module)
