@@ -24,7 +24,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_lowrank as ll
-from lightning_lowrank.tucker.algebra import full_ranks
 
 HERE = Path(__file__).parent
 
@@ -136,12 +135,12 @@ def test_the_default_start_follows_the_optimizer(optimizer):
 
 def test_scaled_steps_reach_the_integrator_and_move_the_core_further():
     """``scale_steps=True`` under Adam: the same run, one step at a quarter start, moves the cores s times as far as
-    without it (s = sqrt(full / active entries) > 1 for every layer here; Adam's first step is lr * sign(g))."""
+    without it (s = sqrt(dense / active core entries) > 1 for every layer here; Adam's first step is lr * sign(g))."""
     class AfterStep(StartProbe):
         def on_train_batch_end(self, trainer, pl_module, *args):  # before the end of fit truncates
             self.moves = {name: (m.active_core() - self.state[f"{name}.core"][tuple(slice(r) for r in m.ranks)])
                           .detach().clone() for name, m in tucker_layers(pl_module).items()}
-            self.scales = {name: math.sqrt(math.prod(full_ranks(m.shape)) / math.prod(m.ranks))
+            self.scales = {name: math.sqrt(math.prod(m.shape) / math.prod(m.ranks))
                            for name, m in tucker_layers(pl_module).items()}
 
     probes = {}

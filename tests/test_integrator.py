@@ -460,8 +460,9 @@ def test_fresh_core_entries_take_a_steady_state_adam_step():
 @pytest.mark.parametrize("scale_steps", [False, True])
 def test_scaled_steps_move_a_small_core_as_adam_moves_a_full_rank_one(ranks, scale_steps):
     """Adam's first step moves every entry with a gradient by lr * sign(g) (closed form, eps negligible); with
-    ``scale_steps`` a core at ranks r (here the augmented ones, r x r of a 10 x 12 layer, full ranks 10 x 10) moves
-    by s lr sign(g), s = sqrt(10 * 10 / prod r): the Frobenius norm of a full-rank core's step. At full rank s = 1."""
+    ``scale_steps`` a core at ranks r (here the augmented ones, r x r of a 10 x 12 layer) moves by s lr sign(g),
+    s = sqrt(10 * 12 / prod r): the Frobenius norm of the dense weight's step. Augmented from full rank, the core
+    (10 x 12) has as many entries as the dense weight: s = 1."""
     torch.manual_seed(0)
     layer = TuckerLinear(12, 10, ranks=ranks)
     config = IntegratorConfig(tau=0.0, interval=2, core_steps=2, scale_steps=scale_steps)
@@ -474,8 +475,8 @@ def test_scaled_steps_move_a_small_core_as_adam_moves_a_full_rank_one(ranks, sca
         tuple(slice(r) for r in layer.ranks)].clone()
     optimizer.step()
     integrator.after_step(optimizer)  # no truncation: the window has a second core step
-    scale = max(1.0, math.sqrt(100 / math.prod(layer.ranks))) if scale_steps else 1.0
-    assert scale_steps is False or scale == (2.5 if ranks == (2, 2) else 1.0)
+    scale = max(1.0, math.sqrt(120 / math.prod(layer.ranks))) if scale_steps else 1.0
+    assert scale_steps is False or scale == (math.sqrt(120 / 16) if ranks == (2, 2) else 1.0)
     moved = grad != 0
     expected = -scale * lr * torch.sign(grad[moved])
     torch.testing.assert_close((layer.active_core() - before)[moved], expected, rtol=1e-10, atol=0)

@@ -46,7 +46,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_lowrank.tucker.algebra import compute_dtype, consistent_ranks, full_ranks, mode_dot
+from lightning_lowrank.tucker.algebra import compute_dtype, consistent_ranks, mode_dot
 from lightning_lowrank.tucker.augmentation import Capture, augmented_basis, parallel_gradient
 from lightning_lowrank.tucker.distributed import average_gradients, drop_absent
 from lightning_lowrank.tucker.layers import TuckerLayer
@@ -95,11 +95,11 @@ class IntegratorConfig:
             one), counted by truncations: the margin is kept at truncations while truncations since * ``interval``
             < ``patience``. 0 is the paper's rule. The default, 200, is 20 windows of 10:10 and 200 steps of 1:1
             (README "What training costs": 20 steps of 1:1 left small starts of LeNet5 at rank 1-2).
-        scale_steps: multiply each optimizer step of a core by s = sqrt(prod_i f_i / prod_i r_i) (f_i the full
-            ranks, r_i the active ranks of the step): C <- C_before + s (C_after - C_before). An optimizer that
-            moves every entry by about its learning rate (Adam-type) moves a core of few entries less, relative to
-            its norm, than a full-rank one; scaled, the step's Frobenius norm is that of the full-rank core's. 1 at
-            full rank. Default False.
+        scale_steps: multiply each optimizer step of a core by s = sqrt(prod_i n_i / prod_i r_i) (n_i the dense
+            weight's sizes, r_i the active ranks of the step; steps with s <= 1 stay): C <- C_before + s (C_after -
+            C_before). An optimizer that moves every entry by about its learning rate (Adam-type) moves a core of
+            few entries less, relative to its norm, than the dense weight its learning rate was tuned for; scaled,
+            the step's Frobenius norm is the dense weight's. Default False.
     """
 
     tau: float = 0.1
@@ -349,7 +349,7 @@ class TuckerIntegrator:
     def _keep_cores(self) -> None:
         """Keep the active core of every layer whose step :meth:`after_step` scales (s > 1, a gradient)."""
         for name, layer in self.layers.items():
-            scale = math.sqrt(math.prod(full_ranks(layer.shape)) / math.prod(layer.ranks))
+            scale = math.sqrt(math.prod(layer.shape) / math.prod(layer.ranks))
             if layer.core.grad is not None and scale > 1:
                 self._cores_before[name] = (layer.active_core().detach().clone(), scale)
 
