@@ -161,8 +161,7 @@ def restart(layer: TuckerLayer, config: TuckerConfig, name: str) -> None:
     for u, r in zip(layer.factors, ranks):
         u[:, r:] = 0  # as a conversion at these ranks leaves the storage beyond them
     if config.init == "hosvd_scaled":
-        kept = torch.linalg.vector_norm(layer.active_core().double())
-        layer.core.mul_((norm / kept.clamp_min(1e-300)).to(layer.core.dtype))
+        layer.scale_core_to(norm)
 
 
 def _stored(shape: Sequence[int], ranks: Sequence[int]) -> int:

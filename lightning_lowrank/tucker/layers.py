@@ -183,8 +183,13 @@ class TuckerLayer(nn.Module):
         for u, new in zip(self.factors, factors):
             u.copy_(resized(new, u.shape))
         if init == "hosvd_scaled":
-            kept = torch.linalg.vector_norm(self.active_core().double())
-            self.core.mul_((torch.linalg.vector_norm(weight.double()) / kept.clamp_min(1e-300)).to(self.core.dtype))
+            self.scale_core_to(torch.linalg.vector_norm(weight.double()))
+
+    @torch.no_grad()
+    def scale_core_to(self, norm: Tensor) -> None:
+        """Scale the core so that ||C||_F (= ||W||_F, the bases being orthonormal) is ``norm``."""
+        kept = torch.linalg.vector_norm(self.active_core().double())
+        self.core.mul_((norm / kept.clamp_min(1e-300)).to(self.core.dtype))
 
     @staticmethod
     def _load_pre_hook(module: TuckerLayer, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
