@@ -10,7 +10,7 @@ Around the user's optimizer step, for every Tucker layer W = C x_i U_i (arXiv 23
 3. :meth:`TuckerIntegrator.truncate` (after the step): per adapted mode, the SVD of the core's unfolding gives the
    tolerance rank d, the smallest whose discarded singular values have 2-norm <= tau * ||C||_F, clamped to
    [min_rank, max_rank] (non-adapted modes keep their rank); it keeps d + ceil(growth * d) directions (the growth
-   rule below) and rotates bases, core and the core's optimizer state with the kept vectors.
+   rule, last paragraph) and rotates bases, core and the core's optimizer state with the kept vectors.
 
 With ``interval`` k > 1 this happens every k-th step; the steps in between move the cores only and add their dL/dU_i
 to a sum whose directions the next augmentation spans too, so the bases still see every batch. With ``core_steps``
@@ -18,22 +18,8 @@ s > 1 the core trains at the augmented ranks for s optimizer steps (the augmenti
 before step 3 judges it, so that a new direction has s steps to become significant (the schedule of the authors'
 later code, s = k = 10); the paper's step is s = 1.
 
-The growth rule: a new direction starts at zero, so under the paper's rule (``growth=0``) it survives only if it
-reaches tau ||C|| within one window; a rank that starts below what the task needs then never grows (the directions
-the loss needs are found again, from zero, every window). Keeping the next ceil(growth * d) singular directions as
-well lets them go on training, with their optimizer state, into the next windows: one the loss needs grows until the
-tolerance rule keeps it, and a new growth margin forms above it. A mode keeps its margin for ``patience``
-optimizer steps (``patience / interval`` truncations: a new direction gets as many steps to prove itself whatever the
-schedule), renewed whenever its tolerance rank has grown by a whole margin (ceil(growth * low)) above the lowest
-it reached since the last renewal: a mode that needs rank fills its margin within a few windows, while the noise of
-a flat spectrum moves the tolerance rank by a direction or two either way. A truncation at which the tolerance rank
-fell keeps no margin (the mode holds more than the loss needs, and its storage shrinks with it), but the fall does
-not end the margin: the next truncation that does not fall has one again, so a small start keeps growing where the
-loss needs rank after a noisy fall. A mode that stops growing runs the paper's rule once its margin expires. A mode
-that starts at its largest rank (a full-rank start) never keeps one: it has nothing to grow into, and runs the
-paper's rule. Keeping more directions only lowers the truncation error, so the paper's bound (discarded part
-<= tau ||C||_F per mode) holds at every step; the end of training (``truncate(final=True)``,
-:meth:`~TuckerIntegrator.freeze`) drops the margin by the tolerance rule alone.
+The growth rule (``growth``, ``patience``: which ranks a truncation keeps beyond the tolerance ranks, so that ranks
+started low grow where the loss needs them) is :mod:`lightning_lowrank.tucker.growth`.
 """
 
 from __future__ import annotations
@@ -46,9 +32,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_lowrank.tucker.algebra import compute_dtype, consistent_ranks, mode_dot
+from lightning_lowrank.tucker.algebra import compute_dtype, mode_dot
 from lightning_lowrank.tucker.augmentation import Capture, augmented_basis, parallel_gradient
 from lightning_lowrank.tucker.distributed import average_gradients, drop_absent
+from lightning_lowrank.tucker.growth import GrowthMargin, clamp_rank, layer_mode
 from lightning_lowrank.tucker.layers import TuckerLayer
 from lightning_lowrank.tucker.optimizer_state import check_state, clear_outside, resize_state, warm_start
 from lightning_lowrank.tucker.storage import storage_size, zero_outside
@@ -205,9 +192,8 @@ class TuckerIntegrator:
         self.layers: dict[str, TuckerLayer] = {}
         self._captures: dict[str, Capture] = {}
         self._before_augmentation: dict[str, tuple[int, ...]] = {}  # layer name -> its ranks, until truncation
-        self._decided: dict[str, tuple[int, ...]] = {}  # layer name -> tolerance ranks, while it keeps a growth margin
-        # (layer name, mode) -> (lowest tolerance rank, truncations) since its growth margin was last renewed
-        self._margins: dict[tuple[str, int], tuple[int, int]] = {}
+        self.margin = GrowthMargin(self.config.growth, self.config.patience, self.config.interval,
+                                   self.config.min_rank, self.config.adapts)
         self._augmenting = False  # whether augment() readied the optimizer step in flight
         self._basis_grads: dict[tuple[str, int], Tensor] = {}  # dL/dU summed over the steps since the last augmentation
         self._prepared = False  # whether before_step readied the optimizer step that after_step completes
@@ -228,9 +214,8 @@ class TuckerIntegrator:
                     raise ValueError(f"`min_rank` {self.config.min_rank} exceeds the max_rank {n} of mode {mode} "
                                      f"of Tucker layer {name!r}: lower `min_rank`, or exclude the layer")
         self.layers.update(layers)
-        for name, layer in layers.items():  # a mode that starts at its largest rank never keeps a margin
-            self._margins.update(((name, mode), (r, 0)) for mode, (r, n) in enumerate(zip(layer.ranks,
-                                                                                       layer.max_ranks)) if r < n)
+        for name, layer in layers.items():
+            self.margin.add(name, layer)
         if self.config.method == "augmented":
             self._captures.update((name, Capture(layer)) for name, layer in layers.items())
         self._arm()
@@ -249,7 +234,7 @@ class TuckerIntegrator:
     def ranks(self) -> dict[str, tuple[int, ...]]:
         """The tolerance ranks the last truncation decided, by layer name (without the growth margin; a layer still
         training at its augmented ranks shows the ranks before its augmentation)."""
-        return {name: self._decided.get(name, self._before_augmentation.get(name, layer.ranks))
+        return {name: self.margin.decided.get(name, self._before_augmentation.get(name, layer.ranks))
                 for name, layer in self.layers.items()}
 
     @property
@@ -258,7 +243,7 @@ class TuckerIntegrator:
         at their augmented ranks and those keeping a growth margin."""
         # dict order: the same on every process
         return {name: self._before_augmentation.get(name, self.layers[name].ranks)
-                for name in {**self._before_augmentation, **self._decided}}
+                for name in {**self._before_augmentation, **self.margin.decided}}
 
     def freeze(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Fix ranks and bases from now on (truncating the layers to their tolerance ranks first, rotating
@@ -276,21 +261,15 @@ class TuckerIntegrator:
         return {"steps": self.steps, "frozen": self.frozen,
                 "basis_grads": {f"{name}:{mode}": grad for (name, mode), grad in self._basis_grads.items()},
                 "augmented": {name: list(ranks) for name, ranks in self._before_augmentation.items()},
-                "decided": {name: list(ranks) for name, ranks in self._decided.items()},
-                "margins": {f"{name}:{mode}": list(margin) for (name, mode), margin in self._margins.items()}}
+                **self.margin.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         self.steps = int(state["steps"])
         self._before_augmentation = {name: tuple(ranks) for name, ranks in state.get("augmented", {}).items()}
-        self._decided = {name: tuple(ranks) for name, ranks in state.get("decided", {}).items()}
-        if "margins" in state:
-            self._margins = {_layer_mode(key): (int(low), int(count)) for key, (low, count) in state["margins"].items()}
-        else:  # written before `patience`: the modes below their max_rank whose tolerance rank never fell keep one
-            for key in state.get("settled", ()):
-                self._margins.pop(_layer_mode(key), None)
+        self.margin.load_state_dict(state)
         self._basis_grads.clear()
         for key, grad in state.get("basis_grads", {}).items():
-            name, mode = _layer_mode(key)
+            name, mode = layer_mode(key)
             u = self.layers[name].factors[mode]
             self._basis_grads[name, mode] = grad.to(u.device, u.dtype)
         if state["frozen"]:
@@ -478,47 +457,31 @@ class TuckerIntegrator:
         Raises:
             FloatingPointError: the optimizer step made a core non-finite (nothing is rotated).
         """
-        plans = []  # per layer: name, singular vectors per mode (None: keep the mode as it is), rank candidates
+        plans = []  # per layer: name, ranks before augmentation, singular vectors per mode (None: keep the mode
+        # as it is), rank candidates
         for name, old_ranks in (self.unfinished if final else self._before_augmentation).items():
-            plans.append((name, *rank_candidates(self.layers[name], old_ranks, self.config.tau, self.config.adapts)))
+            plans.append((name, old_ranks, *rank_candidates(self.layers[name], old_ranks, self.config.tau,
+                                                            self.config.adapts)))
         if not plans:
             return
-        decided = torch.stack([c for _, _, candidates in plans for c in candidates])
+        decided = torch.stack([c for *_, candidates in plans for c in candidates])
         if self.broadcast is not None:
             decided = self.broadcast(decided)
         decided = iter(decided.tolist())
         rotations = []
-        for name, vectors, _ in plans:
+        for name, old_ranks, vectors, _ in plans:
             layer = self.layers[name]
             if not next(decided):
                 raise FloatingPointError(f"the optimizer step made the core of Tucker layer {name!r} non-finite; its "
                                          "ranks cannot be decided (lower the learning rate, or clip gradients)")
-            tolerance = [self._clamp(next(decided), size, layer.max_ranks[mode]) if self.config.adapts(mode)
-                         else next(decided) for mode, size in enumerate(layer.ranks)]
-            before = self._decided.get(name, self._before_augmentation.get(name, layer.ranks))  # the last decision
-            for mode, r in enumerate(tolerance):
-                if (name, mode) in self._margins:
-                    low, count = self._margins[name, mode]
-                    renewed = r >= low + math.ceil(self.config.growth * low)  # grew by a whole margin above its low
-                    self._margins[name, mode] = (r, 0) if renewed else (min(low, r), count + 1)
-            grows = [self.config.adapts(mode) and not final and (name, mode) in self._margins
-                     and self._margins[name, mode][1] * self.config.interval < self.config.patience and r >= last
-                     for mode, (r, last) in enumerate(zip(tolerance, before))]
-            keep = consistent_ranks([self._clamp(r + math.ceil(self.config.growth * r), size, layer.max_ranks[mode])
-                                     if grow else r
-                                     for mode, (r, size, grow) in enumerate(zip(tolerance, layer.ranks, grows))])
-            self._decided.pop(name, None)
-            if keep != (tolerance_ranks := consistent_ranks(tolerance)):
-                self._decided[name] = tolerance_ranks
+            tolerance = [clamp_rank(next(decided), size, layer.max_ranks[mode], self.config.min_rank)
+                         if self.config.adapts(mode) else next(decided) for mode, size in enumerate(layer.ranks)]
+            keep = self.margin.keep(name, layer, old_ranks, tolerance, final)
             rotations.append((layer, [p if p is None else p[:, :r] for p, r in zip(vectors, keep)]))
         for layer, rotation in rotations:
             rotate_layer(layer, rotation, optimizer)
             fit_storage(layer, optimizer)
         self._before_augmentation.clear()
-
-    def _clamp(self, rank: int, size: int, max_rank: int) -> int:
-        """``rank`` clamped to [min_rank, max_rank] and to the ``size`` of the (augmented) mode."""
-        return max(min(rank, max_rank, size), min(self.config.min_rank, size))
 
     def step(self, optimizer: torch.optim.Optimizer) -> bool:
         """before_step, ``optimizer.step()``, after_step; False (nothing changed) on non-finite gradients."""
@@ -558,12 +521,6 @@ def gradients_finite(parameters: Sequence[Tensor], fetch: Tensor | None = None) 
     values = finite if fetch is None else torch.cat([finite.to(fetch.dtype), fetch.to(finite.device)])
     first, *rest = values.tolist()
     return bool(first), rest
-
-
-def _layer_mode(key: str) -> tuple[str, int]:
-    """``"<layer name>:<mode>"`` (a key of the integrator's state) as (layer name, mode)."""
-    name, mode = key.rsplit(":", 1)
-    return name, int(mode)
 
 
 def _mask_outside_block(layer: TuckerLayer) -> None:

@@ -1,0 +1,99 @@
+"""The growth rule: which ranks a truncation keeps beyond the tolerance ranks, so that ranks started low grow.
+
+A new direction starts at zero, so under the paper's rule (``growth=0``) it survives only if it reaches tau ||C||
+within one window; a rank that starts below what the task needs then never grows (the directions the loss needs are
+found again, from zero, every window). Keeping the next ceil(growth * d) singular directions above a mode's
+tolerance rank d as well lets them go on training, with their optimizer state, into the next windows: one the loss
+needs grows until the tolerance rule keeps it, and a new growth margin forms above it. A mode keeps its margin for
+``patience`` optimizer steps (``patience / interval`` truncations: a new direction gets as many steps to prove itself
+whatever the schedule), renewed whenever its tolerance rank has grown by a whole margin (ceil(growth * low)) above
+the lowest it reached since the last renewal: a mode that needs rank fills its margin within a few windows, while the
+noise of a flat spectrum moves the tolerance rank by a direction or two either way. A truncation at which the
+tolerance rank fell keeps no margin (the mode holds more than the loss needs, and its storage shrinks with it), but
+the fall does not end the margin: the next truncation that does not fall has one again, so a small start keeps
+growing where the loss needs rank after a noisy fall. A mode that stops growing runs the paper's rule once its margin
+expires. A mode that starts at its largest rank (a full-rank start) never keeps one: it has nothing to grow into, and
+runs the paper's rule. Keeping more directions only lowers the truncation error, so the paper's bound (discarded part
+<= tau ||C||_F per mode) holds at every step; the end of training drops the margin by the tolerance rule alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+from lightning_lowrank.tucker.algebra import consistent_ranks
+from lightning_lowrank.tucker.layers import TuckerLayer
+
+
+def clamp_rank(rank: int, size: int, max_rank: int, min_rank: int) -> int:
+    """``rank`` clamped to [min_rank, max_rank] and to the ``size`` of the (augmented) mode."""
+    return max(min(rank, max_rank, size), min(min_rank, size))
+
+
+class GrowthMargin:
+    """The growth margins of a set of Tucker layers: per mode that started below its ``max_rank``, the lowest
+    tolerance rank and the truncations since its margin was last renewed; per layer keeping a margin, its tolerance
+    ranks (:attr:`decided`).
+
+    Args:
+        growth: margin above a tolerance rank d, ceil(growth * d) directions; 0: the paper's rule.
+        patience: optimizer steps a margin lasts after the start or its last renewal.
+        interval: optimizer steps per truncation (the schedule's), to count ``patience`` in truncations.
+        min_rank: smallest rank of an adapted mode.
+        adapts: whether a mode's rank adapts (one that does not keeps its rank and never a margin).
+    """
+
+    def __init__(self, growth: float, patience: int, interval: int, min_rank: int,
+                 adapts: Callable[[int], bool]) -> None:
+        self.growth, self.patience, self.interval, self.min_rank, self.adapts = (growth, patience, interval,
+                                                                                 min_rank, adapts)
+        self.decided: dict[str, tuple[int, ...]] = {}  # layer name -> tolerance ranks, while it keeps a margin
+        self._margins: dict[tuple[str, int], tuple[int, int]] = {}  # (name, mode) -> (lowest rank, truncations)
+
+    def add(self, name: str, layer: TuckerLayer) -> None:
+        """Give every mode of ``layer`` below its max_rank a margin from now on."""
+        self._margins.update(((name, mode), (r, 0)) for mode, (r, n) in enumerate(zip(layer.ranks, layer.max_ranks))
+                             if r < n)
+
+    def keep(self, name: str, layer: TuckerLayer, old_ranks: Sequence[int], tolerance: Sequence[int],
+             final: bool) -> tuple[int, ...]:
+        """The ranks a truncation of ``layer`` (at its augmented ranks; ``old_ranks`` before augmentation) keeps,
+        given the tolerance ranks the rule decided for it (clamped to [min_rank, max_rank]): each growing mode's
+        rank plus its margin, the others' as decided; records the decision. ``final``: no margin (the end of
+        training)."""
+        before = self.decided.get(name, tuple(old_ranks))  # the last decision
+        for mode, r in enumerate(tolerance):
+            if (name, mode) in self._margins:
+                low, count = self._margins[name, mode]
+                renewed = r >= low + math.ceil(self.growth * low)  # grew by a whole margin above its low
+                self._margins[name, mode] = (r, 0) if renewed else (min(low, r), count + 1)
+        grows = [self.adapts(mode) and not final and (name, mode) in self._margins
+                 and self._margins[name, mode][1] * self.interval < self.patience and r >= last
+                 for mode, (r, last) in enumerate(zip(tolerance, before))]
+        keep = consistent_ranks([clamp_rank(r + math.ceil(self.growth * r), size, layer.max_ranks[mode], self.min_rank)
+                                 if grow else r
+                                 for mode, (r, size, grow) in enumerate(zip(tolerance, layer.ranks, grows))])
+        self.decided.pop(name, None)
+        if keep != (tolerance_ranks := consistent_ranks(tolerance)):
+            self.decided[name] = tolerance_ranks
+        return keep
+
+    def state_dict(self) -> dict[str, object]:
+        """The tolerance ranks of the layers keeping a margin, and each mode's lowest rank and truncations."""
+        return {"decided": {name: list(ranks) for name, ranks in self.decided.items()},
+                "margins": {f"{name}:{mode}": list(margin) for (name, mode), margin in self._margins.items()}}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        self.decided = {name: tuple(ranks) for name, ranks in state.get("decided", {}).items()}
+        if "margins" in state:
+            self._margins = {layer_mode(key): (int(low), int(count)) for key, (low, count) in state["margins"].items()}
+        else:  # written before `patience`: the modes below their max_rank whose tolerance rank never fell keep one
+            for key in state.get("settled", ()):
+                self._margins.pop(layer_mode(key), None)
+
+
+def layer_mode(key: str) -> tuple[str, int]:
+    """``"<layer name>:<mode>"`` (a key of the integrator's state) as (layer name, mode)."""
+    name, mode = key.rsplit(":", 1)
+    return name, int(mode)
