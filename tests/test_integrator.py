@@ -483,6 +483,33 @@ def test_scaled_steps_move_a_small_core_as_adam_moves_a_full_rank_one(ranks, sca
     assert torch.equal(layer.active_core()[~moved], before[~moved])
 
 
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_scaled_steps_leave_weight_decay_at_the_dense_rate(decoupled):
+    """Closed form of the first step with weight decay wd, s = sqrt(120 / 16): decoupled (AdamW) the core shrinks by
+    1 - lr wd, the dense weight's rate, and only its gradient step is scaled, C = (1 - lr wd) C_0 - s lr sign(g);
+    added to the gradient (Adam's ``weight_decay``) the decay is part of the normalized step, which is scaled whole,
+    C = C_0 - s lr sign(g + wd C_0)."""
+    torch.manual_seed(0)
+    layer = TuckerLinear(12, 10, ranks=(2, 2))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, interval=2, core_steps=2,
+                                                                         scale_steps=True))
+    lr, wd = 0.01, 5.0
+    optimizer = (torch.optim.AdamW if decoupled else torch.optim.Adam)(layer.parameters(), lr=lr, eps=1e-30,
+                                                                       weight_decay=wd)
+    (layer(torch.randn(16, 12)) - torch.randn(16, 10)).pow(2).sum().backward()
+    assert integrator.before_step(optimizer) and layer.ranks == (4, 4)  # augmented: s = sqrt(120 / 16)
+    before = layer.active_core().detach().clone()
+    grad = layer.core.grad[:4, :4].clone()
+    optimizer.step()
+    integrator.after_step(optimizer)
+    scale = math.sqrt(120 / 16)
+    if decoupled:
+        expected = (1 - lr * wd) * before - scale * lr * torch.sign(grad)
+    else:
+        expected = before - scale * lr * torch.sign(grad + wd * before)
+    torch.testing.assert_close(layer.active_core(), expected, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("method", ["augmented", "parallel"])
 def test_directions_without_gradient_stay_out(method):
     """A gradient inside span(U) leaves nothing to augment: the candidate directions are rounding noise, their core

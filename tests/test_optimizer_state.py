@@ -144,3 +144,38 @@ def test_every_optimizer_trains_through_the_callback_or_is_refused_at_setup(cls)
         if isinstance(layer, ll.TuckerLayer):
             for u in layer.active_factors():
                 assert_orthonormal(u.detach().double(), atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: torch.optim.AdamW([p], lr=0.1, weight_decay=0.3),
+    lambda p: torch.optim.Adam([p], lr=0.1, weight_decay=0.3, decoupled_weight_decay=True),
+    lambda p: torch.optim.NAdam([p], lr=0.1, weight_decay=0.3, decoupled_weight_decay=True),
+    lambda p: torch.optim.RAdam([p], lr=0.1, weight_decay=0.3, decoupled_weight_decay=True),
+])
+def test_decay_factor_is_what_a_decoupled_step_does_to_a_parameter_without_gradient(make):
+    """Reference: the optimizer's own step on a zero gradient, which only decays (1 - lr wd)."""
+    from lightning_lowrank.tucker.optimizer_state import decay_factor
+
+    p = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    optimizer = make(p)
+    factor = decay_factor(optimizer, p)
+    before = p.detach().clone()
+    p.grad = torch.zeros_like(p)
+    optimizer.step()
+    torch.testing.assert_close(p.detach(), factor * before, rtol=1e-15, atol=0)
+    assert factor == pytest.approx(1 - 0.1 * 0.3)
+
+
+def test_decay_factor_is_one_where_the_decay_is_part_of_the_gradient():
+    """Weight decay added to the gradient (SGD, Adam's default) is part of the step; AdamW of a torch whose groups
+    have no ``decoupled_weight_decay`` entry still decays apart from it."""
+    from lightning_lowrank.tucker.optimizer_state import decay_factor
+
+    p = nn.Parameter(torch.randn(3))
+    assert decay_factor(torch.optim.SGD([p], lr=0.1, weight_decay=0.3), p) == 1.0
+    assert decay_factor(torch.optim.Adam([p], lr=0.1, weight_decay=0.3), p) == 1.0
+    assert decay_factor(torch.optim.AdamW([p], lr=0.1, weight_decay=0.0), p) == 1.0
+    assert decay_factor(None, p) == 1.0
+    older = torch.optim.AdamW([p], lr=0.1, weight_decay=0.3)
+    del older.param_groups[0]["decoupled_weight_decay"]
+    assert decay_factor(older, p) == pytest.approx(1 - 0.1 * 0.3)

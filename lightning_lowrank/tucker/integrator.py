@@ -37,7 +37,13 @@ from lightning_lowrank.tucker.augmentation import Capture, augmented_basis, para
 from lightning_lowrank.tucker.distributed import average_gradients, drop_absent
 from lightning_lowrank.tucker.growth import GrowthMargin, clamp_rank, layer_mode
 from lightning_lowrank.tucker.layers import TuckerLayer
-from lightning_lowrank.tucker.optimizer_state import check_state, clear_outside, resize_state, warm_start
+from lightning_lowrank.tucker.optimizer_state import (
+    check_state,
+    clear_outside,
+    decay_factor,
+    resize_state,
+    warm_start,
+)
 from lightning_lowrank.tucker.storage import storage_size, zero_outside
 from lightning_lowrank.tucker.truncation import rank_candidates, rotate_layer
 from lightning_lowrank.validation import check_int
@@ -86,7 +92,8 @@ class IntegratorConfig:
             weight's sizes, r_i the active ranks of the step; steps with s <= 1 stay): C <- C_before + s (C_after -
             C_before). An optimizer that moves every entry by about its learning rate (Adam-type) moves a core of
             few entries less, relative to its norm, than the dense weight its learning rate was tuned for; scaled,
-            the step's Frobenius norm is the dense weight's. Default False.
+            the step's Frobenius norm is the dense weight's. Decoupled weight decay (AdamW) is not scaled: a core
+            shrinks at the dense weight's rate, C <- (1 - lr wd) C_before + s (gradient step). Default False.
     """
 
     tau: float = 0.1
@@ -197,7 +204,7 @@ class TuckerIntegrator:
         self._augmenting = False  # whether augment() readied the optimizer step in flight
         self._basis_grads: dict[tuple[str, int], Tensor] = {}  # dL/dU summed over the steps since the last augmentation
         self._prepared = False  # whether before_step readied the optimizer step that after_step completes
-        self._cores_before: dict[str, tuple[Tensor, float]] = {}  # scale_steps: active core before the step, s
+        self._cores_before: dict[str, tuple[Tensor, float, float | Tensor]] = {}  # scale_steps: core before, s, decay
         self.steps = 0  # steps of the schedule: calls of before_step, skipped ones included
         self.frozen = False
         self.add_layers(layers)
@@ -322,21 +329,25 @@ class TuckerIntegrator:
                     u.grad = None
                 _mask_outside_block(layer)
         if self.config.scale_steps:
-            self._keep_cores()
+            self._keep_cores(optimizer)
         return True
 
-    def _keep_cores(self) -> None:
-        """Keep the active core of every layer whose step :meth:`after_step` scales (s > 1, a gradient)."""
+    def _keep_cores(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Keep the active core of every layer whose step :meth:`after_step` scales (s > 1, a gradient), with s and
+        the factor ``optimizer``'s decoupled weight decay applies to it (1 - lr * weight_decay; 1 without)."""
         for name, layer in self.layers.items():
             scale = math.sqrt(math.prod(layer.shape) / math.prod(layer.ranks))
             if layer.core.grad is not None and scale > 1:
-                self._cores_before[name] = (layer.active_core().detach().clone(), scale)
+                self._cores_before[name] = (layer.active_core().detach().clone(), scale,
+                                            decay_factor(optimizer, layer.core))
 
     @torch.no_grad()
     def _scale_steps(self) -> None:
-        """C <- C_before + s (C - C_before) on the active block of every core kept by :meth:`_keep_cores`."""
-        for name, (before, scale) in self._cores_before.items():
-            self.layers[name].active_core().mul_(scale).add_(before, alpha=1 - scale)
+        """Scale the gradient step of every core kept by :meth:`_keep_cores`, not its decoupled weight decay d:
+        C = d C_before + D (D the gradient step) becomes d C_before + s D = s C + (1 - s) d C_before, so that decay
+        shrinks a core at the dense weight's rate whatever its size."""
+        for name, (before, scale, decay) in self._cores_before.items():
+            self.layers[name].active_core().mul_(scale).add_(before.mul_((1 - scale) * decay))
         self._cores_before.clear()
 
     @torch.no_grad()
