@@ -167,8 +167,9 @@ def test_decay_factor_is_what_a_decoupled_step_does_to_a_parameter_without_gradi
 
 
 def test_decay_factor_is_one_where_the_decay_is_part_of_the_gradient():
-    """Weight decay added to the gradient (SGD, Adam's default) is part of the step; AdamW of a torch whose groups
-    have no ``decoupled_weight_decay`` entry still decays apart from it."""
+    """Weight decay added to the gradient (SGD, Adam's default) is part of the step, and an optimizer that does not
+    hold the parameter does not decay it; AdamW of a torch whose groups have no ``decoupled_weight_decay`` entry
+    still decays apart from the gradient."""
     from lightning_lowrank.tucker.optimizer_state import decay_factor
 
     p = nn.Parameter(torch.randn(3))
@@ -176,6 +177,7 @@ def test_decay_factor_is_one_where_the_decay_is_part_of_the_gradient():
     assert decay_factor(torch.optim.Adam([p], lr=0.1, weight_decay=0.3), p) == 1.0
     assert decay_factor(torch.optim.AdamW([p], lr=0.1, weight_decay=0.0), p) == 1.0
     assert decay_factor(None, p) == 1.0
+    assert decay_factor(torch.optim.AdamW([nn.Parameter(torch.randn(3))], lr=0.1, weight_decay=0.3), p) == 1.0
     older = torch.optim.AdamW([p], lr=0.1, weight_decay=0.3)
     del older.param_groups[0]["decoupled_weight_decay"]
     assert decay_factor(older, p) == pytest.approx(1 - 0.1 * 0.3)

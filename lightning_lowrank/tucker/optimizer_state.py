@@ -131,11 +131,12 @@ def decay_factor(optimizer: torch.optim.Optimizer | None, parameter: Tensor) -> 
     """The factor 1 - lr * weight_decay by which ``optimizer``'s next step multiplies ``parameter`` apart from its
     gradient step, where the weight decay is decoupled from the gradient (AdamW; Adam, NAdam, RAdam with
     ``decoupled_weight_decay=True``); 1 otherwise (no decay, or decay added to the gradient, as in SGD and Adam)."""
-    if optimizer is None:
+    groups = [] if optimizer is None else optimizer.param_groups
+    group = next((g for g in groups if any(p is parameter for p in g["params"])), None)
+    if group is None or not group.get("weight_decay"):  # not stepped by this optimizer, or no decay
         return 1.0
-    group = next((g for g in optimizer.param_groups if any(p is parameter for p in g["params"])), {})
     decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
-    return 1 - group["lr"] * group["weight_decay"] if decoupled and group.get("weight_decay") else 1.0
+    return 1 - group["lr"] * group["weight_decay"] if decoupled else 1.0
 
 
 def _core_state(optimizer: torch.optim.Optimizer | None, core: Tensor) -> dict[str, object]:
