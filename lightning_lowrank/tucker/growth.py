@@ -20,10 +20,14 @@ runs the paper's rule. Keeping more directions only lowers the truncation error,
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from lightning_lowrank.tucker.algebra import consistent_ranks
 from lightning_lowrank.tucker.layers import TuckerLayer
+
+if TYPE_CHECKING:
+    from lightning_lowrank.tucker.integrator import IntegratorConfig
 
 
 def clamp_rank(rank: int, size: int, max_rank: int, min_rank: int) -> int:
@@ -37,17 +41,13 @@ class GrowthMargin:
     ranks (:attr:`decided`).
 
     Args:
-        growth: margin above a tolerance rank d, ceil(growth * d) directions; 0: the paper's rule.
-        patience: optimizer steps a margin lasts after the start or its last renewal.
-        interval: optimizer steps per truncation (the schedule's), to count ``patience`` in truncations.
-        min_rank: smallest rank of an adapted mode.
-        adapts: whether a mode's rank adapts (one that does not keeps its rank and never a margin).
+        config: the integrator's options with its schedule set: ``growth`` (margin above a tolerance rank d,
+            ceil(growth * d) directions), ``patience`` (optimizer steps a margin lasts, counted in truncations of
+            ``interval`` steps), ``min_rank`` and which modes adapt.
     """
 
-    def __init__(self, growth: float, patience: int, interval: int, min_rank: int,
-                 adapts: Callable[[int], bool]) -> None:
-        self.growth, self.patience, self.interval, self.min_rank, self.adapts = (growth, patience, interval,
-                                                                                 min_rank, adapts)
+    def __init__(self, config: IntegratorConfig) -> None:
+        self.config = config
         self.decided: dict[str, tuple[int, ...]] = {}  # layer name -> tolerance ranks, while it keeps a margin
         self._margins: dict[tuple[str, int], tuple[int, int]] = {}  # (name, mode) -> (lowest rank, truncations)
 
@@ -66,13 +66,14 @@ class GrowthMargin:
         for mode, r in enumerate(tolerance):
             if (name, mode) in self._margins:
                 low, count = self._margins[name, mode]
-                renewed = r >= low + math.ceil(self.growth * low)  # grew by a whole margin above its low
+                renewed = r >= low + math.ceil(self.config.growth * low)  # grew by a whole margin above its low
                 self._margins[name, mode] = (r, 0) if renewed else (min(low, r), count + 1)
-        grows = [self.adapts(mode) and not final and (name, mode) in self._margins
-                 and self._margins[name, mode][1] * self.interval < self.patience and r >= last
+        growth, patience, interval = self.config.growth, self.config.patience, self.config.interval
+        grows = [self.config.adapts(mode) and not final and (name, mode) in self._margins
+                 and self._margins[name, mode][1] * interval < patience and r >= last
                  for mode, (r, last) in enumerate(zip(tolerance, before))]
-        keep = consistent_ranks([clamp_rank(r + math.ceil(self.growth * r), size, layer.max_ranks[mode], self.min_rank)
-                                 if grow else r
+        keep = consistent_ranks([clamp_rank(r + math.ceil(growth * r), size, layer.max_ranks[mode],
+                                            self.config.min_rank) if grow else r
                                  for mode, (r, size, grow) in enumerate(zip(tolerance, layer.ranks, grows))])
         self.decided.pop(name, None)
         if keep != (tolerance_ranks := consistent_ranks(tolerance)):

@@ -199,8 +199,7 @@ class TuckerIntegrator:
         self.layers: dict[str, TuckerLayer] = {}
         self._captures: dict[str, Capture] = {}
         self._before_augmentation: dict[str, tuple[int, ...]] = {}  # layer name -> its ranks, until truncation
-        self.margin = GrowthMargin(self.config.growth, self.config.patience, self.config.interval,
-                                   self.config.min_rank, self.config.adapts)
+        self.margin = GrowthMargin(self.config)
         self._augmenting = False  # whether augment() readied the optimizer step in flight
         self._basis_grads: dict[tuple[str, int], Tensor] = {}  # dL/dU summed over the steps since the last augmentation
         self._prepared = False  # whether before_step readied the optimizer step that after_step completes
