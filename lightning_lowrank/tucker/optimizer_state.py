@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -131,12 +131,17 @@ def decay_factor(optimizer: torch.optim.Optimizer | None, parameter: Tensor) -> 
     """The factor 1 - lr * weight_decay by which ``optimizer``'s next step multiplies ``parameter`` apart from its
     gradient step, where the weight decay is decoupled from the gradient (AdamW; Adam, NAdam, RAdam with
     ``decoupled_weight_decay=True``); 1 otherwise (no decay, or decay added to the gradient, as in SGD and Adam)."""
-    groups = [] if optimizer is None else optimizer.param_groups
-    group = next((g for g in groups if any(p is parameter for p in g["params"])), None)
+    group = _group_of(optimizer, parameter)
     if group is None or not group.get("weight_decay"):  # not stepped by this optimizer, or no decay
         return 1.0
     decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
     return 1 - group["lr"] * group["weight_decay"] if decoupled else 1.0
+
+
+def _group_of(optimizer: torch.optim.Optimizer | None, parameter: Tensor) -> dict[str, Any] | None:
+    """The parameter group of ``optimizer`` that holds ``parameter`` (None: it holds none)."""
+    groups = [] if optimizer is None else optimizer.param_groups
+    return next((group for group in groups if any(p is parameter for p in group["params"])), None)
 
 
 def _core_state(optimizer: torch.optim.Optimizer | None, core: Tensor) -> dict[str, object]:
@@ -162,7 +167,7 @@ def warm_start(optimizer: torch.optim.Optimizer | None, core: Tensor, old: Seque
     fresh = torch.ones(tuple(new), dtype=torch.bool, device=core.device)
     fresh[tuple(slice(r) for r in old)] = False
     grad = core.grad[block]
-    lr = next(group["lr"] for group in optimizer.param_groups if any(p is core for p in group["params"]))
+    lr = _group_of(optimizer, core)["lr"]
     step = state.get("step", 0)
     for key, value in state.items():
         fresh_state = fresh_value(rules[key], grad, lr, step)
