@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Union
 
@@ -15,7 +14,7 @@ from lightning_lowrank.selection import ConversionReport, check_patterns, patter
 from lightning_lowrank.tucker.algebra import Init, consistent_ranks, full_ranks
 from lightning_lowrank.tucker.attention import SplitAttention
 from lightning_lowrank.tucker.layers import TUCKER_LAYERS, TuckerLayer
-from lightning_lowrank.tucker.storage import storage_size
+from lightning_lowrank.tucker.storage import storage_size, stored_entries
 
 RankSpec = Union[int, float, Literal["full"]]
 """A rank per mode: an int in [1, n], a fraction of the mode size n in (0, 1] (rounded up), or 'full' (= n).
@@ -139,7 +138,7 @@ def start_ranks(shape: tuple[int, ...], ranks: tuple[int, ...]) -> tuple[int, ..
     dense weight's prod_i n_i entries: sum_i n_i s_i + prod_i s_i with s_i = ``storage_size(n_i, r_i)`` (room for the
     augmented bases; a square linear layer at a quarter would store 1.25 n^2)."""
     ranks = list(ranks)
-    while _stored(shape, ranks) > math.prod(shape) and max(ranks[:2]) > 1:
+    while stored_entries(shape, ranks) > math.prod(shape) and max(ranks[:2]) > 1:
         mode = 0 if ranks[0] >= ranks[1] else 1
         ranks[mode] -= 1
     return consistent_ranks(ranks)
@@ -162,12 +161,6 @@ def restart(layer: TuckerLayer, config: TuckerConfig, name: str) -> None:
         u[:, r:] = 0  # as a conversion at these ranks leaves the storage beyond them
     if config.init == "hosvd_scaled":
         layer.scale_core_to(norm)
-
-
-def _stored(shape: Sequence[int], ranks: Sequence[int]) -> int:
-    """Entries a Tucker layer of ``shape`` stores at ``ranks``: factors n_i x s_i and the core prod_i s_i."""
-    storage = [storage_size(n, r) for n, r in zip(shape, ranks)]
-    return sum(n * s for n, s in zip(shape, storage)) + math.prod(storage)
 
 
 def convert(module: nn.Module, config: TuckerConfig | None = None, **options: object) -> ConversionReport:

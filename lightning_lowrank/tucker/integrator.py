@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_lowrank.tucker.algebra import compute_dtype, mode_dot
+from lightning_lowrank.tucker.algebra import compute_dtype, full_ranks, mode_dot
 from lightning_lowrank.tucker.augmentation import Capture, augmented_basis, parallel_gradient
 from lightning_lowrank.tucker.distributed import average_gradients, drop_absent
 from lightning_lowrank.tucker.growth import GrowthMargin, clamp_rank, layer_mode
@@ -335,7 +335,7 @@ class TuckerIntegrator:
         """Keep the active core of every layer whose step :meth:`after_step` scales (s > 1, a gradient), with s and
         the factor ``optimizer``'s decoupled weight decay applies to it (1 - lr * weight_decay; 1 without)."""
         for name, layer in self.layers.items():
-            scale = math.sqrt(math.prod(layer.shape) / math.prod(layer.ranks))
+            scale = math.sqrt(math.prod(layer.shape) / layer.active_core().numel())
             if layer.core.grad is not None and scale > 1:
                 self._cores_before[name] = (layer.active_core().detach().clone(), scale,
                                             decay_factor(optimizer, layer.core))
@@ -355,8 +355,9 @@ class TuckerIntegrator:
         0, so W is unchanged, and the first r columns of each basis are the old basis (as the gradients of the
         current backward pass see it); the optimizer state warm-started for the new entries is cleared."""
         for name, old in self._before_augmentation.items():
-            self.layers[name].set_ranks(old)
-            clear_outside(optimizer, self.layers[name].core, old)
+            if not self.layers[name].dense_storage:  # else nothing was augmented
+                self.layers[name].set_ranks(old)
+                clear_outside(optimizer, self.layers[name].core, old)
         self._before_augmentation.clear()
         self._augmenting = False
 
@@ -390,8 +391,8 @@ class TuckerIntegrator:
         ``method="augmented"`` only before an augmenting step."""
         for name, layer in self.layers.items():
             layer.hold_bases = self.frozen or (name in self._before_augmentation and not self.due)
-        for capture in self._captures.values():
-            capture.active = self.due
+        for name, capture in self._captures.items():
+            capture.active = self.due and not self.layers[name].dense_storage
 
     def remove(self) -> None:
         """Remove the forward hooks; the layers compute their basis gradients again."""
@@ -415,6 +416,9 @@ class TuckerIntegrator:
                 continue
             if optimizer is not None:  # unknown optimizer state is refused before anything changes
                 check_state(optimizer, optimizer.state.get(layer.core, {}))
+            if layer.dense_storage:  # the dense gradient moves W in every direction: nothing to augment
+                self._before_augmentation[name] = layer.ranks
+                continue
             old = layer.ranks
             earlier = [self._basis_grads.get((name, mode)) for mode in range(len(old))]
             bases, r_factors, significant = zip(*(augmented_basis(layer, mode, grad, self.config.adapts(mode))
@@ -484,8 +488,9 @@ class TuckerIntegrator:
             if not next(decided):
                 raise FloatingPointError(f"the optimizer step made the core of Tucker layer {name!r} non-finite; its "
                                          "ranks cannot be decided (lower the learning rate, or clip gradients)")
+            sizes = full_ranks(layer.shape) if layer.dense_storage else layer.ranks  # of the augmented modes
             tolerance = [clamp_rank(next(decided), size, layer.max_ranks[mode], self.config.min_rank)
-                         if self.config.adapts(mode) else next(decided) for mode, size in enumerate(layer.ranks)]
+                         if self.config.adapts(mode) else next(decided) for mode, size in enumerate(sizes)]
             keep = self.margin.keep(name, layer, old_ranks, tolerance, final)
             rotations.append((layer, [p if p is None else p[:, :r] for p, r in zip(vectors, keep)]))
         for layer, rotation in rotations:
@@ -510,6 +515,8 @@ class TuckerIntegrator:
 def fit_storage(layer: TuckerLayer, optimizer: torch.optim.Optimizer | None) -> None:
     """Reallocate the layer's storage for its active ranks (:func:`~lightning_lowrank.tucker.storage.storage_size`: room
     for the next augmentation, changed only when the ranks moved far enough) and the optimizer's state with it."""
+    if layer.dense_storage:  # W stored whole until its factors pay (truncation.truncate_dense)
+        return
     storage = tuple(storage_size(n, r, s) for n, r, s in zip(layer.shape, layer.ranks, layer.storage))
     if storage != layer.storage:
         resize_state(optimizer, layer.resize(storage))
@@ -535,5 +542,5 @@ def gradients_finite(parameters: Sequence[Tensor], fetch: Tensor | None = None) 
 
 def _mask_outside_block(layer: TuckerLayer) -> None:
     """Zero the core's gradient outside the active block (a compiled forward computes at the storage ranks)."""
-    if layer.core.grad is not None:
+    if layer.core.grad is not None and not layer.dense_storage:
         zero_outside(layer.core.grad, layer.ranks)

@@ -7,6 +7,12 @@ parameters hold a storage
 s_i >= r_i columns per mode (:func:`storage_size`: room for the next augmentation, 2 r_i columns capped by n_i, in
 coarse steps), so storage follows the rank while most rank changes leave the parameter shapes as they are, and the
 forward pass only touches the active block.
+
+Where the factors would store more than the dense weight (a full-rank start), a layer can hold W itself instead
+(:meth:`TuckerLayer.to_dense_storage`): the core is W, the factors store no columns (the identity, implicitly), and
+the layer computes, stores and trains as the dense layer does, while ``ranks`` bounds W's multilinear rank (the
+integrator's truncation projects W onto its HOSVD at the ranks it keeps, and factorizes it once the factors pay,
+:meth:`TuckerLayer.factorize`).
 """
 
 from __future__ import annotations
@@ -60,7 +66,8 @@ class TuckerLayer(nn.Module):
             that bound). Augmentation may exceed it for one interval (up to 2 r_i, capped by n_i).
 
     The parameters ``factors`` (n_i x s_i) and ``core`` (s_1 x ... x s_d) start at the storage s_i =
-    ``storage_size(n_i, r_i)`` and are reallocated by :meth:`resize` (the integrator does, as ranks change).
+    ``storage_size(n_i, r_i)`` and are reallocated by :meth:`resize` (the integrator does, as ranks change). In dense
+    storage (:attr:`dense_storage`) the core is W itself (n_1 x ... x n_d) and the factors are n_i x 0.
     With ``hold_bases`` True an eager forward treats the factors as constants, so backward computes no basis gradient
     (the integrator sets it for the steps that train the core only); compiled forwards ignore it.
     """
@@ -103,20 +110,57 @@ class TuckerLayer(nn.Module):
         """Columns stored per mode, s_i: the core's shape."""
         return tuple(self.core.shape)
 
+    @property
+    def dense_storage(self) -> bool:
+        """Whether the layer holds W itself as its core (the factors store no columns; :meth:`to_dense_storage`)."""
+        return self.factors[0].shape[1] == 0
+
+    @torch.no_grad()
+    def to_dense_storage(self) -> None:
+        """Hold W itself: core <- W (``self.shape``), factors n_i x 0; ``ranks`` stay (they bound W's multilinear
+        rank), and so do the Parameter objects. Forward, backward and the optimizer's state then cost what the dense
+        layer's do. Call it before the optimizer's first step (their optimizer state is not carried)."""
+        if not self.dense_storage:
+            weight = self.dense_weight()
+            self._reallocate(self.shape, dense=True)
+            self.core.copy_(weight)
+
+    @torch.no_grad()
+    def factorize(self, bases: Sequence[Tensor]) -> list[tuple[nn.Parameter, torch.Size]]:
+        """Leave dense storage: U_i <- ``bases[i]`` (n_i x r_i, orthonormal columns), core <- W x_i U_i^T (the
+        ranks r_i), at the storage :func:`storage_size` gives them; W is unchanged where it lies in the bases'
+        span. Returns the changed parameters with their old shapes, as :meth:`resize` does."""
+        if not self.dense_storage:
+            raise ValueError("`factorize` takes a layer in dense storage; this one stores factors already")
+        ranks = _check_ranks("ranks", [u.shape[1] for u in bases], self.shape, "the mode size")
+        core = multi_mode_dot(self.core, [u.to(self.core.dtype) for u in bases], transpose=True)
+        storage = tuple(storage_size(n, r) for n, r in zip(self.shape, ranks))
+        changed = self._reallocate(storage)  # the core's leading block is W's: overwritten below
+        self.core.zero_()
+        self.core[tuple(slice(r) for r in ranks)] = core
+        for u, basis in zip(self.factors, bases):
+            u[:, : basis.shape[1]] = basis
+        self.ranks = ranks
+        return changed
+
     @torch.no_grad()
     def resize(self, storage: Sequence[int]) -> list[tuple[nn.Parameter, torch.Size]]:
         """Reallocate factors (n_i x s_i) and core (``storage``) keeping their leading blocks, each s_i in
         [r_i, n_i]; the Parameter objects stay (an optimizer holding them goes on), and so do their gradients'
         leading blocks. Returns each changed parameter with its old shape, for its optimizer state
         (:func:`~lightning_lowrank.tucker.optimizer_state.resize_state`)."""
+        if self.dense_storage:
+            raise ValueError("a layer in dense storage has no factor storage to resize (`factorize` leaves it)")
         storage = _check_ranks("storage", storage, self.shape, "the mode size")
         if any(s < r for s, r in zip(storage, self.ranks)):
             raise ValueError(f"`storage` {storage} must hold the active ranks {self.ranks}")
         return self._reallocate(storage)
 
-    def _reallocate(self, storage: tuple[int, ...]) -> list[tuple[nn.Parameter, torch.Size]]:
+    def _reallocate(self, storage: tuple[int, ...], dense: bool = False) -> list[tuple[nn.Parameter, torch.Size]]:
+        """Reallocate the core to ``storage`` and the factors to n_i x s_i (n_i x 0 for ``dense`` storage)."""
         changed = []
-        for p, shape in [(u, (n, s)) for u, n, s in zip(self.factors, self.shape, storage)] + [(self.core, storage)]:
+        shapes = [(n, 0 if dense else s) for n, s in zip(self.shape, storage)]
+        for p, shape in [*zip(self.factors, shapes), (self.core, storage)]:
             if tuple(p.shape) != shape:
                 changed.append((p, p.shape))
                 grad = None if p.grad is None else resized(p.grad, shape)
@@ -150,6 +194,9 @@ class TuckerLayer(nn.Module):
         """
         old = self.ranks
         ranks = _check_ranks("ranks", ranks, self.shape, "the mode size")
+        if self.dense_storage:  # W is stored whole: the ranks only bound its multilinear rank
+            self.ranks = ranks
+            return
         if any(r > s for r, s in zip(ranks, self.storage)):
             self._reallocate(tuple(storage_size(n, r, s) for n, r, s in zip(self.shape, ranks, self.storage)))
         self.ranks = ranks
@@ -163,8 +210,9 @@ class TuckerLayer(nn.Module):
 
     @staticmethod
     def _zero_outside_ranks(module: TuckerLayer, incompatible_keys: object) -> None:
-        with torch.no_grad():
-            zero_outside(module.core, module.ranks)
+        if not module.dense_storage:
+            with torch.no_grad():
+                zero_outside(module.core, module.ranks)
 
     @torch.no_grad()
     def load_weight(self, weight: Tensor, init: Init = "hosvd") -> None:
@@ -178,6 +226,10 @@ class TuckerLayer(nn.Module):
         """
         if tuple(weight.shape) != self.shape:
             raise ValueError(f"`weight` must have shape {self.shape}, got {tuple(weight.shape)}")
+        if self.dense_storage:  # W as it is, its multilinear rank bounded by the unfoldings' alone
+            self.core.copy_(weight)
+            self.ranks = consistent_ranks(full_ranks(self.shape))
+            return
         core, factors = tucker_decomposition(weight, self.ranks, "random" if init == "random" else "hosvd")
         self.core.copy_(resized(core, self.storage))
         for u, new in zip(self.factors, factors):
@@ -202,6 +254,8 @@ class TuckerLayer(nn.Module):
             state_dict.update(module._tucker_entries(weight, prefix))
         core = state_dict.get(prefix + "core")
         storage = module.storage if core is None else tuple(core.shape)
+        factor = state_dict.get(prefix + "factors.0")
+        dense = module.dense_storage if factor is None else factor.ndim == 2 and factor.shape[1] == 0
         try:
             storage = _check_ranks("storage", storage, module.shape, "the mode size")
             rank = state_dict.pop(prefix + "rank", None)  # torch loads from a copy of the caller's state_dict
@@ -209,15 +263,18 @@ class TuckerLayer(nn.Module):
                                  "the stored core's shape")
         except (ValueError, TypeError) as error:
             raise ValueError(f"state entry {prefix}{'core' if 'storage' in str(error) else 'rank'}: {error}") from None
-        module._reallocate(storage)
+        module._reallocate(storage, dense)
         module.ranks = ranks
 
     def _tucker_entries(self, weight: Tensor, prefix: str) -> dict[str, Tensor]:
-        """State entries (core, factors, rank) of the dense ``weight``. Each mode keeps the smallest rank whose
-        discarded singular values have 2-norm <= delta ||W||_F with delta = max(eps, sqrt(n) eps_64), eps of the
-        weight's dtype, n its largest size: what is cut is at the level of the rounding of W itself (one rounding to
-        its dtype, <= eps/2 ||W||_F; a float64 weight formed by sums of n products, about sqrt(n) eps_64 ||W||_F),
-        whatever the dtype and the layer's size."""
+        """State entries (core, factors, rank) of the dense ``weight``: in dense storage W itself; else each mode
+        keeps the smallest rank whose discarded singular values have 2-norm <= delta ||W||_F with delta = max(eps,
+        sqrt(n) eps_64), eps of the weight's dtype, n its largest size: what is cut is at the level of the rounding of
+        W itself (one rounding to its dtype, <= eps/2 ||W||_F; a float64 weight formed by sums of n products, about
+        sqrt(n) eps_64 ||W||_F), whatever the dtype and the layer's size."""
+        if self.dense_storage:
+            return {prefix + "core": weight, prefix + "rank": torch.tensor(consistent_ranks(full_ranks(self.shape))),
+                    **{f"{prefix}factors.{i}": weight.new_empty(n, 0) for i, n in enumerate(self.shape)}}
         core, factors = tucker_decomposition(weight, self.max_ranks, "hosvd")
         dtype = weight.dtype if weight.is_floating_point() else core.dtype
         exact = core.double()
@@ -247,17 +304,31 @@ class TuckerLayer(nn.Module):
         self.train(layer.training)
 
     def active_factors(self) -> list[Tensor]:
-        """The orthonormal bases at the active ranks, U_i of shape (n_i, r_i)."""
+        """The orthonormal bases at the active ranks, U_i of shape (n_i, r_i) (in dense storage: none are stored,
+        use :meth:`decomposition`)."""
+        if self.dense_storage:
+            raise ValueError("a layer in dense storage stores no factors; `decomposition()` gives W's HOSVD")
         return [u[:, :r] for u, r in zip(self.factors, self.ranks)]
 
     def active_core(self) -> Tensor:
-        """The core at the active ranks, shape (r_1, ..., r_d)."""
+        """The core at the active ranks, shape (r_1, ..., r_d); in dense storage W itself (``self.shape``)."""
+        if self.dense_storage:
+            return self.core
         return self.core[tuple(slice(r) for r in self.ranks)]
+
+    def decomposition(self) -> tuple[Tensor, list[Tensor]]:
+        """Core (r_1, ..., r_d) and orthonormal factors U_i (n_i, r_i) at the active ranks: the stored ones, or in
+        dense storage the HOSVD of W at its ranks (exact: truncation keeps W at them)."""
+        if self.dense_storage:
+            return tucker_decomposition(self.core.detach(), self.ranks, "hosvd")
+        return self.active_core(), self.active_factors()
 
     def _forward_factors(self) -> tuple[list[Tensor], Tensor]:
         """Factors and core the forward computes with: the active ones in eager mode (cost follows the rank; detached
         while ``hold_bases``); the stored ones under torch.compile, whose graph then never depends on a rank (the core
-        is 0 outside the block) nor on ``hold_bases``."""
+        is 0 outside the block) nor on ``hold_bases``; in dense storage no factors and W."""
+        if self.dense_storage:
+            return [], self.core
         if torch.compiler.is_compiling():
             return list(self.factors), self.core
         factors = self.active_factors()
@@ -274,6 +345,8 @@ class TuckerLayer(nn.Module):
         """W = core x_1 U_1 ... x_d U_d, shape ``self.shape``, formed in float64 and rounded once to the layer's dtype
         (for export, checkpoints and the ``weight`` property; the forward, where it merges, forms W in the layer's
         dtype with autograd)."""
+        if self.dense_storage:
+            return self.core.clone()
         weight = multi_mode_dot(self.active_core().double(), [u.double() for u in self.active_factors()])
         return weight.to(self.core.dtype)
 
@@ -369,7 +442,10 @@ class TuckerLinear(TuckerLayer):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        (u_out, u_in), core = self._forward_factors()
+        factors, core = self._forward_factors()
+        if not factors:  # dense storage
+            return F.linear(x, core, self.bias)
+        u_out, u_in = factors
         chain, merged = self.forward_costs(x.shape, core.shape)
         if merged < chain:
             return F.linear(x, u_out @ (core @ u_in.T), self.bias)
@@ -395,8 +471,7 @@ class TuckerLinear(TuckerLayer):
 
     def _factor_chain(self) -> nn.Sequential:
         """Two nn.Linear, the core merged into the side of larger rank: min(r_out, r_in) * (in + out) weights."""
-        u_out, u_in = self.active_factors()
-        core = self.active_core()
+        core, (u_out, u_in) = self.decomposition()
         first, second = (u_in.T, u_out @ core) if self.ranks[1] <= self.ranks[0] else (core @ u_in.T, u_out)
         return linear_chain([first, second], self.bias, self.training)
 
@@ -495,14 +570,17 @@ class _TuckerConvNd(TuckerLayer):
 
     def kernel(self) -> Tensor:
         """The middle convolution's kernel, core x_3 U_k1 ..., shape (r_out, r_in, k_1, ...)."""
-        _, _, *spatial = self.active_factors()
-        return self._kernel(self.active_core(), spatial)
+        core, (_, _, *spatial) = self.decomposition()
+        return self._kernel(core, spatial)
 
     def _kernel(self, core: Tensor, spatial: Sequence[Tensor]) -> Tensor:
         return torch.einsum(self._kernel_equation, core, *spatial)
 
     def forward(self, x: Tensor) -> Tensor:
-        (u_out, u_in, *spatial), core = self._forward_factors()
+        factors, core = self._forward_factors()
+        if not factors:  # dense storage
+            return self._spatial_conv(x, core, self.bias)
+        u_out, u_in, *spatial = factors
         kernel = self._kernel(core, spatial)
         chain, merged = self.forward_costs(x.shape, core.shape)
         if merged < chain:  # one convolution with W = kernel x_1 U_out x_2 U_in
@@ -574,12 +652,12 @@ class _TuckerConvNd(TuckerLayer):
     def _factor_chain(self) -> nn.Sequential:
         """Three convolutions: 1x1 (C_in -> r_in), kxk (r_in -> r_out) with the spatial factors merged,
         1x1 (r_out -> C_out)."""
-        u_out, u_in, *_ = self.active_factors()
+        core, (u_out, u_in, *spatial) = self.decomposition()
         r_out, r_in = u_out.shape[1], u_in.shape[1]
         ones = (1,) * len(self.kernel_size)
         return nn.Sequential(
             self._dense_layer(self.in_channels, r_in, u_in.T.reshape(r_in, self.in_channels, *ones), None),
-            self._dense_layer(r_in, r_out, self.kernel(), None, **self._options()),
+            self._dense_layer(r_in, r_out, self._kernel(core, spatial), None, **self._options()),
             self._dense_layer(r_out, self.out_channels, u_out.reshape(self.out_channels, r_out, *ones), self.bias),
         ).train(self.training)
 

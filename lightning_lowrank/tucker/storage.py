@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -33,6 +34,19 @@ def storage_size(size: int, rank: int, current: int | None = None) -> int:
     if current is None or need > current or 2 * fitted <= current:
         return fitted
     return current
+
+
+def stored_entries(shape: Sequence[int], ranks: Sequence[int]) -> int:
+    """Entries a Tucker layer of ``shape`` stores at ``ranks``: factors n_i x s_i and the core prod_i s_i, the
+    storage s_i = :func:`storage_size` (n_i, r_i)."""
+    storage = [storage_size(n, r) for n, r in zip(shape, ranks)]
+    return sum(n * s for n, s in zip(shape, storage)) + math.prod(storage)
+
+
+def factors_pay(shape: Sequence[int], ranks: Sequence[int]) -> bool:
+    """Whether a Tucker layer of ``shape`` at ``ranks`` stores fewer entries than its dense weight (else it keeps
+    the weight in dense storage, :meth:`~lightning_lowrank.tucker.layers.TuckerLayer.to_dense_storage`)."""
+    return stored_entries(shape, ranks) < math.prod(shape)
 
 
 def resized(tensor: Tensor, shape: Sequence[int]) -> Tensor:

@@ -1,6 +1,8 @@
 """Truncation, the second half of the integrator's step: per adapted mode, the SVD of the core's unfolding keeps
 the smallest rank whose discarded singular values have 2-norm <= tau ||C||_F (:func:`rank_candidates`); bases, core
-and the core's optimizer state rotate with the kept singular vectors (:func:`rotate_layer`).
+and the core's optimizer state rotate with the kept singular vectors (:func:`rotate_layer`). A layer in dense storage
+keeps W and its state projected onto the kept directions until its factors would store less than W; then the kept
+vectors become its factors.
 """
 
 from __future__ import annotations
@@ -10,16 +12,18 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from lightning_lowrank.tucker.algebra import compute_dtype, tail_rank, unfold
+from lightning_lowrank.tucker.algebra import compute_dtype, full_ranks, tail_rank, unfold
 from lightning_lowrank.tucker.layers import TuckerLayer
-from lightning_lowrank.tucker.optimizer_state import rotate, transport_state
+from lightning_lowrank.tucker.optimizer_state import resize_state, rotate, transport_state
+from lightning_lowrank.tucker.storage import factors_pay
 
 
 def rank_candidates(layer: TuckerLayer, old_ranks: Sequence[int], tau: float,
                     adapts: Callable[[int], bool]) -> tuple[list[Tensor | None], list[Tensor]]:
     """Singular vectors per mode (None: the mode keeps its basis) and the rank candidates, as 0-d tensors (no host
     sync): first whether the core is finite, then per mode the tail rank with tolerance tau (a mode that ``adapts``)
-    or the rank before augmentation (a mode that only rotated).
+    or the rank before augmentation (a mode that only rotated). In dense storage every mode gets its vectors (they
+    become its basis once the layer factorizes).
 
     The core is scaled by its largest entry first, so any finite core works (its Gram matrices cannot overflow).
     """
@@ -27,7 +31,7 @@ def rank_candidates(layer: TuckerLayer, old_ranks: Sequence[int], tau: float,
     largest = core.abs().amax()
     core = torch.nan_to_num(core / largest.clamp_min(torch.finfo(core.dtype).tiny), 0.0, 0.0, 0.0)
     theta = tau * torch.linalg.vector_norm(core)
-    rotates = [adapts(mode) or old_ranks[mode] != r for mode, r in enumerate(layer.ranks)]
+    rotates = [layer.dense_storage or adapts(mode) or old_ranks[mode] != r for mode, r in enumerate(layer.ranks)]
     pairs = matrix_pairs(core) if core.ndim == 2 and all(rotates) else [None] * core.ndim
     vectors: list[Tensor | None] = []
     candidates = [torch.isfinite(largest).long()]
@@ -46,7 +50,11 @@ def rank_candidates(layer: TuckerLayer, old_ranks: Sequence[int], tau: float,
 def rotate_layer(layer: TuckerLayer, rotations: Sequence[Tensor | None],
                  optimizer: torch.optim.Optimizer | None) -> None:
     """U_i <- U_i P_i, C <- C x_i P_i^T for every mode with a rotation P_i (orthonormal columns); the core's
-    optimizer state follows (:func:`~lightning_lowrank.tucker.optimizer_state.transport_state`)."""
+    optimizer state follows (:func:`~lightning_lowrank.tucker.optimizer_state.transport_state`). In dense storage
+    (a P_i for every mode): :func:`truncate_dense`."""
+    if layer.dense_storage:
+        truncate_dense(layer, rotations, optimizer)
+        return
     new_core = rotate(layer.active_core(), rotations)
     transport_state(optimizer, layer.core, layer.ranks, rotations)
     for u, p in zip(layer.factors, rotations):
@@ -54,6 +62,27 @@ def rotate_layer(layer: TuckerLayer, rotations: Sequence[Tensor | None],
             u[:, : p.shape[1]] = u[:, : p.shape[0]] @ p
     layer.core[tuple(slice(r) for r in new_core.shape)] = new_core
     layer.set_ranks(new_core.shape)
+
+
+@torch.no_grad()
+def truncate_dense(layer: TuckerLayer, bases: Sequence[Tensor], optimizer: torch.optim.Optimizer | None) -> None:
+    """Truncate a layer in dense storage to the kept vectors P_i (n_i x r_i): where its factors at the ranks r_i
+    store less than W (:func:`~lightning_lowrank.tucker.storage.factors_pay`), factorize, U_i <- P_i and
+    C <- W x_i P_i^T, the state rotated as :func:`rotate_layer` rotates it and resized with the storage; else keep W
+    stored whole and project it, W <- W x_i P_i P_i^T, its state carried there and back (each entry by its rule).
+    A mode whose rank is its unfolding's rank bound loses nothing and is not projected."""
+    ranks = tuple(p.shape[1] for p in bases)
+    if factors_pay(layer.shape, ranks):
+        transport_state(optimizer, layer.core, layer.shape, bases)
+        resize_state(optimizer, layer.factorize(bases))
+        return
+    there = [p if r < bound else None for p, r, bound in zip(bases, ranks, full_ranks(layer.shape))]
+    back = [None if p is None else p.T for p in there]
+    projected = rotate(rotate(layer.core, there), back)
+    transport_state(optimizer, layer.core, layer.shape, there)
+    transport_state(optimizer, layer.core, [n if p is None else p.shape[1] for n, p in zip(layer.shape, there)], back)
+    layer.core.copy_(projected)
+    layer.set_ranks(ranks)
 
 
 def matrix_pairs(core: Tensor) -> list[tuple[Tensor, Tensor]]:
