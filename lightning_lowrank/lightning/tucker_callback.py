@@ -36,7 +36,8 @@ from lightning_lowrank.tucker.integrator import (
     steps_follow_gradient,
 )
 from lightning_lowrank.tucker.layers import TuckerLayer
-from lightning_lowrank.tucker.optimizer_state import state_rules
+from lightning_lowrank.tucker.optimizer_state import resize_state, state_rules
+from lightning_lowrank.tucker.storage import factors_pay
 from lightning_lowrank.tucker.summary import summary
 
 
@@ -196,25 +197,37 @@ class TuckerCallback(LowRankCallback):
             self._loaded_state = None
 
     def _start(self, trainer: pl.Trainer, layers: dict[str, TuckerLayer]) -> None:
-        """Start the layers converted at full rank for ``rank=None`` (not when resuming: the checkpoint holds their
-        ranks): below full rank (:func:`~lightning_lowrank.tucker.conversion.restart`) those whose cores an
-        optimizer steps whose steps follow the gradient's size; the others stay at full rank."""
+        """Start the layers an optimizer trains (not when resuming: the checkpoint holds their ranks and storage):
+        those converted at full rank for ``rank=None`` below it (:func:`~lightning_lowrank.tucker.conversion.restart`)
+        where the optimizer follows the gradient's size; then every one whose factors would store more than its
+        dense weight holds the weight itself (:meth:`~lightning_lowrank.TuckerLayer.to_dense_storage`) until its
+        ranks fall far enough for the factors to pay. Layers no optimizer trains stay as they are."""
         unstarted, self._unstarted = self._unstarted, set()
         if self._loaded_state is not None:
             return
-        moved = {name: type(optimizer).__name__ for optimizer, members in
-                 _layers_by_optimizer(layers, trainer.optimizers).items()
-                 for name in members if name in unstarted and steps_follow_gradient(optimizer)}
+        trained = {name: optimizer for optimizer, members in _layers_by_optimizer(layers, trainer.optimizers).items()
+                   for name, layer in members.items() if layer.core.requires_grad}
+        moved = {name: type(optimizer).__name__ for name, optimizer in trained.items()
+                 if name in unstarted and steps_follow_gradient(optimizer)}
         for name in moved:
             restart(layers[name], self.conversion, name)
+        dense = [name for name in trained if not factors_pay(layers[name].shape, layers[name].ranks)]
+        for name in dense:
+            resize_state(trained[name], layers[name].to_dense_storage())
         if moved:
             rank_zero_info(f"TuckerCallback: {sorted(set(moved.values()))} steps follow the gradient's size: "
-                           f"{len(moved)} layer(s) start below full rank; the converted layers store "
-                           f"{summary(trainer.lightning_module).stored_params:,} parameters")
+                           f"{len(moved)} layer(s) start below full rank")
         if unstarted - set(moved):
             rank_zero_info(f"TuckerCallback: {len(unstarted - set(moved))} layer(s) start at full rank: their "
                            "optimizer normalizes its steps per entry, under which a start below full rank did not "
                            "train (README \"What training costs\"); set `rank` to start them lower")
+        if dense:
+            rank_zero_info(f"TuckerCallback: {len(dense)} layer(s) would store more as factors than as a dense weight "
+                           "at their start's ranks: they hold the weight itself (dense storage: the dense layer's "
+                           "memory and time) until truncation lowers their ranks so far that the factors pay")
+        if moved or dense:
+            rank_zero_info(f"TuckerCallback: the converted layers store "
+                           f"{summary(trainer.lightning_module).stored_params:,} parameters")
 
     def _join(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         """Give ``optimizer``'s integrator the Tucker layers whose cores it steps now (a finetuning callback may add

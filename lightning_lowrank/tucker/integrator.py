@@ -45,7 +45,7 @@ from lightning_lowrank.tucker.optimizer_state import (
     warm_start,
 )
 from lightning_lowrank.tucker.storage import storage_size, zero_outside
-from lightning_lowrank.tucker.truncation import rank_candidates, rotate_layer
+from lightning_lowrank.tucker.truncation import rank_candidates, rotate_layer, truncate_dense
 from lightning_lowrank.validation import check_int
 
 
@@ -253,8 +253,12 @@ class TuckerIntegrator:
 
     def freeze(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Fix ranks and bases from now on (truncating the layers to their tolerance ranks first, rotating
-        ``optimizer``'s state); later steps train the cores (and every non-basis parameter) only."""
+        ``optimizer``'s state; a layer in dense storage is factorized at its ranks, whatever it stores then); later
+        steps train the cores (and every non-basis parameter) only."""
         self.truncate(optimizer, final=True)
+        for layer in self.layers.values():
+            if layer.dense_storage:
+                truncate_dense(layer, layer.decomposition()[1], optimizer, factorize=True)
         self.frozen = True
         self._arm()
         self._basis_grads.clear()
@@ -321,6 +325,8 @@ class TuckerIntegrator:
             self.augment(optimizer)
         else:
             for name, layer in self.layers.items():
+                if layer.dense_storage and layer.core.grad is not None and not self.frozen:
+                    self._before_augmentation.setdefault(name, layer.ranks)  # the step moves W off its ranks
                 summed = layer.core.grad is not None and not self.frozen and name not in self._before_augmentation
                 for mode, u in enumerate(layer.factors):
                     if u.grad is not None and summed:

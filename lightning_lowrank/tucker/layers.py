@@ -116,14 +116,17 @@ class TuckerLayer(nn.Module):
         return self.factors[0].shape[1] == 0
 
     @torch.no_grad()
-    def to_dense_storage(self) -> None:
+    def to_dense_storage(self) -> list[tuple[nn.Parameter, torch.Size]]:
         """Hold W itself: core <- W (``self.shape``), factors n_i x 0; ``ranks`` stay (they bound W's multilinear
         rank), and so do the Parameter objects. Forward, backward and the optimizer's state then cost what the dense
-        layer's do. Call it before the optimizer's first step (their optimizer state is not carried)."""
-        if not self.dense_storage:
-            weight = self.dense_weight()
-            self._reallocate(self.shape, dense=True)
-            self.core.copy_(weight)
+        layer's do. Call it before the optimizer's first step: the changed parameters are returned with their old
+        shapes, as :meth:`resize` returns them, for state an optimizer made at its construction (Adagrad's sums)."""
+        if self.dense_storage:
+            return []
+        weight = self.dense_weight()
+        changed = self._reallocate(self.shape, dense=True)
+        self.core.copy_(weight)
+        return changed
 
     @torch.no_grad()
     def factorize(self, bases: Sequence[Tensor]) -> list[tuple[nn.Parameter, torch.Size]]:

@@ -187,7 +187,7 @@ def transport_state(optimizer: torch.optim.Optimizer | None, core: Tensor, ranks
     """Carry the core's per-entry state on its active block ``ranks`` through C <- C x_i P_i^T, each entry by its
     rule; the entries outside the new block become 0."""
     state = _core_state(optimizer, core)
-    if not state:
+    if not state or all(p is None for p in rotations):  # nothing moves
         return
     rules = check_state(optimizer, state)
     block = tuple(slice(r) for r in ranks)

@@ -65,14 +65,16 @@ def rotate_layer(layer: TuckerLayer, rotations: Sequence[Tensor | None],
 
 
 @torch.no_grad()
-def truncate_dense(layer: TuckerLayer, bases: Sequence[Tensor], optimizer: torch.optim.Optimizer | None) -> None:
+def truncate_dense(layer: TuckerLayer, bases: Sequence[Tensor], optimizer: torch.optim.Optimizer | None,
+                   factorize: bool = False) -> None:
     """Truncate a layer in dense storage to the kept vectors P_i (n_i x r_i): where its factors at the ranks r_i
-    store less than W (:func:`~lightning_lowrank.tucker.storage.factors_pay`), factorize, U_i <- P_i and
-    C <- W x_i P_i^T, the state rotated as :func:`rotate_layer` rotates it and resized with the storage; else keep W
-    stored whole and project it, W <- W x_i P_i P_i^T, its state carried there and back (each entry by its rule).
+    store less than W (:func:`~lightning_lowrank.tucker.storage.factors_pay`) or ``factorize`` says so, factorize,
+    U_i <- P_i and C <- W x_i P_i^T, the state rotated as :func:`rotate_layer` rotates it and resized with the
+    storage; else keep W stored whole and project it, W <- W x_i P_i P_i^T, its state carried there and back (each
+    entry by its rule).
     A mode whose rank is its unfolding's rank bound loses nothing and is not projected."""
     ranks = tuple(p.shape[1] for p in bases)
-    if factors_pay(layer.shape, ranks):
+    if factorize or factors_pay(layer.shape, ranks):
         transport_state(optimizer, layer.core, layer.shape, bases)
         resize_state(optimizer, layer.factorize(bases))
         return
