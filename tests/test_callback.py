@@ -103,6 +103,7 @@ class StartProbe(pl.Callback):
         self.ranks = {name: m.ranks for name, m in tucker_layers(pl_module).items()}
         self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
         self.weights = {name: m.dense_weight() for name, m in tucker_layers(pl_module).items()}
+        self.dense_storage = {name: m.dense_storage for name, m in tucker_layers(pl_module).items()}
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -120,10 +121,13 @@ def test_the_default_start_follows_the_optimizer(optimizer):
     trainer(max_steps=1, callbacks=[callback, probe]).validate(model, verbose=False)
     assert all(m.ranks == m.max_ranks for m in tucker_layers(model).values())  # validate: full rank, exact
     trainer(max_steps=1, callbacks=[callback, probe]).fit(model)
-    if optimizer == "adam":
+    if optimizer == "adam":  # full rank, held as the dense weights (their factors would store more)
         assert all(probe.ranks[name] == m.max_ranks for name, m in tucker_layers(model).items())
         for name, weight in probe.weights.items():
             torch.testing.assert_close(weight, dense[name], rtol=1e-5, atol=1e-6)
+        assert probe.dense_storage == {name: True for name in tucker_layers(model)}
+        assert sorted(v.numel() for v in probe.state.values() if v.is_floating_point() and v.numel()) == sorted(
+            p.numel() for p in Student().parameters())
         return
     ll.convert(reference, ll.TuckerConfig(rank=None, init="hosvd_scaled"))
     assert probe.ranks == {name: m.ranks for name, m in tucker_layers(reference).items()}
@@ -131,6 +135,25 @@ def test_the_default_start_follows_the_optimizer(optimizer):
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(probe.state[key], value, rtol=1e-5, atol=1e-6, msg=key)
     assert [p.shape for p in model.parameters()] != [p.shape for p in Student().parameters()]
+
+
+def test_the_adam_default_stores_at_most_the_dense_parameters_at_every_step():
+    """Adam's default start is full rank, held as the dense weights where the factors would store more; a layer
+    stores factors once its ranks pay for them. Reference: the dense model's parameter count, at every batch start."""
+    class Stored(pl.Callback):
+        def __init__(self):
+            self.stored, self.dense_storage = [], []
+
+        def on_train_batch_start(self, trainer, pl_module, *args):
+            self.stored.append(sum(p.numel() for p in pl_module.parameters()))
+            self.dense_storage.append([m.dense_storage for m in tucker_layers(pl_module).values()])
+
+    torch.manual_seed(0)
+    model, probe = Student(lr=0.02, optimizer="adam"), Stored()
+    trainer(max_epochs=8, callbacks=[ll.TuckerCallback(tau=0.3), probe]).fit(model)
+    assert probe.dense_storage[0] == [True, True, True] and not all(probe.dense_storage[-1])
+    assert max(probe.stored) <= sum(p.numel() for p in Student().parameters()) > probe.stored[-1]
+    assert_healthy(model)
 
 
 def test_scaled_steps_reach_the_integrator_and_move_the_core_further():

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import assert_orthonormal, bug_step, tucker_to_dense
+from reference import assert_orthonormal, bug_step, mode_product, truncated_hosvd, tucker_to_dense
+from reference import unfold as ref_unfold
 from torch import nn
 
 from lightning_lowrank import (
@@ -1357,3 +1358,122 @@ def test_the_growth_rule_grows_ranks_to_a_teacher_five_times_the_start():
     for optimizer, stall in ((sgd, 6), (adam, 2)):
         ranks, error = train(*optimizer, 1, growth=0.0)
         assert max(ranks) <= stall and error > 0.4, (optimizer, ranks, error)
+
+
+# --- dense storage -------------------------------------------------------------------------------------------------
+
+def _tail_ranks(weight, tau):
+    """Per mode the smallest rank (>= 1) whose discarded singular values have 2-norm <= tau ||W||_F."""
+    norm = torch.linalg.vector_norm(weight)
+    ranks = []
+    for mode in range(weight.ndim):
+        s = torch.linalg.svdvals(ref_unfold(weight, mode))
+        ranks.append(next(r for r in range(1, len(s) + 1) if torch.linalg.vector_norm(s[r:]) <= tau * norm))
+    return tuple(ranks)
+
+
+def _leading_vectors(weight, ranks):
+    return [torch.linalg.svd(ref_unfold(weight, mode), full_matrices=False)[0][:, :r] for mode, r in enumerate(ranks)]
+
+
+@pytest.mark.parametrize("tau, factorizes", [(0.15, False), (0.7, True)])
+def test_dense_storage_trains_as_the_dense_layer_and_truncates_by_the_hosvd(tau, factorizes):
+    """Reference: nn.Linear trained by its own Adam on the same batches. Equal until the window's truncation, which
+    is the truncated HOSVD of the dense weight at its tolerance ranks (explicit SVDs), with Adam's state carried onto
+    the kept directions: held dense (the factors would not pay at rank >= 3), m x_i P_i P_i^T and
+    v x_i (P_i * P_i)(P_i * P_i)^T; factorized, m x_i U_i^T and v x_i (U_i * U_i)^T at the storage of the ranks."""
+    torch.manual_seed(0)
+    dense = nn.Linear(16, 12)
+    layer = TuckerLinear.from_dense(dense)
+    layer.to_dense_storage()
+    with torch.no_grad():
+        dense.weight.copy_(layer.core)
+    teacher = torch.randn(12, 2) @ torch.randn(2, 16)
+    optimizers = [torch.optim.Adam(m.parameters(), lr=0.05) for m in (layer, dense)]
+    integrator = TuckerIntegrator({"layer": layer}, IntegratorConfig(tau=tau, interval=4), optimizer=optimizers[0])
+    for step in range(4):
+        x = torch.randn(32, 16)
+        for module, optimizer in zip((layer, dense), optimizers):
+            optimizer.zero_grad()
+            F.mse_loss(module(x), x @ teacher.T).backward()
+        integrator.step(optimizers[0])
+        optimizers[1].step()
+        if step < 3:
+            torch.testing.assert_close(layer.core, dense.weight, rtol=1e-12, atol=1e-12)
+    w = dense.weight.detach()
+    ranks = _tail_ranks(w, tau)
+    assert layer.ranks == ranks and layer.dense_storage is not factorizes and (ranks[0] < 3) is factorizes
+    torch.testing.assert_close(layer.dense_weight(), truncated_hosvd(w, ranks), rtol=1e-10, atol=1e-10)
+    state, reference = optimizers[0].state[layer.core], optimizers[1].state[dense.weight]
+    m, v = reference["exp_avg"], reference["exp_avg_sq"]
+    if not factorizes:
+        assert layer.storage == (12, 16)
+        for mode, p in enumerate(_leading_vectors(w, ranks)):
+            m = mode_product(m, p @ p.T, mode)
+            v = mode_product(v, (p * p) @ (p * p).T, mode)
+        torch.testing.assert_close(state["exp_avg"], m, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(state["exp_avg_sq"], v, rtol=1e-10, atol=1e-14)
+        return
+    assert layer.storage == tuple(storage_size(n, r) for n, r in zip(layer.shape, ranks))
+    for mode, u in enumerate(layer.active_factors()):
+        m = mode_product(m, u.T, mode)
+        v = mode_product(v, (u * u).T, mode)
+    for key, expected in (("exp_avg", m), ("exp_avg_sq", v)):
+        assert state[key].shape == layer.core.shape
+        torch.testing.assert_close(state[key][: ranks[0], : ranks[1]], expected, rtol=1e-10, atol=1e-14)
+        outside = state[key].clone()
+        outside[: ranks[0], : ranks[1]] = 0
+        assert not outside.any()
+
+
+def test_dense_steps_outside_a_window_await_truncation():
+    """interval 3, core_steps 1: a step after the window's truncation moves W in every direction, off its ranks, so
+    the layer awaits truncation, and the final truncation leaves W at its ranks (its truncated HOSVD at them)."""
+    torch.manual_seed(0)
+    layer = TuckerLinear(16, 12)
+    layer.to_dense_storage()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.2)
+    integrator = TuckerIntegrator({"layer": layer}, IntegratorConfig(tau=0.3, interval=3, core_steps=1),
+                                  optimizer=optimizer)
+    teacher = torch.randn(12, 2) @ torch.randn(2, 16)
+    for step in range(2):
+        optimizer.zero_grad()
+        x = torch.randn(32, 16)
+        F.mse_loss(layer(x), x @ teacher.T).backward()
+        integrator.step(optimizer)
+        assert ("layer" in integrator.unfinished) is (step == 1)
+    w = layer.dense_weight()
+    assert (w - truncated_hosvd(w, layer.ranks)).abs().max() > 1e-3
+    integrator.truncate(optimizer, final=True)
+    assert not integrator.unfinished and layer.dense_storage
+    w = layer.dense_weight()
+    torch.testing.assert_close(w, truncated_hosvd(w, layer.ranks), rtol=1e-10, atol=1e-10)
+
+
+def test_freeze_factorizes_a_dense_storage_layer_at_its_ranks():
+    """Fixed bases need factors: a layer held dense is factorized at its ranks at the freeze (W unchanged, already at
+    them), whatever it stores then; later steps move the core only."""
+    torch.manual_seed(0)
+    layer = TuckerLinear(16, 12)
+    layer.to_dense_storage()
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.05)
+    integrator = TuckerIntegrator({"layer": layer}, IntegratorConfig(tau=0.15, interval=1), optimizer=optimizer)
+    teacher = torch.randn(12, 2) @ torch.randn(2, 16)
+
+    def step():
+        optimizer.zero_grad()
+        x = torch.randn(32, 16)
+        F.mse_loss(layer(x), x @ teacher.T).backward()
+        integrator.step(optimizer)
+
+    step()
+    assert layer.dense_storage and 3 <= layer.ranks[0] < 12
+    w, ranks = layer.dense_weight(), layer.ranks
+    integrator.freeze(optimizer)
+    assert not layer.dense_storage and layer.ranks == ranks
+    torch.testing.assert_close(layer.dense_weight(), w, rtol=1e-10, atol=1e-10)
+    factors = [u.detach().clone() for u in layer.active_factors()]
+    for u in factors:
+        assert_orthonormal(u, atol=1e-10)
+    step()
+    assert layer.ranks == ranks and all(torch.equal(u, v) for u, v in zip(layer.active_factors(), factors))

@@ -6,11 +6,12 @@ import itertools
 
 import pytest
 import torch
-from reference import assert_orthonormal, truncated_hosvd
+from reference import assert_orthonormal, truncated_hosvd, unfold
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_lowrank import TuckerConv1d, TuckerConv2d, TuckerConv3d, TuckerLinear
+from lightning_lowrank.tucker.layers import TUCKER_LAYERS
 from lightning_lowrank.tucker.storage import storage_size
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
@@ -522,3 +523,95 @@ def test_checkpoints_written_with_the_earlier_argument_names_rebuild():
         model = rebuild(nn.Sequential(nn.Conv2d(4, 6, 3)), {"layers": {"0": {"type": "TuckerConv2d",
                                                                            "arguments": arguments}}})
         assert (model[0].ranks, model[0].max_ranks) == ((3, 2, 2, 3), (5, 4, 3, 3))
+
+
+# --- dense storage (a start whose factors would store more than W) -------------------------------------------------
+
+DENSE_CASES = [
+    lambda dtype: nn.Linear(7, 5, dtype=dtype),
+    lambda dtype: nn.Conv2d(3, 4, (3, 2), stride=2, padding=1, padding_mode="reflect", dtype=dtype),
+    lambda dtype: nn.Conv1d(2, 3, 3, dilation=2, padding="same", bias=False, dtype=dtype),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("make", DENSE_CASES, ids=["linear", "conv2d", "conv1d"])
+def test_dense_storage_stores_computes_and_differentiates_as_the_dense_layer(make, dtype):
+    """Reference: the dense layer itself: W kept (to the HOSVD round trip's rounding), its parameter count, and with
+    the same W the same outputs, input gradients and weight gradient."""
+    torch.manual_seed(0)
+    dense = make(dtype)
+    tucker = TUCKER_LAYERS[type(dense)].from_dense(dense)
+    ranks = tucker.ranks
+    tucker.to_dense_storage()
+    assert tucker.dense_storage and tucker.ranks == ranks and tucker.storage == tuple(dense.weight.shape)
+    assert [tuple(u.shape) for u in tucker.factors] == [(n, 0) for n in tucker.shape]
+    assert sum(p.numel() for p in tucker.parameters()) == sum(p.numel() for p in dense.parameters())
+    torch.testing.assert_close(tucker.core, dense.weight, **TOL[dtype])
+    with torch.no_grad():
+        dense.weight.copy_(tucker.core)
+    x = torch.randn(2, *([7] if isinstance(dense, nn.Linear) else [dense.in_channels, 9, 8][:dense.weight.ndim - 1]),
+                    dtype=dtype, requires_grad=True)
+    y, y_dense = tucker(x), dense(x)
+    torch.testing.assert_close(y, y_dense, rtol=0, atol=0)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, tucker.core), g)
+    grads_dense = torch.autograd.grad(y_dense, (x, dense.weight), g)
+    for a, b in zip(grads, grads_dense):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(tucker.to_compact()(x), y_dense, **TOL[dtype])  # the dense layer: no chain pays
+
+
+def test_dense_storage_round_trips_through_state_dicts_of_either_storage():
+    """A dense-storage state loads into a layer storing factors (and the reverse), by the factors' stored columns;
+    a plain dense ``weight`` entry loads into dense storage as it is."""
+    torch.manual_seed(0)
+    held = TuckerConv2d(3, 4, 3)
+    held.to_dense_storage()
+    held.set_ranks((2, 3, 3, 3))
+    factored = TuckerConv2d(3, 4, 3, ranks=(2, 2, 3, 3))
+    factored.load_state_dict(held.state_dict())
+    assert factored.dense_storage and factored.ranks == (2, 3, 3, 3) and torch.equal(factored.core, held.core)
+    other = TuckerConv2d(3, 4, 3, ranks=(2, 2, 3, 3))
+    held.load_state_dict(other.state_dict())
+    assert not held.dense_storage and held.ranks == (2, 2, 3, 3) and held.storage == other.storage
+    torch.testing.assert_close(held.dense_weight(), other.dense_weight(), rtol=0, atol=0)
+    dense = nn.Linear(6, 4)
+    layer = TuckerLinear(6, 4)
+    layer.to_dense_storage()
+    layer.load_state_dict(dense.state_dict())
+    assert layer.dense_storage and torch.equal(layer.core, dense.weight) and layer.ranks == (4, 4)
+
+
+def test_factorize_keeps_the_weight_in_its_bases_span_at_the_storage_of_its_ranks():
+    """Reference: the truncated HOSVD (explicit SVDs) at the ranks of the given bases; the Parameter objects stay."""
+    torch.manual_seed(0)
+    layer = TuckerConv2d(6, 8, 3, dtype=torch.float64)
+    layer.to_dense_storage()
+    parameters = [id(p) for p in layer.parameters()]
+    weight = layer.core.detach().clone()
+    ranks = (3, 4, 3, 2)
+    bases = [torch.linalg.svd(unfold(weight, mode), full_matrices=False)[0][:, :r] for mode, r in enumerate(ranks)]
+    changed = layer.factorize(bases)
+    assert not layer.dense_storage and layer.ranks == ranks
+    assert layer.storage == tuple(storage_size(n, r) for n, r in zip(layer.shape, ranks))
+    assert [id(p) for p in layer.parameters()] == parameters and {id(p) for p, _ in changed} == set(parameters) - {
+        id(layer.bias)}
+    torch.testing.assert_close(layer.dense_weight(), truncated_hosvd(weight, ranks), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="takes a layer in dense storage"):
+        layer.factorize(bases)
+
+
+def test_a_dense_storage_layer_exports_its_factor_chain_at_its_ranks():
+    """W held whole at multilinear ranks whose chain pays: the export is that chain, computing W (reference: the
+    dense layer with W)."""
+    torch.manual_seed(0)
+    layer = TuckerLinear(40, 30, dtype=torch.float64)
+    layer.to_dense_storage()
+    with torch.no_grad():
+        layer.core.copy_(truncated_hosvd(layer.core, (3, 3)))
+    layer.set_ranks((3, 3))
+    compact = layer.to_compact()
+    assert isinstance(compact, nn.Sequential) and sum(p.numel() for p in compact.parameters()) < 40 * 30
+    x = torch.randn(5, 40, dtype=torch.float64)
+    torch.testing.assert_close(compact(x), nn.functional.linear(x, layer.core, layer.bias), rtol=1e-10, atol=1e-10)
