@@ -1477,3 +1477,66 @@ def test_freeze_factorizes_a_dense_storage_layer_at_its_ranks():
         assert_orthonormal(u, atol=1e-10)
     step()
     assert layer.ranks == ranks and all(torch.equal(u, v) for u, v in zip(layer.active_factors(), factors))
+
+
+def test_a_dense_storage_rank_grows_to_the_tolerance_rank_of_the_dense_step():
+    """The dense gradient moves W in every direction, so truncation judges the whole weight: a layer held at rank 3
+    whose step adds directions keeps the tolerance ranks of W after the step (explicit SVDs), above 3."""
+    torch.manual_seed(0)
+    layer = TuckerLinear(16, 12)
+    layer.to_dense_storage()
+    with torch.no_grad():
+        layer.core.copy_(truncated_hosvd(layer.core, (3, 3)))
+    layer.set_ranks((3, 3))
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    integrator = TuckerIntegrator({"layer": layer}, IntegratorConfig(tau=0.05, interval=1), optimizer=optimizer)
+    teacher = torch.randn(12, 8) @ torch.randn(8, 16)
+    x = torch.randn(64, 16)
+    F.mse_loss(layer(x), x @ teacher.T).backward()
+    assert integrator.before_step(optimizer)
+    optimizer.step()
+    expected = _tail_ranks(layer.core.detach(), 0.05)
+    integrator.after_step(optimizer)
+    assert layer.ranks == expected and expected[0] > 3
+
+
+def test_scaled_steps_leave_a_dense_storage_layer_at_the_optimizers_step():
+    """``scale_steps`` scales a core of fewer entries than W; held dense, the core is W (s = 1), at any ranks."""
+    cores = []
+    for scale in (False, True):
+        torch.manual_seed(0)
+        layer = TuckerLinear(16, 12)
+        layer.to_dense_storage()
+        layer.set_ranks((3, 3))
+        optimizer = torch.optim.Adam(layer.parameters(), lr=0.05)
+        integrator = TuckerIntegrator({"layer": layer}, IntegratorConfig(interval=2, scale_steps=scale),
+                                      optimizer=optimizer)
+        layer(torch.randn(8, 16)).square().sum().backward()
+        integrator.step(optimizer)
+        cores.append(layer.core.detach().clone())
+    torch.testing.assert_close(cores[0], cores[1], rtol=0, atol=0)
+
+
+def test_at_tau_zero_a_dense_storage_layer_is_the_dense_layer_through_its_truncations():
+    """Nothing is cut at tau = 0 (every mode keeps its unfolding's rank bound, 12 of the input's 16), so weights and
+    Adam's state stay those of nn.Linear trained by its own Adam, truncation after truncation."""
+    torch.manual_seed(0)
+    dense = nn.Linear(16, 12)
+    layer = TuckerLinear.from_dense(dense)
+    layer.to_dense_storage()
+    with torch.no_grad():
+        dense.weight.copy_(layer.core)
+    optimizers = [torch.optim.Adam(m.parameters(), lr=0.05) for m in (layer, dense)]
+    integrator = TuckerIntegrator({"layer": layer}, IntegratorConfig(tau=0.0, interval=1), optimizer=optimizers[0])
+    for _ in range(3):
+        x = torch.randn(32, 16)
+        for module, optimizer in zip((layer, dense), optimizers):
+            optimizer.zero_grad()
+            module(x).square().mean().backward()
+        integrator.step(optimizers[0])
+        optimizers[1].step()
+    assert layer.dense_storage and layer.ranks == (12, 12)
+    torch.testing.assert_close(layer.core, dense.weight, rtol=1e-12, atol=1e-12)
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(optimizers[0].state[layer.core][key], optimizers[1].state[dense.weight][key],
+                                   rtol=1e-12, atol=1e-14)

@@ -12,9 +12,10 @@ noise of a flat spectrum moves the tolerance rank by a direction or two either w
 tolerance rank fell keeps no margin (the mode holds more than the loss needs, and its storage shrinks with it), but
 the fall does not end the margin: the next truncation that does not fall has one again, so a small start keeps
 growing where the loss needs rank after a noisy fall. A mode that stops growing runs the paper's rule once its margin
-expires. A mode that starts at its largest rank (a full-rank start) never keeps one: it has nothing to grow into, and
-runs the paper's rule. Keeping more directions only lowers the truncation error, so the paper's bound (discarded part
-<= tau ||C||_F per mode) holds at every step; the end of training drops the margin by the tolerance rule alone.
+expires. A mode that starts at its largest rank (a full-rank start), or a layer that starts in dense storage (every
+direction of W trains), never keeps one: it has nothing to grow into, and runs the paper's rule. Keeping more
+directions only lowers the truncation error, so the paper's bound (discarded part <= tau ||C||_F per mode) holds at
+every step; the end of training drops the margin by the tolerance rule alone.
 """
 
 from __future__ import annotations
@@ -52,9 +53,10 @@ class GrowthMargin:
         self._margins: dict[tuple[str, int], tuple[int, int]] = {}  # (name, mode) -> (lowest rank, truncations)
 
     def add(self, name: str, layer: TuckerLayer) -> None:
-        """Give every mode of ``layer`` below its max_rank a margin from now on."""
+        """Give every mode of ``layer`` below its max_rank a margin from now on, unless the layer is in dense
+        storage (its steps move W in every direction: there is nothing to grow into)."""
         self._margins.update(((name, mode), (r, 0)) for mode, (r, n) in enumerate(zip(layer.ranks, layer.max_ranks))
-                             if r < n)
+                             if r < n and not layer.dense_storage)
 
     def keep(self, name: str, layer: TuckerLayer, old_ranks: Sequence[int], tolerance: Sequence[int],
              final: bool) -> tuple[int, ...]:
@@ -74,7 +76,7 @@ class GrowthMargin:
                  for mode, (r, last) in enumerate(zip(tolerance, before))]
         keep = consistent_ranks([clamp_rank(r + math.ceil(growth * r), size, layer.max_ranks[mode],
                                             self.config.min_rank) if grow else r
-                                 for mode, (r, size, grow) in enumerate(zip(tolerance, layer.ranks, grows))])
+                                 for mode, (r, size, grow) in enumerate(zip(tolerance, layer.spanned_ranks, grows))])
         self.decided.pop(name, None)
         if keep != (tolerance_ranks := consistent_ranks(tolerance)):
             self.decided[name] = tolerance_ranks

@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_lowrank.tucker.algebra import compute_dtype, full_ranks, mode_dot
+from lightning_lowrank.tucker.algebra import compute_dtype, mode_dot
 from lightning_lowrank.tucker.augmentation import Capture, augmented_basis, parallel_gradient
 from lightning_lowrank.tucker.distributed import average_gradients, drop_absent
 from lightning_lowrank.tucker.growth import GrowthMargin, clamp_rank, layer_mode
@@ -494,9 +494,9 @@ class TuckerIntegrator:
             if not next(decided):
                 raise FloatingPointError(f"the optimizer step made the core of Tucker layer {name!r} non-finite; its "
                                          "ranks cannot be decided (lower the learning rate, or clip gradients)")
-            sizes = full_ranks(layer.shape) if layer.dense_storage else layer.ranks  # of the augmented modes
             tolerance = [clamp_rank(next(decided), size, layer.max_ranks[mode], self.config.min_rank)
-                         if self.config.adapts(mode) else next(decided) for mode, size in enumerate(sizes)]
+                         if self.config.adapts(mode) else next(decided)
+                         for mode, size in enumerate(layer.spanned_ranks)]
             keep = self.margin.keep(name, layer, old_ranks, tolerance, final)
             rotations.append((layer, [p if p is None else p[:, :r] for p, r in zip(vectors, keep)]))
         for layer, rotation in rotations:

@@ -115,6 +115,12 @@ class TuckerLayer(nn.Module):
         """Whether the layer holds W itself as its core (the factors store no columns; :meth:`to_dense_storage`)."""
         return self.factors[0].shape[1] == 0
 
+    @property
+    def spanned_ranks(self) -> tuple[int, ...]:
+        """Directions per mode that the weight can hold now, so the most a truncation keeps: the active ranks (after
+        an augmentation, the augmented ones), or in dense storage the rank bound of each unfolding of W."""
+        return full_ranks(self.shape) if self.dense_storage else self.ranks
+
     @torch.no_grad()
     def to_dense_storage(self) -> list[tuple[nn.Parameter, torch.Size]]:
         """Hold W itself: core <- W (``self.shape``), factors n_i x 0; ``ranks`` stay (they bound W's multilinear
