@@ -154,6 +154,11 @@ def test_the_adam_default_stores_at_most_the_dense_parameters_at_every_step():
     assert probe.dense_storage[0] == [True, True, True] and not all(probe.dense_storage[-1])
     assert max(probe.stored) <= sum(p.numel() for p in Student().parameters()) > probe.stored[-1]
     assert_healthy(model)
+    probe = Stored()  # dense_storage=False: the full-rank factors, as the paper's method stores them
+    trainer(max_steps=1, callbacks=[ll.TuckerCallback(tau=0.3, dense_storage=False), probe]).fit(
+        Student(lr=0.02, optimizer="adam"))
+    assert probe.dense_storage == [[False, False, False]] and probe.stored[0] > sum(
+        p.numel() for p in Student().parameters())
 
 
 def test_scaled_steps_reach_the_integrator_and_move_the_core_further():
@@ -319,7 +324,8 @@ def test_a_growth_margin_trains_while_logs_and_the_end_of_fit_show_the_tolerance
     margin: the final ranks are the tolerance ranks of the last truncation, as ``ll.summary`` reports them."""
     torch.manual_seed(0)
     model = Student(lr=0.01, optimizer="adam")
-    callback = ll.TuckerCallback(tau=0.2, rank=1, interval=2, core_steps=1, growth=1.0, init="hosvd")
+    callback = ll.TuckerCallback(dense_storage=False, tau=0.2, rank=1, interval=2, core_steps=1, growth=1.0,
+                                 init="hosvd")
     seen = DecidedAtBatchStart(callback)
     fit = trainer(max_steps=29, max_epochs=-1, callbacks=[callback, seen], logger=CSVLogger(tmp_path, name="run"))
     fit.fit(model)

@@ -53,7 +53,8 @@ def test_the_step_computes_nothing_in_float64_for_lower_precision_layers(method,
     """Float64 is slow on most GPUs: the augmenting and truncating steps of float32 and bf16 layers (QR, eigh, SVD,
     the parallel gradient, the optimizer-state rotation) compute in float32 at most."""
     net = small_net(dtype, "cpu")
-    integrator = ll.TuckerIntegrator(net, ll.IntegratorConfig(tau=0.2, method=method, interval=2, core_steps=1))
+    integrator = ll.TuckerIntegrator(net, ll.IntegratorConfig(dense_storage=False, tau=0.2, method=method,
+                                                              interval=2, core_steps=1))
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
     train_step(net, integrator, optimizer, "cpu", dtype)  # Adam's state exists before the recorded steps
     with Float64Ops() as mode:

@@ -80,7 +80,8 @@ def test_agrees_with_the_explicit_bug_step(kind, modes, method, tau):
     teacher = TuckerLayerLike(layer, rank=3)
     layer.set_ranks((2, 2, *layer.ranks[2:]))  # ranks grow towards the teacher's, and (conv_all) fall again
     lr = 0.3
-    config = IntegratorConfig(tau=tau, modes=modes, method=method, interval=1, growth=0)  # the paper's step, every step
+    config = IntegratorConfig(dense_storage=False, tau=tau, modes=modes, method=method, interval=1,
+                              growth=0)  # the paper's step, every step
     integrator = TuckerIntegrator(nn.Sequential(layer), config)
     optimizer = torch.optim.SGD(layer.parameters(), lr=lr)
     core, factors, bias = layer_state(layer)
@@ -169,7 +170,8 @@ def test_a_matrix_core_truncates_to_the_truncated_svd_of_w_on_either_side(in_fea
     the smallest k whose discarded singular values have 2-norm <= tau ||W||_F."""
     torch.manual_seed(0)
     layer = TuckerLinear(in_features, out_features, ranks=(3, 3))
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.3, interval=1, growth=0))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(dense_storage=False, tau=0.3, interval=1,
+                                                                         growth=0))
     optimizer = torch.optim.SGD([layer.core], lr=0.5)
     ((layer(torch.randn(16, in_features)) - torch.randn(16, out_features)) ** 2).sum().backward()
     integrator.augment(optimizer)
@@ -308,7 +310,7 @@ def test_a_run_whose_storage_follows_the_rank_equals_one_at_fixed_storage(monkey
         torch.manual_seed(0)
         teacher = TuckerLinear(40, 30, ranks=(4, 4)).requires_grad_(False)
         student = TuckerLinear(40, 30)
-        config = IntegratorConfig(tau=0.2, interval=2, core_steps=1, growth=0)
+        config = IntegratorConfig(dense_storage=False, tau=0.2, interval=2, core_steps=1, growth=0)
         integrator = TuckerIntegrator(nn.Sequential(student), config)
         optimizer = torch.optim.Adam(student.parameters(), lr=0.01)
         storages = {student.storage}
@@ -366,7 +368,7 @@ def test_bases_change_only_through_qr_and_svd(optimizer_cls, options):
     """After augment the bases have no gradient, so momentum and decoupled weight decay never move them."""
     torch.manual_seed(0)
     layer = TuckerLinear(16, 12, ranks=(4, 4))
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.05, interval=1))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(dense_storage=False, tau=0.05, interval=1))
     optimizer = optimizer_cls(layer.parameters(), **options)
     losses = []
     x = torch.randn(32, 16)
@@ -411,7 +413,8 @@ def test_second_moments_take_the_squared_rotation():
     """Adam's exp_avg_sq becomes diag(P^T diag(v) P), the diagonal of the rotated covariance; it stays >= 0."""
     torch.manual_seed(0)
     layer = TuckerLinear(10, 8, ranks=(3, 3))
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.0, interval=1, growth=0))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(dense_storage=False, tau=0.0, interval=1,
+                                                                         growth=0))
     optimizer = torch.optim.Adam([layer.core], lr=0.01)
     ((layer(torch.randn(4, 10))) ** 2).sum().backward()
     integrator.augment()
@@ -517,7 +520,8 @@ def test_directions_without_gradient_stay_out(method):
     gradient is exactly zero (so Adam cannot blow it up to lr-sized steps) and truncation drops them again."""
     torch.manual_seed(0)
     layer = TuckerLinear(10, 8, bias=False, ranks=(2, 2))  # a bias would add one genuinely new output direction
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=1e-6, method=method, interval=1, growth=0))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(dense_storage=False, tau=1e-6,
+                                                                         method=method, interval=1, growth=0))
     optimizer = torch.optim.Adam(layer.parameters(), lr=0.01)
     for _ in range(3):
         optimizer.zero_grad()
@@ -577,7 +581,7 @@ def test_interval_holds_bases_between_integrator_steps(method):
     """With interval=3, steps 0, 3, 6 augment and truncate; in between only the core moves, even under AdamW."""
     torch.manual_seed(0)
     layer = TuckerLinear(16, 12, ranks=(4, 4))
-    config = IntegratorConfig(tau=0.05, method=method, interval=3, core_steps=1)
+    config = IntegratorConfig(dense_storage=False, tau=0.05, method=method, interval=3, core_steps=1)
     integrator = TuckerIntegrator(nn.Sequential(layer), config)
     optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1)
     x = torch.randn(32, 16)
@@ -616,7 +620,7 @@ def test_interval_augments_with_the_basis_gradients_of_every_step(method):
     integrator given this batch's gradients, projected onto the augmented bases). A summed core step would be
     k steps in one, which overshoots under momentum."""
     layer, backward = interval_problem()
-    config = IntegratorConfig(tau=0.05, method=method, interval=3, core_steps=1)
+    config = IntegratorConfig(dense_storage=False, tau=0.05, method=method, interval=3, core_steps=1)
     integrator = TuckerIntegrator(nn.Sequential(layer), config)
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.05)
     summed = [0, 0]
@@ -645,7 +649,8 @@ def test_interval_augments_with_the_basis_gradients_of_every_step(method):
         backward(dense)
         expected = dense.core.grad[tuple(slice(r) for r in new)]
     else:  # both steps write the same K-step update N N^T dL/dU_i S^+ into W: map the reference's blocks to ours
-        TuckerIntegrator(nn.Sequential(single), IntegratorConfig(tau=0.05, method=method, interval=1)).before_step()
+        TuckerIntegrator(nn.Sequential(single), IntegratorConfig(dense_storage=False, tau=0.05, method=method,
+                                                                 interval=1)).before_step()
         projections = [u.T @ v[:, :r] for u, v, r in zip(augmented, single.factors, single.ranks)]
         expected = torch.zeros_like(grad)
         expected[tuple(slice(r) for r in old)] = single.core.grad[tuple(slice(r) for r in old)]
@@ -661,7 +666,8 @@ def test_interval_augments_with_the_basis_gradients_of_every_step(method):
 def test_frozen_integrator_moves_only_the_core_and_keeps_no_basis_gradients():
     """After freeze() in the middle of an interval: bases and ranks stay, the core trains, no gradient is summed."""
     layer, backward = interval_problem()
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.05, interval=3, core_steps=1))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(dense_storage=False, tau=0.05, interval=3,
+                                                                         core_steps=1))
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.05)
     for step in range(8):
         if step == 5:  # one basis gradient summed since the augmentation at step 3
@@ -708,7 +714,7 @@ def delayed_problem(growth=0.0):
     """A rank-3 TuckerLinear learning a rank-5 map, its backward pass, Adam, and an integrator with interval 3 and
     core_steps 3: every window augments at its first step and truncates after its third."""
     layer, backward = interval_problem()
-    config = IntegratorConfig(tau=0.1, interval=3, core_steps=3, growth=growth)
+    config = IntegratorConfig(tau=0.1, interval=3, core_steps=3, growth=growth, dense_storage=False)
     integrator = TuckerIntegrator(nn.Sequential(layer), config)
     return layer, backward, integrator, torch.optim.Adam(layer.parameters(), lr=1e-2)
 
@@ -801,7 +807,8 @@ def test_backward_computes_the_basis_gradients_only_where_the_step_uses_them(met
     runs = []
     for integrator_cls in (TuckerIntegrator, _NeverHolds):
         layer, backward = interval_problem()
-        config = IntegratorConfig(tau=0.1, method=method, interval=interval, core_steps=core_steps, growth=0.25)
+        config = IntegratorConfig(dense_storage=False, tau=0.1, method=method, interval=interval,
+                                  core_steps=core_steps, growth=0.25)
         integrator = integrator_cls(nn.Sequential(layer), config)
         optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
         computed = []
@@ -831,7 +838,8 @@ def test_a_window_left_open_by_other_options_still_gives_the_next_augmentation_i
         backward()
         integrator.step(optimizer)
     assert integrator.state_dict()["augmented"]  # inside the window that step 3 opened
-    other = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.1, interval=2, core_steps=2))
+    other = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(dense_storage=False, tau=0.1, interval=2,
+                                                                    core_steps=2))
     other.load_state_dict(integrator.state_dict())
     optimizer.zero_grad()
     backward()
@@ -931,7 +939,7 @@ def test_core_stays_zero_outside_the_active_block(make_optimizer):
     the active one."""
     torch.manual_seed(0)
     layer = TuckerConv2d(6, 8, 3, padding=1, ranks=(2, 2, 3, 3))
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=1e-4, interval=2))
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(dense_storage=False, tau=1e-4, interval=2))
     optimizer = make_optimizer(layer.parameters())
     x = torch.randn(16, 6, 5, 5)
     target = torch.randn(16, 8, 5, 5)
@@ -975,6 +983,7 @@ def test_evaluation_passes_are_not_captured():
     (dict(growth=True), r"`growth` must be a number in \[0, 1\], got True"),
     (dict(patience=-1), r"`patience` must be an int >= 0, got -1"),
     (dict(scale_steps=1), r"`scale_steps` must be True or False, got 1"),
+    (dict(dense_storage="yes"), r"`dense_storage` must be True or False, got 'yes'"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(ValueError, match=message):
@@ -1035,7 +1044,8 @@ def test_a_huge_finite_gradient_steps_like_float64(method):
     x = torch.randn(2, 4, 5, 5)
     results = []
     for module in (reference, layer):
-        integrator = TuckerIntegrator(nn.Sequential(module), IntegratorConfig(tau=0.1, method=method, interval=1))
+        integrator = TuckerIntegrator(nn.Sequential(module), IntegratorConfig(dense_storage=False, tau=0.1,
+                                                                              method=method, interval=1))
         optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
         (module(x.to(module.core.dtype)).sum() * 1e30).backward()
         assert integrator.step(optimizer)
@@ -1237,7 +1247,7 @@ def test_the_growth_margin_lasts_patience_steps_and_renews_when_a_mode_fills_it(
     third truncation drops it; growing by a whole margin (3, to 6) renews it for three more truncations, also across a
     resume from the integrator's state."""
     torch.manual_seed(0)
-    config = IntegratorConfig(tau=0.1, interval=1, growth=1.0, patience=3)
+    config = IntegratorConfig(dense_storage=False, tau=0.1, interval=1, growth=1.0, patience=3)
     layer = diagonal_core_layer([3.0, 2.0])
     integrator = TuckerIntegrator(nn.Sequential(layer), config)
     for _ in range(2):
@@ -1284,7 +1294,8 @@ def test_patience_counts_optimizer_steps_whatever_the_schedule(interval, core_st
     schedule; counted in truncations it would last ``interval`` times longer."""
     torch.manual_seed(0)
     layer = diagonal_core_layer([3.0, 2.0])
-    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.1, interval=interval,
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(dense_storage=False, tau=0.1,
+                                                                         interval=interval,
                                                                          core_steps=core_steps, growth=1.0,
                                                                          patience=6))
     lr_zero_steps(layer, integrator, 1)
@@ -1300,7 +1311,7 @@ def test_a_mode_that_starts_at_its_max_rank_never_keeps_a_growth_margin():
     """A full-rank start runs the paper's rule: TuckerLinear(12, 12) with max_rank 4, started at 4 on the core
     diag(3, 2, 1, 1e-3), falls to 3 and keeps 3, while the same layer started at 3 keeps a margin up to 4."""
     torch.manual_seed(0)
-    config = IntegratorConfig(tau=0.1, interval=1, growth=1.0, patience=3)
+    config = IntegratorConfig(dense_storage=False, tau=0.1, interval=1, growth=1.0, patience=3)
     for start, values, ranks in ((4, [3.0, 2.0, 1.0, 1e-3], (3, 3)), (3, [3.0, 2.0, 1.0], (4, 4))):
         layer = TuckerLinear(12, 12, bias=False, ranks=(start, start), max_ranks=(4, 4))
         with torch.no_grad():
@@ -1540,3 +1551,52 @@ def test_at_tau_zero_a_dense_storage_layer_is_the_dense_layer_through_its_trunca
     for key in ("exp_avg", "exp_avg_sq"):
         torch.testing.assert_close(optimizers[0].state[layer.core][key], optimizers[1].state[dense.weight][key],
                                    rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dense_storage", [True, False])
+def test_a_layer_whose_factors_outgrow_its_weight_holds_the_weight(dense_storage):
+    """Ranks 2 of Linear(16, 12) store 128 entries (dense: 192); at tau 0 a truncation keeps the augmented ranks 4,
+    whose factors would store 288: with ``dense_storage`` the layer holds W itself, W unchanged and Adam's state
+    carried to W's coordinates (m x_i U_i exactly; v >= 0 with its total kept), so that the next step is dense Adam's
+    (reference: torch's Adam on the dense weight with that state); without, it keeps its factors."""
+    torch.manual_seed(0)
+    layer = TuckerLinear(16, 12, ranks=(2, 2))
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.05)
+    integrator = TuckerIntegrator({"layer": layer}, IntegratorConfig(tau=0.0, interval=1, growth=0,
+                                                                     dense_storage=dense_storage),
+                                  optimizer=optimizer)
+    x, target = torch.randn(32, 16), torch.randn(32, 12)
+    F.mse_loss(layer(x), target).backward()
+    assert integrator.before_step(optimizer)
+    optimizer.step()
+    assert layer.ranks == (4, 4)
+    w = layer.dense_weight()
+    factors = [u.detach().clone() for u in layer.active_factors()]
+    state = {key: value for key, value in optimizer.state[layer.core].items()}
+    m, v = active(state["exp_avg"], (4, 4)).clone(), active(state["exp_avg_sq"], (4, 4)).clone()
+    integrator.after_step(optimizer)
+    assert layer.dense_storage is dense_storage
+    torch.testing.assert_close(layer.dense_weight(), w, rtol=1e-10, atol=1e-12)
+    if not dense_storage:
+        assert layer.ranks == (4, 4) and layer.storage == (8, 8)
+        return
+    assert layer.storage == (12, 16) and sum(p.numel() for p in layer.parameters()) == 12 * 16 + 12
+    for mode, u in enumerate(factors):
+        m = mode_product(m, u, mode)
+    torch.testing.assert_close(optimizer.state[layer.core]["exp_avg"], m, rtol=1e-10, atol=1e-14)
+    carried = optimizer.state[layer.core]["exp_avg_sq"]  # a sum of squares per entry, each map keeping the total
+    assert carried.min() >= 0 and carried.sum().item() == pytest.approx(v.sum().item(), rel=1e-12)
+    dense = nn.Linear(16, 12)
+    with torch.no_grad():
+        dense.weight.copy_(layer.core)
+        dense.bias.copy_(layer.bias)
+    reference = torch.optim.Adam(dense.parameters(), lr=0.05)
+    for mine, theirs in ((layer.core, dense.weight), (layer.bias, dense.bias)):
+        reference.state[theirs] = {key: value.clone() for key, value in optimizer.state[mine].items()}
+    for module, opt in ((layer, optimizer), (dense, reference)):
+        opt.zero_grad()
+        F.mse_loss(module(x), target).backward()
+    integrator.step(optimizer)
+    reference.step()
+    assert layer.dense_storage
+    torch.testing.assert_close(layer.core, dense.weight, rtol=1e-12, atol=1e-12)

@@ -63,14 +63,17 @@ class TuckerCallback(LowRankCallback):
             ``max_rank``, lowered where the layer would store more than its dense weight) with the core scaled to
             the dense weight's norm (``init="hosvd_scaled"``), so the run stays below the dense run's memory from
             the first step and the ranks grow where the loss needs them; under every other optimizer (Adam-type,
-            whose per-entry steps neither trained such a start nor grew its ranks) at full rank. Until then, and in
-            runs without fit, the converted layers are at full rank (exact). Why, measured: README "What training
-            costs". Weights to keep as they are (pretrained): ``rank="full"`` (exact; the first truncations choose
-            the ranks) or ``init="hosvd"`` (the best approximation at the start's ranks).
-        min_rank, modes, method, interval, core_steps, growth, patience, scale_steps: the integrator's options
-            (:class:`~lightning_lowrank.IntegratorConfig`). Layers still at their augmented ranks or keeping a
-            growth margin when training ends are truncated to their tolerance ranks then; logged ranks and
-            compression are the tolerance ranks the last truncation decided.
+            whose per-entry steps neither trained such a start nor grew its ranks) at full rank. A layer whose
+            factors would store more than its dense weight at its start (every full-rank start) holds the weight
+            itself (dense storage, with ``dense_storage``): the dense layer's memory and time until truncation
+            lowers its ranks so far that the factors pay. Until fit starts, and in runs without fit, the converted
+            layers are at full rank (exact). Why, measured: README "What training costs". Weights to keep as they
+            are (pretrained): ``rank="full"`` (exact; the first truncations choose the ranks) or ``init="hosvd"``
+            (the best approximation at the start's ranks).
+        min_rank, modes, method, interval, core_steps, growth, patience, scale_steps, dense_storage: the
+            integrator's options (:class:`~lightning_lowrank.IntegratorConfig`). Layers still at their augmented
+            ranks or keeping a growth margin when training ends are truncated to their tolerance ranks then; logged
+            ranks and compression are the tolerance ranks the last truncation decided.
         freeze_after_steps, freeze_after_epochs: from this optimizer step or epoch on, ranks and bases stay fixed
             and only the cores (and the other parameters) train.
     """
@@ -89,6 +92,7 @@ class TuckerCallback(LowRankCallback):
         growth: float = 0.25,
         patience: int = 200,
         scale_steps: bool = False,
+        dense_storage: bool = True,
         freeze_after_steps: int | None = None,
         freeze_after_epochs: int | None = None,
         include: Sequence[str] = (),
@@ -104,7 +108,7 @@ class TuckerCallback(LowRankCallback):
                                        init=init, **conversion)
         self.integration = IntegratorConfig(tau=tau, min_rank=min_rank, modes=modes, method=method, interval=interval,
                                            core_steps=core_steps, growth=growth, patience=patience,
-                                           scale_steps=scale_steps)
+                                           scale_steps=scale_steps, dense_storage=dense_storage)
         if isinstance(max_rank, int) and not isinstance(max_rank, bool) and min_rank > max_rank:
             raise ValueError(f"`min_rank` ({min_rank}) must not exceed `max_rank` ({max_rank})")
         for name, value in (("freeze_after_steps", freeze_after_steps), ("freeze_after_epochs", freeze_after_epochs)):
@@ -211,7 +215,8 @@ class TuckerCallback(LowRankCallback):
                  if name in unstarted and steps_follow_gradient(optimizer)}
         for name in moved:
             restart(layers[name], self.conversion, name)
-        dense = [name for name in trained if not factors_pay(layers[name].shape, layers[name].ranks)]
+        dense = [name for name in trained if self.integration.dense_storage
+                 and not factors_pay(layers[name].shape, layers[name].ranks)]
         for name in dense:
             resize_state(trained[name], layers[name].to_dense_storage())
         if moved:

@@ -71,7 +71,7 @@ class GrowthMargin:
                 renewed = r >= low + math.ceil(self.config.growth * low)  # grew by a whole margin above its low
                 self._margins[name, mode] = (r, 0) if renewed else (min(low, r), count + 1)
         growth, patience, interval = self.config.growth, self.config.patience, self.config.interval
-        grows = [self.config.adapts(mode) and not final and (name, mode) in self._margins
+        grows = [self.config.adapts(mode) and not final and not layer.dense_storage and (name, mode) in self._margins
                  and self._margins[name, mode][1] * interval < patience and r >= last
                  for mode, (r, last) in enumerate(zip(tolerance, before))]
         keep = consistent_ranks([clamp_rank(r + math.ceil(growth * r), size, layer.max_ranks[mode],

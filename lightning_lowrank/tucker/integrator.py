@@ -45,7 +45,7 @@ from lightning_lowrank.tucker.optimizer_state import (
     warm_start,
 )
 from lightning_lowrank.tucker.storage import storage_size, zero_outside
-from lightning_lowrank.tucker.truncation import rank_candidates, rotate_layer, truncate_dense
+from lightning_lowrank.tucker.truncation import rank_candidates, rotate_layer, store_dense, truncate_dense
 from lightning_lowrank.validation import check_int
 
 
@@ -94,6 +94,11 @@ class IntegratorConfig:
             few entries less, relative to its norm, than the dense weight its learning rate was tuned for; scaled,
             the step's Frobenius norm is the dense weight's. Decoupled weight decay (AdamW) is not scaled: a core
             shrinks at the dense weight's rate, C <- (1 - lr wd) C_before + s (gradient step). Default False.
+        dense_storage: a layer whose factors come to store more than its dense weight (its ranks grew at a
+            truncation) holds W itself from then on (:func:`~lightning_lowrank.tucker.truncation.store_dense`), until
+            a truncation lowers its ranks so far that the factors pay again; so no layer stores more than the dense
+            one. False keeps every layer factorized (a layer already in dense storage still leaves it once its
+            factors pay). Default True.
     """
 
     tau: float = 0.1
@@ -105,6 +110,7 @@ class IntegratorConfig:
     growth: float = 0.25
     patience: int = 200
     scale_steps: bool = False
+    dense_storage: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 <= self.tau < 1:
@@ -123,8 +129,9 @@ class IntegratorConfig:
         if isinstance(self.growth, bool) or not isinstance(self.growth, (int, float)) or not 0 <= self.growth <= 1:
             raise ValueError(f"`growth` must be a number in [0, 1], got {self.growth!r}")
         check_int("patience", self.patience, 0)
-        if not isinstance(self.scale_steps, bool):
-            raise ValueError(f"`scale_steps` must be True or False, got {self.scale_steps!r}")
+        for name in ("scale_steps", "dense_storage"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
         if self.interval is None:
             return
         if self.core_steps is None:
@@ -502,6 +509,9 @@ class TuckerIntegrator:
         for layer, rotation in rotations:
             rotate_layer(layer, rotation, optimizer)
             fit_storage(layer, optimizer)
+            if self.config.dense_storage and sum(p.numel() for p in (*layer.factors, layer.core)) > math.prod(
+                    layer.shape):
+                store_dense(layer, optimizer)  # its factors came to store more than W
         self._before_augmentation.clear()
 
     def step(self, optimizer: torch.optim.Optimizer) -> bool:

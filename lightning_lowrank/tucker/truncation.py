@@ -2,7 +2,7 @@
 the smallest rank whose discarded singular values have 2-norm <= tau ||C||_F (:func:`rank_candidates`); bases, core
 and the core's optimizer state rotate with the kept singular vectors (:func:`rotate_layer`). A layer in dense storage
 keeps W and its state projected onto the kept directions until its factors would store less than W; then the kept
-vectors become its factors.
+vectors become its factors; a layer whose factors grow to store more than W holds it whole again (:func:`store_dense`).
 """
 
 from __future__ import annotations
@@ -62,6 +62,15 @@ def rotate_layer(layer: TuckerLayer, rotations: Sequence[Tensor | None],
             u[:, : p.shape[1]] = u[:, : p.shape[0]] @ p
     layer.core[tuple(slice(r) for r in new_core.shape)] = new_core
     layer.set_ranks(new_core.shape)
+
+
+@torch.no_grad()
+def store_dense(layer: TuckerLayer, optimizer: torch.optim.Optimizer | None) -> None:
+    """Hold W itself (:meth:`~lightning_lowrank.TuckerLayer.to_dense_storage`), the core's state carried to W's
+    coordinates, s x_i U_i (each entry by its rule): for a layer whose factors came to store more than W."""
+    factors, ranks = [u.clone() for u in layer.active_factors()], layer.ranks
+    resize_state(optimizer, layer.to_dense_storage())
+    transport_state(optimizer, layer.core, ranks, [u.T for u in factors])
 
 
 @torch.no_grad()
