@@ -29,6 +29,7 @@ from lightning_lowrank.lightning.base import (
 from lightning_lowrank.lightning.checkpoint import CHECKPOINT_KEY
 from lightning_lowrank.tucker.conversion import RankSpec, TuckerConfig, convert, restart
 from lightning_lowrank.tucker.distributed import broadcast_layers, keep_out_of_ddp
+from lightning_lowrank.tucker.growth import starts_with_margin
 from lightning_lowrank.tucker.integrator import (
     IntegratorConfig,
     TuckerIntegrator,
@@ -204,8 +205,9 @@ class TuckerCallback(LowRankCallback):
         """Start the layers an optimizer trains (not when resuming: the checkpoint holds their ranks and storage):
         those converted at full rank for ``rank=None`` below it (:func:`~lightning_lowrank.tucker.conversion.restart`)
         where the optimizer follows the gradient's size; then every one whose factors would store more than its
-        dense weight holds the weight itself (:meth:`~lightning_lowrank.TuckerLayer.to_dense_storage`) until its
-        ranks fall far enough for the factors to pay. Layers no optimizer trains stay as they are."""
+        dense weight and that keeps no growth margin (a full-rank start) holds the weight itself
+        (:meth:`~lightning_lowrank.TuckerLayer.to_dense_storage`) until its ranks fall far enough for the factors to
+        pay. Layers no optimizer trains stay as they are."""
         unstarted, self._unstarted = self._unstarted, set()
         if self._loaded_state is not None:
             return
@@ -216,7 +218,8 @@ class TuckerCallback(LowRankCallback):
         for name in moved:
             restart(layers[name], self.conversion, name)
         dense = [name for name in trained if self.integration.dense_storage
-                 and not factors_pay(layers[name].shape, layers[name].ranks)]
+                 and not factors_pay(layers[name].shape, layers[name].ranks)
+                 and not starts_with_margin(layers[name], self.integration)]
         for name in dense:
             resize_state(trained[name], layers[name].to_dense_storage())
         if moved:

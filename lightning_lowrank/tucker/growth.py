@@ -12,10 +12,11 @@ noise of a flat spectrum moves the tolerance rank by a direction or two either w
 tolerance rank fell keeps no margin (the mode holds more than the loss needs, and its storage shrinks with it), but
 the fall does not end the margin: the next truncation that does not fall has one again, so a small start keeps
 growing where the loss needs rank after a noisy fall. A mode that stops growing runs the paper's rule once its margin
-expires. A mode that starts at its largest rank (a full-rank start), or a layer that starts in dense storage (every
-direction of W trains), never keeps one: it has nothing to grow into, and runs the paper's rule. Keeping more
-directions only lowers the truncation error, so the paper's bound (discarded part <= tau ||C||_F per mode) holds at
-every step; the end of training drops the margin by the tolerance rule alone.
+expires. A mode that starts at its largest rank (a full-rank start) never keeps one: it has nothing to grow into, and
+runs the paper's rule. A layer keeps its factors while it keeps a margin (the integrator's ``dense_storage`` waits for
+it to expire): held dense, every direction of W would train and the margin would keep noise, not a few new
+directions. Keeping more directions only lowers the truncation error, so the paper's bound (discarded part <= tau
+||C||_F per mode) holds at every step; the end of training drops the margin by the tolerance rule alone.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ def clamp_rank(rank: int, size: int, max_rank: int, min_rank: int) -> int:
     return max(min(rank, max_rank, size), min(min_rank, size))
 
 
+def starts_with_margin(layer: TuckerLayer, config: IntegratorConfig) -> bool:
+    """Whether :meth:`GrowthMargin.add` gives ``layer`` a margin at its ranks now (a mode below its max_rank; growth
+    and patience above 0)."""
+    return config.growth > 0 and config.patience > 0 and any(r < n for r, n in zip(layer.ranks, layer.max_ranks))
+
+
 class GrowthMargin:
     """The growth margins of a set of Tucker layers: per mode that started below its ``max_rank``, the lowest
     tolerance rank and the truncations since its margin was last renewed; per layer keeping a margin, its tolerance
@@ -53,10 +60,15 @@ class GrowthMargin:
         self._margins: dict[tuple[str, int], tuple[int, int]] = {}  # (name, mode) -> (lowest rank, truncations)
 
     def add(self, name: str, layer: TuckerLayer) -> None:
-        """Give every mode of ``layer`` below its max_rank a margin from now on, unless the layer is in dense
-        storage (its steps move W in every direction: there is nothing to grow into)."""
+        """Give every mode of ``layer`` below its max_rank a margin from now on."""
         self._margins.update(((name, mode), (r, 0)) for mode, (r, n) in enumerate(zip(layer.ranks, layer.max_ranks))
-                             if r < n and not layer.dense_storage)
+                             if r < n)
+
+    def keeps(self, name: str) -> bool:
+        """Whether a mode of layer ``name`` still keeps its growth margin (its ranks may still grow by it)."""
+        return self.config.growth > 0 and any(
+            key[0] == name and count * self.config.interval < self.config.patience
+            for key, (_, count) in self._margins.items())
 
     def keep(self, name: str, layer: TuckerLayer, old_ranks: Sequence[int], tolerance: Sequence[int],
              final: bool) -> tuple[int, ...]:
@@ -71,7 +83,7 @@ class GrowthMargin:
                 renewed = r >= low + math.ceil(self.config.growth * low)  # grew by a whole margin above its low
                 self._margins[name, mode] = (r, 0) if renewed else (min(low, r), count + 1)
         growth, patience, interval = self.config.growth, self.config.patience, self.config.interval
-        grows = [self.config.adapts(mode) and not final and not layer.dense_storage and (name, mode) in self._margins
+        grows = [self.config.adapts(mode) and not final and (name, mode) in self._margins
                  and self._margins[name, mode][1] * interval < patience and r >= last
                  for mode, (r, last) in enumerate(zip(tolerance, before))]
         keep = consistent_ranks([clamp_rank(r + math.ceil(growth * r), size, layer.max_ranks[mode],

@@ -95,10 +95,10 @@ class IntegratorConfig:
             the step's Frobenius norm is the dense weight's. Decoupled weight decay (AdamW) is not scaled: a core
             shrinks at the dense weight's rate, C <- (1 - lr wd) C_before + s (gradient step). Default False.
         dense_storage: a layer whose factors come to store more than its dense weight (its ranks grew at a
-            truncation) holds W itself from then on (:func:`~lightning_lowrank.tucker.truncation.store_dense`), until
-            a truncation lowers its ranks so far that the factors pay again; so no layer stores more than the dense
-            one. False keeps every layer factorized (a layer already in dense storage still leaves it once its
-            factors pay). Default True.
+            truncation) and that keeps no growth margin holds W itself from then on
+            (:func:`~lightning_lowrank.tucker.truncation.store_dense`), until a truncation lowers its ranks so far
+            that the factors pay again. False keeps every layer factorized (a layer already in dense storage still
+            leaves it once its factors pay). Default True.
     """
 
     tau: float = 0.1
@@ -505,12 +505,12 @@ class TuckerIntegrator:
                          if self.config.adapts(mode) else next(decided)
                          for mode, size in enumerate(layer.spanned_ranks)]
             keep = self.margin.keep(name, layer, old_ranks, tolerance, final)
-            rotations.append((layer, [p if p is None else p[:, :r] for p, r in zip(vectors, keep)]))
-        for layer, rotation in rotations:
+            rotations.append((name, layer, [p if p is None else p[:, :r] for p, r in zip(vectors, keep)]))
+        for name, layer, rotation in rotations:
             rotate_layer(layer, rotation, optimizer)
             fit_storage(layer, optimizer)
-            if self.config.dense_storage and sum(p.numel() for p in (*layer.factors, layer.core)) > math.prod(
-                    layer.shape):
+            if (self.config.dense_storage and not self.margin.keeps(name)
+                    and sum(p.numel() for p in (*layer.factors, layer.core)) > math.prod(layer.shape)):
                 store_dense(layer, optimizer)  # its factors came to store more than W
         self._before_augmentation.clear()
 
