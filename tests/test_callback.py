@@ -159,6 +159,10 @@ def test_the_adam_default_stores_at_most_the_dense_parameters_at_every_step():
         Student(lr=0.02, optimizer="adam"))
     assert probe.dense_storage == [[False, False, False]] and probe.stored[0] > sum(
         p.numel() for p in Student().parameters())
+    probe = Stored()  # half rank: net.3's factors (16 x 16, 288 x 16, core 16 x 16) store more than its 16 x 288
+    # weight, but it keeps a growth margin, under which it keeps its factors
+    trainer(max_steps=1, callbacks=[ll.TuckerCallback(tau=0.3, rank=0.5), probe]).fit(Student(optimizer="adam"))
+    assert probe.dense_storage == [[False, False, False]]
 
 
 def test_scaled_steps_reach_the_integrator_and_move_the_core_further():
