@@ -13,16 +13,22 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import lightning_lowrank as ll
+from lightning_lowrank.tucker.truncation import store_dense
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def small_net(dtype: torch.dtype, device: str) -> nn.Module:
+def small_net(dtype: torch.dtype, device: str, dense_storage: bool = False) -> nn.Module:
+    """Three Tucker layers at half rank, or (``dense_storage``) at full rank holding their weights."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 16, 3, padding=1), nn.ReLU(),
                         nn.Flatten(), nn.Linear(16 * 8 * 8, 10))
-    ll.convert(net, ll.TuckerConfig(rank=0.5))
-    return net.to(device=device, dtype=dtype)
+    ll.convert(net, ll.TuckerConfig(rank="full" if dense_storage else 0.5))
+    net = net.to(device=device, dtype=dtype)
+    for layer in net.modules():
+        if dense_storage and isinstance(layer, ll.TuckerLayer):
+            layer.to_dense_storage()
+    return net
 
 
 def train_step(net, integrator, optimizer, device, dtype):
@@ -33,7 +39,8 @@ def train_step(net, integrator, optimizer, device, dtype):
 
 
 class Float64Ops(TorchFunctionMode):
-    """Names the torch functions that return a float64 tensor."""
+    """Names the torch functions that return a float64 tensor with entries (storage's ``replace_data`` makes an empty
+    one of another dtype to drop autograd's accumulator: no computation)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -42,24 +49,30 @@ class Float64Ops(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         outputs = out if isinstance(out, (tuple, list)) else (out,)
-        if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in outputs):
+        if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.numel() for t in outputs):
             self.seen.append(getattr(func, "__name__", repr(func)))
         return out
 
 
-@pytest.mark.parametrize("method", ["parallel", "augmented"])
+@pytest.mark.parametrize("method, dense_storage", [("parallel", False), ("augmented", False), ("parallel", True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_step_computes_nothing_in_float64_for_lower_precision_layers(method, dtype):
+def test_the_step_computes_nothing_in_float64_for_lower_precision_layers(method, dense_storage, dtype):
     """Float64 is slow on most GPUs: the augmenting and truncating steps of float32 and bf16 layers (QR, eigh, SVD,
-    the parallel gradient, the optimizer-state rotation) compute in float32 at most."""
-    net = small_net(dtype, "cpu")
-    integrator = ll.TuckerIntegrator(net, ll.IntegratorConfig(dense_storage=False, tau=0.2, method=method,
-                                                              interval=2, core_steps=1))
+    the parallel gradient, the optimizer-state rotation; in dense storage the projection, the factorization and the
+    way back to W) compute in float32 at most."""
+    net = small_net(dtype, "cpu", dense_storage)
+    integrator = ll.TuckerIntegrator(net, ll.IntegratorConfig(tau=0.45 if dense_storage else 0.2, method=method,
+                                                              interval=2, core_steps=1, dense_storage=dense_storage))
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
     train_step(net, integrator, optimizer, "cpu", dtype)  # Adam's state exists before the recorded steps
+    layers = [m for m in net.modules() if isinstance(m, ll.TuckerLayer)]
     with Float64Ops() as mode:
         for _ in range(4):  # augmenting, truncating and plain steps
             train_step(net, integrator, optimizer, "cpu", dtype)
+            if dense_storage and integrator.steps == 3:  # projected the first layer, factorized the others
+                assert [layer.dense_storage for layer in layers] == [True, False, False]
+        if dense_storage:
+            store_dense(layers[-1], optimizer)  # and the way back to W
     assert integrator.steps == 5 and not mode.seen
 
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from lightning_lowrank.tucker.algebra import (
     Init,
+    compute_dtype,
     consistent_ranks,
     full_ranks,
     mode_dot,
@@ -129,7 +130,8 @@ class TuckerLayer(nn.Module):
         shapes, as :meth:`resize` returns them, for state an optimizer made at its construction (Adagrad's sums)."""
         if self.dense_storage:
             return []
-        weight = self.dense_weight()
+        compute = compute_dtype(self.core.dtype)  # float32 at least, never float64 for lower precisions (GPUs)
+        weight = multi_mode_dot(self.active_core().to(compute), [u.to(compute) for u in self.active_factors()])
         changed = self._reallocate(self.shape, dense=True)
         self.core.copy_(weight)
         return changed
