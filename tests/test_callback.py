@@ -706,10 +706,12 @@ def test_placed_before_swa_it_works_and_after_it_is_refused():
         trainer(callbacks=[StochasticWeightAveraging(swa_lrs=0.01), ll.TuckerCallback()]).fit(Student())
 
 
-def test_swa_averages_the_frozen_layers_whose_storage_changed_since_its_copy():
-    """SWA copies the model at its setup, at the storage of the start; from a start below full rank the storage grows
-    before the freeze. Reference: the mean of the model's states where SWA averages (``swa_epoch_start=2``: at the
-    starts of the second to the last epoch)."""
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_swa_averages_the_frozen_layers_whose_storage_changed_since_its_copy(optimizer):
+    """SWA copies the model at its setup, at the storage of the start; from a start below full rank (SGD) the storage
+    grows before the freeze, from the full start in dense storage (Adam) the freeze factorizes what is still dense.
+    Reference: the mean of the model's states where SWA averages (``swa_epoch_start=2``: at the starts of the second
+    to the last epoch)."""
 
     class Snapshots(pl.Callback):
         def __init__(self):
@@ -724,10 +726,11 @@ def test_swa_averages_the_frozen_layers_whose_storage_changed_since_its_copy():
                 self.storage["averaged"] = [m.storage for m in tucker_layers(pl_module).values()]
 
     torch.manual_seed(0)
-    model, snapshots = Student(lr=0.02), Snapshots()
+    model, snapshots = Student(lr=0.02, optimizer=optimizer), Snapshots()
     trainer(max_epochs=4, callbacks=[ll.TuckerCallback(tau=0.3, freeze_after_epochs=1), snapshots,
                                      StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=2)]).fit(model)
     assert snapshots.storage["setup"] != snapshots.storage["averaged"]
+    assert not any(m.dense_storage for m in tucker_layers(model).values())  # frozen: factors at fixed bases
     assert len(snapshots.states) == 3
     for key, value in model.state_dict().items():
         if value.is_floating_point():
