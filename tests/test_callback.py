@@ -239,7 +239,8 @@ def test_a_run_resumed_from_the_default_start_keeps_the_checkpoints_ranks(tmp_pa
 def test_resume_equals_an_uninterrupted_run(tmp_path, interval, core_steps):
     """Checkpoint after epoch 1 (8 steps: with 5 core steps, 3 steps into a window at the augmented ranks), resume
     to epoch 3: ranks, parameters and optimizer state as if never stopped, though the storage (parameter and state
-    shapes) at the checkpoint differs from the fresh module's and from the end's."""
+    shapes) at the checkpoint differs from the fresh module's and from the end's (Adam: the full start in dense
+    storage, a layer held dense at the checkpoint and factorized by the end)."""
     def run(epochs, ckpt_path=None):
         torch.manual_seed(0)
         model = Student(lr=0.03, optimizer="adam")
@@ -259,6 +260,10 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, interval, core_steps):
     at_checkpoint = [tuple(stored[f"{name}.core"].shape) for name in tucker_layers(fresh)]
     at_end = [m.storage for m in tucker_layers(straight).values()]
     assert at_checkpoint != at_end  # the resumed run reallocates parameters and optimizer state
+    held_dense = [stored[f"{name}.factors.0"].shape[1] == 0 for name in tucker_layers(fresh)]
+    at_end_dense = [m.dense_storage for m in tucker_layers(straight).values()]
+    assert any(held_dense)  # the Adam-type default: the full start in dense storage
+    assert core_steps > 1 or any(a and not b for a, b in zip(held_dense, at_end_dense))  # (3, 1): then factorized
     assert at_start != at_checkpoint or core_steps > 1  # (5, 5): the checkpoint is inside a window, storage as fresh
     assert resumed_trainer.fit_loop.epoch_loop._batches_that_stepped == 24 and resumed is not straight
     assert resumed_trainer.global_step == straight_trainer.global_step == 24
