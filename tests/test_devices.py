@@ -69,10 +69,11 @@ def test_the_step_computes_nothing_in_float64_for_lower_precision_layers(method,
     with Float64Ops() as mode:
         for _ in range(4):  # augmenting, truncating and plain steps
             train_step(net, integrator, optimizer, "cpu", dtype)
-            if dense_storage and integrator.steps == 3:  # projected the first layer, factorized the others
-                assert [layer.dense_storage for layer in layers] == [True, False, False]
+            if dense_storage and integrator.steps == 3:  # projected some layers, factorized the others
+                held = [layer.dense_storage for layer in layers]
+                assert any(held) and not all(held), held
         if dense_storage:
-            store_dense(layers[-1], optimizer)  # and the way back to W
+            store_dense(next(layer for layer in layers if not layer.dense_storage), optimizer)  # the way back to W
     assert integrator.steps == 5 and not mode.seen
 
 

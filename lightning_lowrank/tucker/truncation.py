@@ -79,20 +79,17 @@ def truncate_dense(layer: TuckerLayer, bases: Sequence[Tensor], optimizer: torch
     """Truncate a layer in dense storage to the kept vectors P_i (n_i x r_i): where its factors at the ranks r_i
     store less than W (:func:`~lightning_lowrank.tucker.storage.factors_pay`) or ``factorize`` says so, factorize,
     U_i <- P_i and C <- W x_i P_i^T, the state rotated as :func:`rotate_layer` rotates it and resized with the
-    storage; else keep W stored whole and project it, W <- W x_i P_i P_i^T, its state carried there and back (each
-    entry by its rule).
-    A mode whose rank is its unfolding's rank bound loses nothing and is not projected."""
+    storage; else keep W stored whole and project it, W <- W x_i P_i P_i^T (a mode at its unfolding's rank bound
+    loses nothing and is not projected), a proximal step on the parameter the optimizer steps: its state stays the
+    dense optimizer's (projected, Adam's second moments would lose the mass of the cut directions, r_i / n_i of it
+    on average, and its next steps would be that much larger in every entry)."""
     ranks = tuple(p.shape[1] for p in bases)
     if factorize or factors_pay(layer.shape, ranks):
         transport_state(optimizer, layer.core, layer.shape, bases)
         resize_state(optimizer, layer.factorize(bases))
         return
     there = [p if r < bound else None for p, r, bound in zip(bases, ranks, full_ranks(layer.shape))]
-    back = [None if p is None else p.T for p in there]
-    projected = rotate(rotate(layer.core, there), back)
-    transport_state(optimizer, layer.core, layer.shape, there)
-    transport_state(optimizer, layer.core, [n if p is None else p.shape[1] for n, p in zip(layer.shape, there)], back)
-    layer.core.copy_(projected)
+    layer.core.copy_(rotate(rotate(layer.core, there), [None if p is None else p.T for p in there]))
     layer.set_ranks(ranks)
 
 
