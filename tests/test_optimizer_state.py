@@ -11,7 +11,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_lowrank as ll
-from lightning_lowrank.tucker.optimizer_state import OPTIMIZER_STATE, REFUSED, check_state, rotate, state_rules
+from lightning_lowrank.tucker.optimizer_state import (
+    OPTIMIZER_STATE,
+    REFUSED,
+    check_state,
+    rotate,
+    state_rules,
+    transport_state,
+)
 
 ALL_OPTIMIZERS = sorted((c for c in vars(torch.optim).values() if inspect.isclass(c)
                          and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer),
@@ -181,3 +188,16 @@ def test_decay_factor_is_one_where_the_decay_is_part_of_the_gradient():
     older = torch.optim.AdamW([p], lr=0.1, weight_decay=0.3)
     del older.param_groups[0]["decoupled_weight_decay"]
     assert decay_factor(older, p) == pytest.approx(1 - 0.1 * 0.3)
+
+
+def test_transport_without_any_rotation_leaves_the_state_as_it_is():
+    """No mode rotates: every state entry keeps its values (the rotated block is the state itself, which a copy must
+    not clear first)."""
+    core = nn.Parameter(torch.randn(4, 3))
+    optimizer = torch.optim.Adam([core], lr=0.1)
+    core.grad = torch.randn(4, 3)
+    optimizer.step()
+    before = {key: value.clone() for key, value in optimizer.state[core].items()}
+    transport_state(optimizer, core, (4, 3), [None, None])
+    for key, value in optimizer.state[core].items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)

@@ -1,8 +1,8 @@
 """Truncation, the second half of the integrator's step: per adapted mode, the SVD of the core's unfolding keeps
 the smallest rank whose discarded singular values have 2-norm <= tau ||C||_F (:func:`rank_candidates`); bases, core
 and the core's optimizer state rotate with the kept singular vectors (:func:`rotate_layer`). A layer in dense storage
-keeps W and its state projected onto the kept directions until its factors would store less than W; then the kept
-vectors become its factors; a layer whose factors grow to store more than W holds it whole again (:func:`store_dense`).
+keeps W projected onto the kept directions until its factors would store less than W; then the kept vectors become
+its factors; a layer whose factors grow to store more than W holds it whole again (:func:`store_dense`).
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def truncate_dense(layer: TuckerLayer, bases: Sequence[Tensor], optimizer: torch
     U_i <- P_i and C <- W x_i P_i^T, the state rotated as :func:`rotate_layer` rotates it and resized with the
     storage; else keep W stored whole and project it, W <- W x_i P_i P_i^T (a mode at its unfolding's rank bound
     loses nothing and is not projected), a proximal step on the parameter the optimizer steps: its state stays the
-    dense optimizer's (projected, Adam's second moments would lose the mass of the cut directions, r_i / n_i of it
-    on average, and its next steps would be that much larger in every entry)."""
+    dense optimizer's (projected, Adam's second moments would keep about r_i / n_i of their mass, and every later
+    step would be larger)."""
     ranks = tuple(p.shape[1] for p in bases)
     if factorize or factors_pay(layer.shape, ranks):
         transport_state(optimizer, layer.core, layer.shape, bases)
