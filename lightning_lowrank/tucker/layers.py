@@ -329,7 +329,8 @@ class TuckerLayer(nn.Module):
 
     def decomposition(self) -> tuple[Tensor, list[Tensor]]:
         """Core (r_1, ..., r_d) and orthonormal factors U_i (n_i, r_i) at the active ranks: the stored ones, or in
-        dense storage the HOSVD of W at its ranks (exact: truncation keeps W at them)."""
+        dense storage the truncated HOSVD of W at its ranks (exact after a truncation, which leaves W at them, as the
+        end of training does; the steps in between move W in every direction)."""
         if self.dense_storage:
             return tucker_decomposition(self.core.detach(), self.ranks, "hosvd")
         return self.active_core(), self.active_factors()
