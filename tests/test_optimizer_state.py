@@ -15,6 +15,7 @@ from lightning_lowrank.tucker.optimizer_state import (
     OPTIMIZER_STATE,
     REFUSED,
     check_state,
+    expand_state,
     rotate,
     state_rules,
     transport_state,
@@ -201,3 +202,35 @@ def test_transport_without_any_rotation_leaves_the_state_as_it_is():
     transport_state(optimizer, core, (4, 3), [None, None])
     for key, value in optimizer.state[core].items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+def test_expanding_a_core_state_to_the_dense_weight_keeps_the_second_moments_scale():
+    """To W's coordinates (a layer taking W back): m x_i U_i exactly; each entry of v the average of the core's
+    entries it is made of, weighted by U_0[a, k]^2 U_1[b, l]^2 (explicit sums), so a constant v stays that constant
+    (carried by the squared rule alone it would shrink to about r / n of it); Adamax's magnitudes the same on their
+    squares."""
+    torch.manual_seed(0)
+    u0, u1 = (torch.linalg.qr(torch.randn(n, r, dtype=torch.float64)).Q for n, r in ((6, 2), (5, 3)))
+    for cls, key, kind in ((torch.optim.Adam, "exp_avg_sq", "squared"), (torch.optim.Adamax, "exp_inf", "magnitude")):
+        core = nn.Parameter(torch.zeros(6, 5, dtype=torch.float64))
+        optimizer = cls([core], lr=0.1)
+        core.grad = torch.randn(6, 5, dtype=torch.float64)
+        optimizer.step()
+        state = optimizer.state[core]
+        linear = torch.zeros(6, 5, dtype=torch.float64)
+        linear[:2, :3] = torch.randn(2, 3, dtype=torch.float64)
+        second = torch.zeros(6, 5, dtype=torch.float64)
+        second[:2, :3] = torch.rand(2, 3, dtype=torch.float64) + 0.5
+        state["exp_avg"] = linear.clone()
+        state[key] = second.clone()
+        expand_state(optimizer, core, (2, 3), [u0, u1])
+        torch.testing.assert_close(state["exp_avg"], u0 @ linear[:2, :3] @ u1.T, rtol=1e-12, atol=1e-14)
+        w = torch.einsum("ak,bl->abkl", u0**2, u1**2)
+        squares = second[:2, :3] if kind == "squared" else second[:2, :3] ** 2
+        expected = torch.einsum("abkl,kl->ab", w, squares) / w.sum(dim=(2, 3))
+        torch.testing.assert_close(state[key], expected if kind == "squared" else expected.sqrt(), rtol=1e-12,
+                                   atol=1e-14)
+        state[key] = torch.zeros(6, 5, dtype=torch.float64)
+        state[key][:2, :3] = 0.7
+        expand_state(optimizer, core, (2, 3), [u0, u1])
+        torch.testing.assert_close(state[key], torch.full((6, 5), 0.7, dtype=torch.float64), rtol=1e-12, atol=0)

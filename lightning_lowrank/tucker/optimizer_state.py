@@ -198,6 +198,32 @@ def transport_state(optimizer: torch.optim.Optimizer | None, core: Tensor, ranks
             value[tuple(slice(r) for r in new.shape)] = new
 
 
+def expand_state(optimizer: torch.optim.Optimizer | None, core: Tensor, ranks: Sequence[int],
+                 factors: Sequence[Tensor]) -> None:
+    """Carry the core's per-entry state on its block ``ranks`` to W's coordinates, s x_i U_i (``factors`` U_i of
+    n_i x r_i with orthonormal columns), for a layer whose core has just become W (its state already at W's shape):
+    linear entries exactly; squared and magnitude entries as the average of the core entries each W entry is made
+    of, weighted by U_i * U_i (carried by the rule alone, an entry of W would keep only about r_i / n_i of the core's
+    second moment, and every later Adam step would be larger)."""
+    state = _core_state(optimizer, core)
+    if not state:
+        return
+    rules = check_state(optimizer, state)
+    block = tuple(slice(r) for r in ranks)
+    maps = [u.T for u in factors]
+    weights = rotate(core.new_ones(tuple(ranks)), maps, "squared").clamp_min(torch.finfo(core.dtype).tiny)
+    for key, value in state.items():
+        kind = rules[key].kind
+        if kind == "scalar" or not isinstance(value, Tensor) or value.shape != core.shape:
+            continue
+        if kind == "linear":
+            value.copy_(rotate(value[block], maps))
+        elif kind == "squared":
+            value.copy_(rotate(value[block], maps, "squared") / weights)
+        else:  # magnitude: the same average of the squares
+            value.copy_((rotate(value[block].square(), maps, "squared") / weights).sqrt())
+
+
 def resize_state(optimizer: torch.optim.Optimizer | None, changed: Sequence[tuple[Tensor, torch.Size]]) -> None:
     """Follow :meth:`~lightning_lowrank.tucker.layers.TuckerLayer.resize`: every per-entry state tensor of a resized
     parameter (shape ``old``) is reallocated at the parameter's new shape, keeping its leading block (zero beyond,

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lightning_lowrank.tucker.algebra import compute_dtype, full_ranks, tail_rank, unfold
 from lightning_lowrank.tucker.layers import TuckerLayer
-from lightning_lowrank.tucker.optimizer_state import resize_state, rotate, transport_state
+from lightning_lowrank.tucker.optimizer_state import expand_state, resize_state, rotate, transport_state
 from lightning_lowrank.tucker.storage import factors_pay
 
 
@@ -67,10 +67,11 @@ def rotate_layer(layer: TuckerLayer, rotations: Sequence[Tensor | None],
 @torch.no_grad()
 def store_dense(layer: TuckerLayer, optimizer: torch.optim.Optimizer | None) -> None:
     """Hold W itself (:meth:`~lightning_lowrank.TuckerLayer.to_dense_storage`), the core's state carried to W's
-    coordinates, s x_i U_i (each entry by its rule): for a layer whose factors came to store more than W."""
+    coordinates (:func:`~lightning_lowrank.tucker.optimizer_state.expand_state`): for a layer whose factors came to
+    store more than W."""
     factors, ranks = [u.clone() for u in layer.active_factors()], layer.ranks
     resize_state(optimizer, layer.to_dense_storage())
-    transport_state(optimizer, layer.core, ranks, [u.T for u in factors])
+    expand_state(optimizer, layer.core, ranks, factors)
 
 
 @torch.no_grad()
