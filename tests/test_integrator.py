@@ -1384,18 +1384,24 @@ def _tail_ranks(weight, tau):
     return tuple(ranks)
 
 
-@pytest.mark.parametrize("tau, factorizes", [(0.15, False), (0.7, True)])
-def test_dense_storage_trains_as_the_dense_layer_and_truncates_by_the_hosvd(tau, factorizes):
-    """Reference: nn.Linear trained by its own Adam on the same batches. Equal until the window's truncation, which
-    is the truncated HOSVD of the dense weight at its tolerance ranks (explicit SVDs). Held dense (the factors would
-    not pay at rank >= 3) it is a proximal step on W: Adam's state stays the reference's own; factorized, the state
-    goes to the core's coordinates, m x_i U_i^T and v x_i (U_i * U_i)^T, at the storage of the ranks."""
+def dense_storage_twin():
+    """nn.Linear(16, 12) and a TuckerLinear in dense storage holding the same weight and bias (seed 0)."""
     torch.manual_seed(0)
     dense = nn.Linear(16, 12)
     layer = TuckerLinear.from_dense(dense)
     layer.to_dense_storage()
     with torch.no_grad():
         dense.weight.copy_(layer.core)
+    return dense, layer
+
+
+@pytest.mark.parametrize("tau, factorizes", [(0.15, False), (0.7, True)])
+def test_dense_storage_trains_as_the_dense_layer_and_truncates_by_the_hosvd(tau, factorizes):
+    """Reference: nn.Linear trained by its own Adam on the same batches. Equal until the window's truncation, which
+    is the truncated HOSVD of the dense weight at its tolerance ranks (explicit SVDs). Held dense (the factors would
+    not pay at rank >= 3) it is a proximal step on W: Adam's state stays the reference's own; factorized, the state
+    goes to the core's coordinates, m x_i U_i^T and v x_i (U_i * U_i)^T, at the storage of the ranks."""
+    dense, layer = dense_storage_twin()
     teacher = torch.randn(12, 2) @ torch.randn(2, 16)
     optimizers = [torch.optim.Adam(m.parameters(), lr=0.05) for m in (layer, dense)]
     integrator = TuckerIntegrator({"layer": layer}, IntegratorConfig(tau=tau, interval=4), optimizer=optimizers[0])
@@ -1527,12 +1533,7 @@ def test_scaled_steps_leave_a_dense_storage_layer_at_the_optimizers_step():
 def test_at_tau_zero_a_dense_storage_layer_is_the_dense_layer_through_its_truncations():
     """Nothing is cut at tau = 0 (every mode keeps its unfolding's rank bound, 12 of the input's 16), so weights and
     Adam's state stay those of nn.Linear trained by its own Adam, truncation after truncation."""
-    torch.manual_seed(0)
-    dense = nn.Linear(16, 12)
-    layer = TuckerLinear.from_dense(dense)
-    layer.to_dense_storage()
-    with torch.no_grad():
-        dense.weight.copy_(layer.core)
+    dense, layer = dense_storage_twin()
     optimizers = [torch.optim.Adam(m.parameters(), lr=0.05) for m in (layer, dense)]
     integrator = TuckerIntegrator({"layer": layer}, IntegratorConfig(tau=0.0, interval=1), optimizer=optimizers[0])
     for _ in range(3):
