@@ -41,6 +41,8 @@ def main() -> None:
                         help="the integrator's growth margin (0: the paper's rule)")
     parser.add_argument("--patience", type=int, default=ll.IntegratorConfig.patience,
                         help="optimizer steps a mode keeps its growth margin after the start or its last renewal")
+    parser.add_argument("--dense-interval", type=int, default=ll.IntegratorConfig.dense_interval,
+                        help="steps between truncations of a layer in dense storage")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline row")
     args = parser.parse_args()
@@ -63,7 +65,8 @@ def main() -> None:
                                                                        args.ranks):
         result = run([ll.TuckerCallback(tau=tau, method=method, interval=interval, core_steps=core_steps,
                                         rank=rank if rank == "full" else float(rank), init=args.init,
-                                        growth=args.growth, patience=args.patience)])
+                                        growth=args.growth, patience=args.patience,
+                                        dense_interval=args.dense_interval)])
         ratio = f"{result.epoch_seconds / dense.epoch_seconds:8.2f}" if dense else f"{'-':>8}"
         print(f"{tau:6.2f} {method:>9} {schedule_label(interval, core_steps):>8} {rank:>5} {result.test_acc:9.2%} "
               f"{result.compression_rate:11.1%} {result.epoch_seconds:8.1f} {ratio}  {result.ranks}", flush=True)

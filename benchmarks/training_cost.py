@@ -2,7 +2,7 @@
 
     python benchmarks/training_cost.py [--model lenet5] [--epochs 2] [--tau 0.15] [--ranks full 0.25]
                                        [--init hosvd] [--growth 0.25] [--patience 200] [--schedule 10:10]
-                                       [--limit-batches N] [--optimizer sgd] [--scale-steps]
+                                       [--dense-interval 10] [--limit-batches N] [--optimizer sgd] [--scale-steps]
                                        [--plot docs/memory.png]
 
 LeNet5 on MNIST (28x28) or the VGG-style net on Fashion-MNIST (32x32, 3 channels), SGD lr 0.05 momentum 0.9
@@ -87,7 +87,7 @@ def run_arm(args: argparse.Namespace, arm: str) -> dict[str, object]:
         interval, core_steps = args.schedule
         callbacks.append(ll.TuckerCallback(tau=args.tau, rank=rank, init=args.init, growth=args.growth,
                                            patience=args.patience, interval=interval, core_steps=core_steps,
-                                           scale_steps=args.scale_steps))
+                                           scale_steps=args.scale_steps, dense_interval=args.dense_interval))
     trainer = pl.Trainer(max_epochs=args.epochs, callbacks=callbacks, limit_val_batches=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_train_batches=args.limit_batches)
@@ -137,6 +137,8 @@ def main() -> None:
                         help="the integrator's growth margin (0: the paper's rule)")
     parser.add_argument("--patience", type=int, default=ll.IntegratorConfig.patience,
                         help="optimizer steps a mode keeps its growth margin after the start or its last renewal")
+    parser.add_argument("--dense-interval", type=int, default=ll.IntegratorConfig.dense_interval,
+                        help="steps between truncations of a layer in dense storage")
     parser.add_argument("--schedule", type=schedule, default=(None, None), help="interval:core_steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])

@@ -656,7 +656,8 @@ def test_torch_compile_recompiles_once_per_storage_not_per_rank():
     torch.manual_seed(0)
     model = Compiled(lr=0.02)
     storages = Storages()
-    fit = trainer(max_epochs=6, callbacks=[ll.TuckerCallback(tau=0.3, rank="full", interval=1), storages],
+    fit = trainer(max_epochs=6, callbacks=[ll.TuckerCallback(tau=0.3, rank="full", interval=1, dense_interval=1),
+                                                  storages],
                   num_sanity_val_steps=0, limit_val_batches=0)
     fit.fit(model)
     assert len(storages.ranks) > len(storages.seen) > 1  # ranks changed more often than the storage did

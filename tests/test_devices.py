@@ -62,7 +62,8 @@ def test_the_step_computes_nothing_in_float64_for_lower_precision_layers(method,
     way back to W) compute in float32 at most."""
     net = small_net(dtype, "cpu", dense_storage)
     integrator = ll.TuckerIntegrator(net, ll.IntegratorConfig(tau=0.45 if dense_storage else 0.2, method=method,
-                                                              interval=2, core_steps=1, dense_storage=dense_storage))
+                                                              interval=2, core_steps=1, dense_storage=dense_storage,
+                                                              dense_interval=1))
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
     train_step(net, integrator, optimizer, "cpu", dtype)  # Adam's state exists before the recorded steps
     layers = [m for m in net.modules() if isinstance(m, ll.TuckerLayer)]

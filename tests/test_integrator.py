@@ -984,6 +984,7 @@ def test_evaluation_passes_are_not_captured():
     (dict(patience=-1), r"`patience` must be an int >= 0, got -1"),
     (dict(scale_steps=1), r"`scale_steps` must be True or False, got 1"),
     (dict(dense_storage="yes"), r"`dense_storage` must be True or False, got 'yes'"),
+    (dict(dense_interval=0), r"`dense_interval` must be an int >= 1, got 0"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(ValueError, match=message):
@@ -1308,6 +1309,25 @@ def test_patience_counts_optimizer_steps_whatever_the_schedule(interval, core_st
     assert steps > 6 - interval
 
 
+def test_patience_counts_the_steps_of_a_layer_in_dense_storage():
+    """Core diag(3, 2) held dense, tau 0.1, growth 1, patience 6, 1:1 with dense_interval 3: the first truncation
+    (step 3) keeps the margin (rank 4, still held dense); the second (step 6) drops it and factorizes the layer (at
+    rank 2 its factors pay). Counted in truncations, three dense steps would count as one: it would last to step 18."""
+    torch.manual_seed(0)
+    layer = diagonal_core_layer([3.0, 2.0])
+    layer.to_dense_storage()
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.1, interval=1, growth=1.0,
+                                                                         patience=6, dense_interval=3))
+    lr_zero_steps(layer, integrator, 3)
+    assert layer.ranks == (4, 4) and layer.dense_storage and integrator.ranks == {"0": (2, 2)}
+    steps = 3
+    while layer.ranks != (2, 2) or integrator.unfinished:
+        lr_zero_steps(layer, integrator, 1)
+        steps += 1
+        assert steps <= 6
+    assert steps == 6 and not layer.dense_storage
+
+
 def test_a_mode_that_starts_at_its_max_rank_never_keeps_a_growth_margin():
     """A full-rank start runs the paper's rule: TuckerLinear(12, 12) with max_rank 4, started at 4 on the core
     diag(3, 2, 1, 1e-3), falls to 3 and keeps 3, while the same layer started at 3 keeps a margin up to 4."""
@@ -1332,6 +1352,19 @@ def test_a_state_written_before_patience_keeps_its_settled_modes_without_margin(
         integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.1, interval=1, growth=1.0))
         integrator.load_state_dict({"steps": 0, "frozen": False, "basis_grads": {}, "augmented": {}, "decided": {},
                                     "settled": settled})
+        lr_zero_steps(layer, integrator, 1)
+        assert layer.ranks == ranks
+
+
+def test_a_state_written_before_dense_interval_counts_its_margins_in_windows():
+    """Integrator states written before ``dense_interval`` count a margin's age in truncations ("margins"); with
+    interval 3 and patience 6, the next truncation (3 steps more) keeps it after none, drops it after one."""
+    for truncations, ranks in ((0, (4, 4)), (1, (2, 2))):
+        layer = diagonal_core_layer([3.0, 2.0])
+        config = IntegratorConfig(tau=0.1, interval=3, core_steps=1, growth=1.0, patience=6, dense_storage=False)
+        integrator = TuckerIntegrator(nn.Sequential(layer), config)
+        integrator.load_state_dict({"steps": 0, "frozen": False, "basis_grads": {}, "augmented": {}, "decided": {},
+                                    "margins": {"0:0": [2, truncations], "0:1": [2, truncations]}})
         lr_zero_steps(layer, integrator, 1)
         assert layer.ranks == ranks
 
@@ -1404,7 +1437,8 @@ def test_dense_storage_trains_as_the_dense_layer_and_truncates_by_the_hosvd(tau,
     dense, layer = dense_storage_twin()
     teacher = torch.randn(12, 2) @ torch.randn(2, 16)
     optimizers = [torch.optim.Adam(m.parameters(), lr=0.05) for m in (layer, dense)]
-    integrator = TuckerIntegrator({"layer": layer}, IntegratorConfig(tau=tau, interval=4), optimizer=optimizers[0])
+    integrator = TuckerIntegrator({"layer": layer}, IntegratorConfig(tau=tau, interval=4, dense_interval=4),
+                                  optimizer=optimizers[0])
     for step in range(4):
         x = torch.randn(32, 16)
         for module, optimizer in zip((layer, dense), optimizers):
@@ -1437,23 +1471,29 @@ def test_dense_storage_trains_as_the_dense_layer_and_truncates_by_the_hosvd(tau,
         assert not outside.any()
 
 
-def test_dense_steps_outside_a_window_await_truncation():
-    """interval 3, core_steps 1: a step after the window's truncation moves W in every direction, off its ranks, so
-    the layer awaits truncation, and the final truncation leaves W at its ranks (its truncated HOSVD at them)."""
+@pytest.mark.parametrize("interval, core_steps", [(1, 1), (2, 1), (4, 4)])
+def test_a_dense_storage_layer_is_truncated_every_dense_interval_steps(interval, core_steps):
+    """Whatever the factorized layers' schedule, a layer in dense storage is truncated at the end of every third step
+    (dense_interval 3): in between its dense steps move W off its ranks and it awaits truncation; after one, W is
+    its own truncated HOSVD at the new ranks. The final truncation truncates a layer awaiting one."""
     torch.manual_seed(0)
     layer = TuckerLinear(16, 12)
     layer.to_dense_storage()
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.2)
-    integrator = TuckerIntegrator({"layer": layer}, IntegratorConfig(tau=0.3, interval=3, core_steps=1),
-                                  optimizer=optimizer)
+    config = IntegratorConfig(tau=0.3, interval=interval, core_steps=core_steps, dense_interval=3)
+    integrator = TuckerIntegrator({"layer": layer}, config, optimizer=optimizer)
     teacher = torch.randn(12, 2) @ torch.randn(2, 16)
-    for step in range(2):
+    for step in range(5):
         optimizer.zero_grad()
         x = torch.randn(32, 16)
         F.mse_loss(layer(x), x @ teacher.T).backward()
         integrator.step(optimizer)
-        assert ("layer" in integrator.unfinished) is (step == 1)
-    w = layer.dense_weight()
+        assert ("layer" in integrator.unfinished) is (step != 2)
+        w = layer.dense_weight()
+        assert layer.dense_storage and layer.ranks[0] > 2
+        if step == 2:
+            torch.testing.assert_close(w, truncated_hosvd(w, layer.ranks), rtol=1e-10, atol=1e-10)
+            assert layer.ranks[0] < 12
     assert (w - truncated_hosvd(w, layer.ranks)).abs().max() > 1e-3
     integrator.truncate(optimizer, final=True)
     assert not integrator.unfinished and layer.dense_storage
@@ -1468,7 +1508,8 @@ def test_freeze_factorizes_a_dense_storage_layer_at_its_ranks():
     layer = TuckerLinear(16, 12)
     layer.to_dense_storage()
     optimizer = torch.optim.Adam(layer.parameters(), lr=0.05)
-    integrator = TuckerIntegrator({"layer": layer}, IntegratorConfig(tau=0.15, interval=1), optimizer=optimizer)
+    integrator = TuckerIntegrator({"layer": layer}, IntegratorConfig(tau=0.15, interval=1, dense_interval=1),
+                                  optimizer=optimizer)
     teacher = torch.randn(12, 2) @ torch.randn(2, 16)
 
     def step():
@@ -1501,7 +1542,7 @@ def test_a_dense_storage_rank_grows_to_the_tolerance_rank_of_the_dense_step():
         layer.core.copy_(truncated_hosvd(layer.core, (3, 3)))
     layer.set_ranks((3, 3))
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
-    integrator = TuckerIntegrator({"layer": layer}, IntegratorConfig(tau=0.05, interval=1, growth=0),
+    integrator = TuckerIntegrator({"layer": layer}, IntegratorConfig(tau=0.05, interval=1, growth=0, dense_interval=1),
                                   optimizer=optimizer)
     teacher = torch.randn(12, 8) @ torch.randn(8, 16)
     x = torch.randn(64, 16)

@@ -71,10 +71,10 @@ class TuckerCallback(LowRankCallback):
             layers are at full rank (exact). Why, measured: README "What training costs". Weights to keep as they
             are (pretrained): ``rank="full"`` (exact; the first truncations choose the ranks) or ``init="hosvd"``
             (the best approximation at the start's ranks).
-        min_rank, modes, method, interval, core_steps, growth, patience, scale_steps, dense_storage: the
-            integrator's options (:class:`~lightning_lowrank.IntegratorConfig`). Layers still at their augmented
-            ranks or keeping a growth margin when training ends are truncated to their tolerance ranks then; logged
-            ranks and compression are the tolerance ranks the last truncation decided.
+        min_rank, modes, method, interval, core_steps, growth, patience, scale_steps, dense_storage,
+            dense_interval: the integrator's options (:class:`~lightning_lowrank.IntegratorConfig`). Layers still at
+            their augmented ranks or keeping a growth margin when training ends are truncated to their tolerance
+            ranks then; logged ranks and compression are the tolerance ranks the last truncation decided.
         freeze_after_steps, freeze_after_epochs: from this optimizer step or epoch on, ranks and bases stay fixed
             and only the cores (and the other parameters) train.
     """
@@ -94,6 +94,7 @@ class TuckerCallback(LowRankCallback):
         patience: int = 200,
         scale_steps: bool = False,
         dense_storage: bool = True,
+        dense_interval: int = 10,
         freeze_after_steps: int | None = None,
         freeze_after_epochs: int | None = None,
         include: Sequence[str] = (),
@@ -109,7 +110,8 @@ class TuckerCallback(LowRankCallback):
                                        init=init, **conversion)
         self.integration = IntegratorConfig(tau=tau, min_rank=min_rank, modes=modes, method=method, interval=interval,
                                            core_steps=core_steps, growth=growth, patience=patience,
-                                           scale_steps=scale_steps, dense_storage=dense_storage)
+                                           scale_steps=scale_steps, dense_storage=dense_storage,
+                                           dense_interval=dense_interval)
         if isinstance(max_rank, int) and not isinstance(max_rank, bool) and min_rank > max_rank:
             raise ValueError(f"`min_rank` ({min_rank}) must not exceed `max_rank` ({max_rank})")
         for name, value in (("freeze_after_steps", freeze_after_steps), ("freeze_after_epochs", freeze_after_epochs)):

@@ -16,7 +16,8 @@ With ``interval`` k > 1 this happens every k-th step; the steps in between move 
 to a sum whose directions the next augmentation spans too, so the bases still see every batch. With ``core_steps``
 s > 1 the core trains at the augmented ranks for s optimizer steps (the augmenting one and s - 1 more, bases held)
 before step 3 judges it, so that a new direction has s steps to become significant (the schedule of the authors'
-later code, s = k = 10); the paper's step is s = 1.
+later code, s = k = 10); the paper's step is s = 1. A layer in dense storage (it holds W itself) takes the dense
+layer's steps, which move every direction, and is truncated every ``dense_interval`` steps, whatever the schedule.
 
 The growth rule (``growth``, ``patience``: which ranks a truncation keeps beyond the tolerance ranks, so that ranks
 started low grow where the loss needs them) is :mod:`lightning_lowrank.tucker.growth`.
@@ -83,11 +84,12 @@ class IntegratorConfig:
         growth: directions kept beyond each adapted mode's tolerance rank d, ceil(growth * d) of them (within
             ``max_rank``), so that ranks started low grow where the loss needs them (module docstring); 0 is the
             paper's rule. Logged ranks, compression and the end of training use d.
-        patience: optimizer steps a mode keeps its growth margin after the start or its last renewal (its tolerance
-            rank grew by a whole margin above its lowest since; a mode that starts at its ``max_rank`` never keeps
-            one), counted by truncations: the margin is kept at truncations while truncations since * ``interval``
-            < ``patience``. 0 is the paper's rule. The default, 200, is 20 windows of 10:10 and 200 steps of 1:1
-            (README "What training costs": 20 steps of 1:1 left small starts of LeNet5 at rank 1-2).
+        patience: optimizer steps a mode keeps its growth margin after the start or its last renewal (its tolerance rank
+            grew by a whole margin above its lowest since; a mode that starts at its ``max_rank`` never keeps one),
+            counted at its truncations (``interval`` steps each, ``dense_interval`` in dense storage): the margin is
+            kept at truncations while the steps since < ``patience``. 0 is the paper's rule. The default, 200, is 20
+            windows of 10:10 and 200 steps of 1:1 (README "What training costs": 20 steps of 1:1 left small starts of
+            LeNet5 at rank 1-2).
         scale_steps: multiply each optimizer step of a core by s = sqrt(prod_i n_i / prod_i r_i) (n_i the dense
             weight's sizes, r_i the active ranks of the step; steps with s <= 1 stay): C <- C_before + s (C_after -
             C_before). An optimizer that moves every entry by about its learning rate (Adam-type) moves a core of
@@ -99,6 +101,12 @@ class IntegratorConfig:
             (:func:`~lightning_lowrank.tucker.truncation.store_dense`), until a truncation lowers its ranks so far
             that the factors pay again. False keeps every layer factorized (a layer already in dense storage still
             leaves it once its factors pay). Default True.
+        dense_interval: optimizer steps between truncations of a layer in dense storage, whatever the schedule of
+            the factorized layers. Its steps are the dense layer's (every direction of W moves: nothing to augment),
+            and truncation projects W onto its tolerance ranks, which can wait: the eigen-decompositions of W's
+            unfoldings cost about as much as the layer's step, so truncating every step (1) doubles a dense-storage
+            layer's cost. Default 10 (the Adam-type schedule's window; why, measured: README "What training
+            costs").
     """
 
     tau: float = 0.1
@@ -111,6 +119,7 @@ class IntegratorConfig:
     patience: int = 200
     scale_steps: bool = False
     dense_storage: bool = True
+    dense_interval: int = 10
 
     def __post_init__(self) -> None:
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 <= self.tau < 1:
@@ -129,6 +138,7 @@ class IntegratorConfig:
         if isinstance(self.growth, bool) or not isinstance(self.growth, (int, float)) or not 0 <= self.growth <= 1:
             raise ValueError(f"`growth` must be a number in [0, 1], got {self.growth!r}")
         check_int("patience", self.patience, 0)
+        check_int("dense_interval", self.dense_interval, 1)
         for name in ("scale_steps", "dense_storage"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
@@ -244,6 +254,12 @@ class TuckerIntegrator:
         return self.steps % self.config.interval == self.config.core_steps - 1
 
     @property
+    def dense_truncation_due(self) -> bool:
+        """Whether the next optimizer step ends with the truncation of the layers in dense storage (every
+        ``dense_interval``-th step)."""
+        return self.steps % self.config.dense_interval == self.config.dense_interval - 1
+
+    @property
     def ranks(self) -> dict[str, tuple[int, ...]]:
         """The tolerance ranks the last truncation decided, by layer name (without the growth margin; a layer still
         training at its augmented ranks shows the ranks before its augmentation)."""
@@ -274,7 +290,7 @@ class TuckerIntegrator:
     def state_dict(self) -> dict[str, object]:
         """Step count, whether frozen, the basis gradients summed since the last augmentation, the ranks before
         augmentation of the layers awaiting truncation, the tolerance ranks of those keeping a growth margin and
-        each mode's lowest tolerance rank and truncations since its margin was last renewed."""
+        each mode's lowest tolerance rank and optimizer steps since its margin was last renewed."""
         return {"steps": self.steps, "frozen": self.frozen,
                 "basis_grads": {f"{name}:{mode}": grad for (name, mode), grad in self._basis_grads.items()},
                 "augmented": {name: list(ranks) for name, ranks in self._before_augmentation.items()},
@@ -328,7 +344,7 @@ class TuckerIntegrator:
             return False
         self._prepared = True
         if self.due:
-            self.truncate(optimizer)  # a window left open (resumed with other options) closes first
+            self.truncate(optimizer, dense=False)  # a window left open (resumed with other options) closes first
             self.augment(optimizer)
         else:
             for name, layer in self.layers.items():
@@ -393,8 +409,8 @@ class TuckerIntegrator:
 
     def _end_step(self, optimizer: torch.optim.Optimizer | None, truncate: bool = True) -> None:
         """Truncate if due, count the step, and arm the captures for the next one."""
-        if truncate and self.truncation_due:
-            self.truncate(optimizer)
+        if truncate and (self.truncation_due or self.dense_truncation_due):
+            self.truncate(optimizer, factorized=self.truncation_due, dense=self.dense_truncation_due)
         self.steps += 1
         self._arm()
 
@@ -471,7 +487,8 @@ class TuckerIntegrator:
         self.clear()
 
     @torch.no_grad()
-    def truncate(self, optimizer: torch.optim.Optimizer | None = None, final: bool = False) -> None:
+    def truncate(self, optimizer: torch.optim.Optimizer | None = None, final: bool = False, *,
+                 factorized: bool = True, dense: bool = True) -> None:
         """Truncate every layer awaiting truncation by HOSVD of its core with tolerance tau (plus the growth margin)
         and rotate the optimizer state (nothing if none awaits).
 
@@ -486,7 +503,10 @@ class TuckerIntegrator:
         """
         plans = []  # per layer: name, ranks before augmentation, singular vectors per mode (None: keep the mode
         # as it is), rank candidates
-        for name, old_ranks in (self.unfinished if final else self._before_augmentation).items():
+        awaiting = self.unfinished if final else {
+            name: ranks for name, ranks in self._before_augmentation.items()
+            if (dense if self.layers[name].dense_storage else factorized)}
+        for name, old_ranks in awaiting.items():
             plans.append((name, old_ranks, *rank_candidates(self.layers[name], old_ranks, self.config.tau,
                                                             self.config.adapts)))
         if not plans:
@@ -504,7 +524,8 @@ class TuckerIntegrator:
             tolerance = [clamp_rank(next(decided), size, layer.max_ranks[mode], self.config.min_rank)
                          if self.config.adapts(mode) else next(decided)
                          for mode, size in enumerate(layer.spanned_ranks)]
-            keep = self.margin.keep(name, layer, old_ranks, tolerance, final)
+            cadence = self.config.dense_interval if layer.dense_storage else self.config.interval
+            keep = self.margin.keep(name, layer, old_ranks, tolerance, final, cadence)
             rotations.append((name, layer, [p if p is None else p[:, :r] for p, r in zip(vectors, keep)]))
         for name, layer, rotation in rotations:
             rotate_layer(layer, rotation, optimizer)
@@ -512,7 +533,8 @@ class TuckerIntegrator:
             if (self.config.dense_storage and not self.margin.keeps(name)
                     and sum(p.numel() for p in (*layer.factors, layer.core)) > math.prod(layer.shape)):
                 store_dense(layer, optimizer)  # its factors came to store more than W
-        self._before_augmentation.clear()
+        for name, *_ in rotations:
+            self._before_augmentation.pop(name, None)
 
     def step(self, optimizer: torch.optim.Optimizer) -> bool:
         """before_step, ``optimizer.step()``, after_step; False (nothing changed) on non-finite gradients."""
