@@ -967,7 +967,63 @@ class Finetuned(Student):
         self.backbone = self.net[:4]
 
     def configure_optimizers(self):
-        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr, momentum=0.9)
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        if self.hparams.optimizer == "adam":
+            return torch.optim.Adam(trainable, lr=self.hparams.lr)
+        return torch.optim.SGD(trainable, lr=self.hparams.lr, momentum=0.9)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_backbone_that_joins_later_starts_as_the_layers_at_fit_start(tmp_path, optimizer):
+    """Frozen at fit start, the backbone's layers stay as converted (full rank); when BackboneFinetuning adds them
+    to the optimizer (epoch 1) they start as the trained layers did at fit start, before their first forward: under
+    SGD (``rank=None``) as ``convert(rank=None)`` makes them from the same weights, under Adam held as exactly those
+    weights (dense storage). Resumed from a checkpoint before the join (the join happens after the resume), the run
+    equals the uninterrupted one. (Resumed after the join, Lightning's BackboneFinetuning restores the parameter
+    groups but leaves the backbone frozen: not a run to compare.)"""
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0 and trainer.current_epoch == 0:
+                self.frozen = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            if batch_idx == 0 and trainer.current_epoch == 1:
+                self.joined = {name: m for name, m in tucker_layers(pl_module).items() if name in ("net.0", "net.3")}
+                self.joined = {name: (m.ranks, m.dense_storage, m.dense_weight().detach().clone(),
+                                      {k: v.clone() for k, v in m.state_dict().items()})
+                               for name, m in self.joined.items()}
+
+    def run(epochs, ckpt_path=None, probe=None):
+        torch.manual_seed(0)
+        model = Finetuned(lr=0.01, optimizer=optimizer)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / f"{epochs}-{ckpt_path is not None}", save_top_k=-1)
+        callbacks = [ll.TuckerCallback(tau=0.2), BackboneFinetuning(1, lambda epoch: 1.0), checkpoint]
+        trainer(max_epochs=epochs, enable_checkpointing=True, callbacks=callbacks + ([probe] if probe else [])).fit(
+            model, ckpt_path=ckpt_path)
+        return model
+
+    probe = Probe()
+    straight = run(3, probe=probe)
+    frozen = Student()  # the backbone as frozen: converted at full rank (exact)
+    ll.convert(frozen, ll.TuckerConfig(rank="full"))
+    frozen.load_state_dict({k: v for k, v in probe.frozen.items() if k.startswith("net.")})
+    reference = Student()  # the same as dense layers
+    for name in probe.joined:
+        dense, layer = dict(reference.named_modules())[name], dict(frozen.named_modules())[name]
+        dense.load_state_dict({"weight": layer.dense_weight().detach(), "bias": layer.bias.detach()})
+    ll.convert(reference, ll.TuckerConfig(rank=None, init="hosvd_scaled", include=list(probe.joined)))
+    for name, (ranks, dense_storage, weight, state) in probe.joined.items():
+        full, small = dict(frozen.named_modules())[name], dict(reference.named_modules())[name]
+        if optimizer == "adam":
+            assert dense_storage and ranks == full.max_ranks
+            torch.testing.assert_close(weight, full.dense_weight(), rtol=1e-5, atol=1e-6)
+            continue
+        assert not dense_storage and ranks == small.ranks != small.max_ranks
+        for key, value in small.state_dict().items():
+            torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    resumed = run(3, ckpt_path=tmp_path / "3-False" / "epoch=0-step=8.ckpt")
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a.double(), b.double(), rtol=0, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("order", ["tucker first", "finetuning first"])

@@ -126,6 +126,7 @@ class TuckerCallback(LowRankCallback):
         self._membership: dict[torch.optim.Optimizer, int] = {}  # parameters per optimizer at the last look
         self._out_of_ddp: set[str] = set()  # Tucker layers kept out of DDP at setup
         self._unstarted: set[str] = set()  # layers converted at full rank whose start (`rank=None`) the optimizer picks
+        self._started: set[str] = set()  # layers started when an optimizer first trained them (at fit start or later)
 
     @property
     @override
@@ -175,6 +176,9 @@ class TuckerCallback(LowRankCallback):
         if not layers:
             raise ValueError(f"{type(pl_module).__name__} has no Tucker layers at fit start: if it builds its layers "
                              "in `configure_model`, call `lightning_lowrank.convert` there")
+        # resumed: the checkpoint holds the ranks and storage of the layers started before it (all, if it predates
+        # the record)
+        self._started = set() if self._loaded_state is None else set(self._loaded_state.get("started", layers))
         self._start(trainer, layers)
         if isinstance(trainer.strategy, DDPStrategy):
             wrapped = sorted(set(layers) - self._out_of_ddp)
@@ -204,17 +208,18 @@ class TuckerCallback(LowRankCallback):
             self._loaded_state = None
 
     def _start(self, trainer: pl.Trainer, layers: dict[str, TuckerLayer]) -> None:
-        """Start the layers an optimizer trains (not when resuming: the checkpoint holds their ranks and storage):
-        those converted at full rank for ``rank=None`` below it (:func:`~lightning_lowrank.tucker.conversion.restart`)
-        where the optimizer follows the gradient's size; then every one whose factors would store more than its
-        dense weight and that keeps no growth margin (a full-rank start) holds the weight itself
-        (:meth:`~lightning_lowrank.TuckerLayer.to_dense_storage`) until its ranks fall far enough for the factors to
-        pay. Layers no optimizer trains stay as they are."""
-        unstarted, self._unstarted = self._unstarted, set()
-        if self._loaded_state is not None:
-            return
+        """Start the layers an optimizer trains now that have not started (at fit start, and when a finetuning
+        callback adds a frozen backbone to an optimizer; a resumed run's checkpoint holds the ranks and storage of
+        those started before it): those converted at full rank for ``rank=None`` below it
+        (:func:`~lightning_lowrank.tucker.conversion.restart`) where the optimizer follows the gradient's size; then
+        every one whose factors would store more than its dense weight and that keeps no growth margin (a full-rank
+        start) holds the weight itself (:meth:`~lightning_lowrank.TuckerLayer.to_dense_storage`) until its ranks
+        fall far enough for the factors to pay. Layers no optimizer trains stay as they are."""
         trained = {name: optimizer for optimizer, members in _layers_by_optimizer(layers, trainer.optimizers).items()
-                   for name, layer in members.items() if layer.core.requires_grad}
+                   for name, layer in members.items() if layer.core.requires_grad and name not in self._started}
+        unstarted = self._unstarted & set(trained)
+        self._started.update(trained)
+        self._unstarted -= unstarted
         moved = {name: type(optimizer).__name__ for name, optimizer in trained.items()
                  if name in unstarted and steps_follow_gradient(optimizer)}
         for name in moved:
@@ -274,6 +279,12 @@ class TuckerCallback(LowRankCallback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        joined = [optimizer for optimizer in trainer.optimizers if optimizer in self._membership
+                  and self._membership[optimizer] != sum(len(group["params"]) for group in optimizer.param_groups)]
+        if joined:  # before the forward: a layer may change its storage at its start
+            self._start(trainer, self._layers)
+            for optimizer in joined:
+                self._join(trainer, optimizer)
         self._freeze_if_due(trainer)
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
@@ -383,7 +394,7 @@ class TuckerCallback(LowRankCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"integrators": [integrator.state_dict() for integrator in self.integrators.values()],
-                "skipped_steps": self.skipped_steps}
+                "skipped_steps": self.skipped_steps, "started": sorted(self._started)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
