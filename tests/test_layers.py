@@ -248,15 +248,19 @@ def test_linear_forward_switches_form_at_the_crossover():
 
 @pytest.mark.parametrize("form", ["chain", "merged"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("dense", [
-    nn.Linear(9, 6), nn.Conv2d(5, 7, (3, 4), 2, (1, 2), (2, 1), padding_mode="reflect"),
-    nn.Conv2d(4, 6, 3, padding="same", bias=False, padding_mode="circular"), nn.Conv1d(4, 6, 3, padding=1),
-    nn.Conv3d(3, 5, (3, 2, 3), padding=1, dilation=2, padding_mode="replicate"),
-])
-def test_either_form_gives_the_dense_layers_output_and_gradients(monkeypatch, form, dtype, dense):
+@pytest.mark.parametrize("make_dense", [
+    lambda: nn.Linear(9, 6), lambda: nn.Conv2d(5, 7, (3, 4), 2, (1, 2), (2, 1), padding_mode="reflect"),
+    lambda: nn.Conv2d(4, 6, 3, padding="same", bias=False, padding_mode="circular"),
+    lambda: nn.Conv1d(4, 6, 3, padding=1),
+    lambda: nn.Conv3d(3, 5, (3, 2, 3), padding=1, dilation=2, padding_mode="replicate"),
+], ids=["linear", "conv2d-reflect", "conv2d-circular", "conv1d", "conv3d-replicate"])
+def test_either_form_gives_the_dense_layers_output_and_gradients(monkeypatch, form, dtype, make_dense):
     """Forced to either form at a reduced rank: output, input gradient and dL/dcore = dL/dW x_i U_i^T equal the dense
-    layer with the same (merged) weight, and dL/dU_i equals dL/dW's contraction with the rest of the factorization."""
+    layer with the same (merged) weight, and dL/dU_i equals dL/dW's contraction with the rest of the factorization.
+    (The dense layer is made in the test, from the seed: weights made at import would depend on the tests imported
+    before.)"""
     torch.manual_seed(0)
+    dense = make_dense()
     tucker = {nn.Linear: TuckerLinear, nn.Conv1d: TuckerConv1d, nn.Conv2d: TuckerConv2d,
               nn.Conv3d: TuckerConv3d}[type(dense)].from_dense(dense.to(dtype))
     tucker.set_ranks((3, 2, *tucker.ranks[2:]))
