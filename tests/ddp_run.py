@@ -33,8 +33,9 @@ def main(out: Path, rank: str) -> None:
     # the full start falls at tau 0.3 (its storage shrinks); the default start grows at tau 0.02 (its storage too)
     taus = (0.3, 0.05) if rank == "full" else (0.02, 0.3)
     tau = taus[0] if os.environ.get("LOCAL_RANK", "0") == "0" else taus[1]
-    callback = ll.TuckerCallback(tau=tau, interval=1, **({"rank": "full"} if rank == "full" else {}))
-    # the full start holds dense storage until its ranks fall far enough for the factors to pay (about 40 steps)
+    callback = ll.TuckerCallback(tau=tau, interval=1, dense_interval=1, **({"rank": "full"} if rank == "full" else {}))
+    # the full start holds dense storage until its ranks fall far enough for the factors to pay (about 40 steps,
+    # truncated at each)
     trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=6 if rank == "full" else 3,
                          logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
