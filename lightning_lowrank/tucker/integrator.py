@@ -493,7 +493,9 @@ class TuckerIntegrator:
         and rotate the optimizer state (nothing if none awaits).
 
         ``final``: the end of training (call it then): every layer in :attr:`unfinished` is truncated to its
-        tolerance ranks, without a growth margin.
+        tolerance ranks, without a growth margin. Otherwise ``factorized`` and ``dense`` choose which of the awaiting
+        layers are truncated: those storing factors (at the end of a window) and those in dense storage (every
+        ``dense_interval`` steps).
 
         The ranks of all layers are decided together: one host sync, and one ``broadcast`` across processes. Each
         core is scaled by its largest entry first, so any finite core works (its Gram matrices cannot overflow).
