@@ -1026,6 +1026,34 @@ def test_a_backbone_that_joins_later_starts_as_the_layers_at_fit_start(tmp_path,
         torch.testing.assert_close(a.double(), b.double(), rtol=0, atol=1e-6, msg=name)
 
 
+def test_a_layer_unfrozen_in_place_starts_before_its_first_forward():
+    """All parameters in Adam from the start, the first convolution frozen (``requires_grad=False``) until epoch 1:
+    it stays as converted (full-rank factors) while frozen, and once unfrozen it starts as the other layers did at fit
+    start, held dense as exactly its weight, before its first forward."""
+    class Unfreeze(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                pl_module.net[0].requires_grad_(True)
+
+    class Probe(pl.Callback):
+        seen = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                layer = pl_module.net[0]
+                self.seen[trainer.current_epoch] = (layer.dense_storage, layer.dense_weight().detach().clone())
+
+    torch.manual_seed(0)
+    model = Student(lr=0.01, optimizer="adam")
+    model.net[0].requires_grad_(False)
+    probe = Probe()
+    trainer(max_epochs=2, callbacks=[ll.TuckerCallback(tau=0.2), Unfreeze(), probe]).fit(model)
+    (frozen, weight), (started, joined) = probe.seen[0], probe.seen[1]
+    assert not frozen and started
+    torch.testing.assert_close(joined, weight, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(model.net[0].dense_weight().detach(), joined)  # trained since
+
+
 @pytest.mark.parametrize("order", ["tucker first", "finetuning first"])
 def test_backbone_finetuning_in_either_order(order):
     """Frozen, the backbone's Tucker layers stay exactly as converted; unfrozen (added to the optimizer as a new

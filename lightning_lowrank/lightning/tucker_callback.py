@@ -127,6 +127,7 @@ class TuckerCallback(LowRankCallback):
         self._out_of_ddp: set[str] = set()  # Tucker layers kept out of DDP at setup
         self._unstarted: set[str] = set()  # layers converted at full rank whose start (`rank=None`) the optimizer picks
         self._started: set[str] = set()  # layers started when an optimizer first trained them (at fit start or later)
+        self._frozen: set[str] = set()  # layers in an optimizer, not started: frozen (`requires_grad=False`) until now
 
     @property
     @override
@@ -208,15 +209,17 @@ class TuckerCallback(LowRankCallback):
             self._loaded_state = None
 
     def _start(self, trainer: pl.Trainer, layers: dict[str, TuckerLayer]) -> None:
-        """Start the layers an optimizer trains now that have not started (at fit start, and when a finetuning
-        callback adds a frozen backbone to an optimizer; a resumed run's checkpoint holds the ranks and storage of
-        those started before it): those converted at full rank for ``rank=None`` below it
-        (:func:`~lightning_lowrank.tucker.conversion.restart`) where the optimizer follows the gradient's size; then
-        every one whose factors would store more than its dense weight and that keeps no growth margin (a full-rank
-        start) holds the weight itself (:meth:`~lightning_lowrank.TuckerLayer.to_dense_storage`) until its ranks
-        fall far enough for the factors to pay. Layers no optimizer trains stay as they are."""
-        trained = {name: optimizer for optimizer, members in _layers_by_optimizer(layers, trainer.optimizers).items()
-                   for name, layer in members.items() if layer.core.requires_grad and name not in self._started}
+        """Start the layers an optimizer trains now that have not started (at fit start, and when a frozen layer starts
+        to train: a finetuning callback adds it to an optimizer, or sets its ``requires_grad``; a resumed run's
+        checkpoint holds the ranks and storage of those started before it): those converted at full rank for
+        ``rank=None`` below it (:func:`~lightning_lowrank.tucker.conversion.restart`) where the optimizer follows the
+        gradient's size; then every one whose factors would store more than its dense weight and that keeps no growth
+        margin (a full-rank start) holds the weight itself (:meth:`~lightning_lowrank.TuckerLayer.to_dense_storage`)
+        until its ranks fall far enough for the factors to pay. Layers no optimizer trains stay as they are."""
+        members = {name: optimizer for optimizer, group in _layers_by_optimizer(layers, trainer.optimizers).items()
+                   for name in group if name not in self._started}
+        trained = {name: optimizer for name, optimizer in members.items() if layers[name].core.requires_grad}
+        self._frozen = set(members) - set(trained)
         unstarted = self._unstarted & set(trained)
         self._started.update(trained)
         self._unstarted -= unstarted
@@ -281,8 +284,8 @@ class TuckerCallback(LowRankCallback):
                              batch_idx: int) -> None:
         joined = [optimizer for optimizer in trainer.optimizers if optimizer in self._membership
                   and self._membership[optimizer] != sum(len(group["params"]) for group in optimizer.param_groups)]
-        if joined:  # before the forward: a layer may change its storage at its start
-            self._start(trainer, self._layers)
+        if joined or any(self._layers[name].core.requires_grad for name in self._frozen):
+            self._start(trainer, self._layers)  # before the forward: a layer may change its storage at its start
             for optimizer in joined:
                 self._join(trainer, optimizer)
         self._freeze_if_due(trainer)
