@@ -1026,10 +1026,12 @@ def test_a_backbone_that_joins_later_starts_as_the_layers_at_fit_start(tmp_path,
         torch.testing.assert_close(a.double(), b.double(), rtol=0, atol=1e-6, msg=name)
 
 
-def test_a_layer_unfrozen_in_place_starts_before_its_first_forward():
-    """All parameters in Adam from the start, the first convolution frozen (``requires_grad=False``) until epoch 1:
-    it stays as converted (full-rank factors) while frozen, and once unfrozen it starts as the other layers did at fit
-    start, held dense as exactly its weight, before its first forward."""
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_layer_unfrozen_in_place_starts_before_its_first_forward(optimizer):
+    """All parameters in the optimizer from the start, the first convolution frozen (``requires_grad=False``) until
+    epoch 1: it stays as converted (full-rank factors) while frozen, and once unfrozen it starts as the other layers
+    did at fit start, before its first forward: under Adam held dense as exactly its weight; under SGD (``rank=None``)
+    at the quarter ``convert(rank=None)`` makes from that weight, with a growth margin as a small start has."""
     class Unfreeze(pl.Callback):
         def on_train_epoch_start(self, trainer, pl_module):
             if trainer.current_epoch == 1:
@@ -1041,17 +1043,29 @@ def test_a_layer_unfrozen_in_place_starts_before_its_first_forward():
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == 0:
                 layer = pl_module.net[0]
-                self.seen[trainer.current_epoch] = (layer.dense_storage, layer.dense_weight().detach().clone())
+                self.seen[trainer.current_epoch] = (layer.dense_storage, layer.ranks,
+                                                    layer.dense_weight().detach().clone(),
+                                                    {k: v.clone() for k, v in layer.state_dict().items()},
+                                                    integrator_of(callback).margin.keeps("net.0"))
 
     torch.manual_seed(0)
-    model = Student(lr=0.01, optimizer="adam")
+    model = Student(lr=0.01, optimizer=optimizer)
     model.net[0].requires_grad_(False)
-    probe = Probe()
-    trainer(max_epochs=2, callbacks=[ll.TuckerCallback(tau=0.2), Unfreeze(), probe]).fit(model)
-    (frozen, weight), (started, joined) = probe.seen[0], probe.seen[1]
-    assert not frozen and started
-    torch.testing.assert_close(joined, weight, rtol=1e-5, atol=1e-6)
+    probe, callback = Probe(), ll.TuckerCallback(tau=0.2, rank=None)
+    trainer(max_epochs=2, callbacks=[callback, Unfreeze(), probe]).fit(model)
+    (frozen, ranks, weight, _, _), (held, started_ranks, joined, state, margin) = probe.seen[0], probe.seen[1]
+    assert not frozen and ranks == (8, 3, 3, 3)
     assert not torch.equal(model.net[0].dense_weight().detach(), joined)  # trained since
+    if optimizer == "adam":
+        assert held and started_ranks == ranks and not margin
+        torch.testing.assert_close(joined, weight, rtol=1e-5, atol=1e-6)
+        return
+    reference = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1))
+    reference[0].load_state_dict({"weight": weight, "bias": state["bias"]})
+    ll.convert(reference, ll.TuckerConfig(rank=None, init="hosvd_scaled"))
+    assert not held and margin and started_ranks == reference[0].ranks == (2, 1, 3, 3)
+    for key, value in reference[0].state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 @pytest.mark.parametrize("order", ["tucker first", "finetuning first"])

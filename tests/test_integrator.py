@@ -1309,6 +1309,19 @@ def test_patience_counts_optimizer_steps_whatever_the_schedule(interval, core_st
     assert steps > 6 - interval
 
 
+def test_a_layer_added_again_restarts_its_margin_and_keeps_one_capture():
+    """``add_layers`` with a layer integrated already (a frozen layer restarted at a small start): its growth margin
+    starts at its ranks now (none at full rank, one at rank 3 of 12), and ``method="augmented"`` keeps one forward
+    hook on it (two would capture every pass twice)."""
+    layer = TuckerLinear(12, 12)
+    integrator = TuckerIntegrator({"layer": layer}, IntegratorConfig(method="augmented", interval=1))
+    hooks = len(layer._forward_hooks)
+    assert not integrator.margin.keeps("layer")
+    layer.set_ranks((3, 3))
+    integrator.add_layers({"layer": layer})
+    assert integrator.margin.keeps("layer") and len(layer._forward_hooks) == hooks == 1
+
+
 def test_patience_counts_the_steps_of_a_layer_in_dense_storage():
     """Core diag(3, 2) held dense, tau 0.1, growth 1, patience 6, 1:1 with dense_interval 3: the first truncation
     (step 3) keeps the margin (rank 4, still held dense); the second (step 6) drops it and factorizes the layer (at

@@ -227,6 +227,9 @@ class TuckerCallback(LowRankCallback):
                  if name in unstarted and steps_follow_gradient(optimizer)}
         for name in moved:
             restart(layers[name], self.conversion, name)
+            integrator = self.integrators.get(trained[name])
+            if integrator is not None and name in integrator.layers:  # unfrozen in place: its margin starts now
+                integrator.add_layers({name: layers[name]})
         dense = [name for name in trained if self.integration.dense_storage
                  and not factors_pay(layers[name].shape, layers[name].ranks)
                  and not starts_with_margin(layers[name], self.integration)]

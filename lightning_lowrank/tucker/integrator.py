@@ -226,7 +226,8 @@ class TuckerIntegrator:
         self.add_layers(layers)
 
     def add_layers(self, layers: Mapping[str, TuckerLayer]) -> None:
-        """Integrate these layers too, from the next step on.
+        """Integrate these layers too, from the next step on; a layer integrated already is taken as new there (its
+        growth margin starts again at its ranks now: a frozen layer restarted at other ranks).
 
         Raises:
             ValueError: ``min_rank`` exceeds the max_rank of an adapted mode.
@@ -240,7 +241,8 @@ class TuckerIntegrator:
         for name, layer in layers.items():
             self.margin.add(name, layer)
         if self.config.method == "augmented":
-            self._captures.update((name, Capture(layer)) for name, layer in layers.items())
+            self._captures.update((name, Capture(layer)) for name, layer in layers.items()
+                                  if name not in self._captures)
         self._arm()
 
     @property
