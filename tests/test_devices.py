@@ -59,7 +59,7 @@ class Float64Ops(TorchFunctionMode):
 def test_the_step_computes_nothing_in_float64_for_lower_precision_layers(method, dense_storage, dtype):
     """Float64 is slow on most GPUs: the augmenting and truncating steps of float32 and bf16 layers (QR, eigh, SVD,
     the parallel gradient, the optimizer-state rotation; in dense storage the projection, the factorization and the
-    way back to W) compute in float32 at most."""
+    way back to W, the factorization at the freeze) compute in float32 at most."""
     net = small_net(dtype, "cpu", dense_storage)
     integrator = ll.TuckerIntegrator(net, ll.IntegratorConfig(tau=0.45 if dense_storage else 0.2, method=method,
                                                               interval=2, core_steps=1, dense_storage=dense_storage,
@@ -75,6 +75,8 @@ def test_the_step_computes_nothing_in_float64_for_lower_precision_layers(method,
                 assert any(held) and not all(held), held
         if dense_storage:
             store_dense(next(layer for layer in layers if not layer.dense_storage), optimizer)  # the way back to W
+            integrator.freeze(optimizer)  # factorizes the layers held dense
+            assert not any(layer.dense_storage for layer in layers)
     assert integrator.steps == 5 and not mode.seen
 
 

@@ -282,8 +282,9 @@ class TuckerIntegrator:
         steps train the cores (and every non-basis parameter) only."""
         self.truncate(optimizer, final=True)
         for layer in self.layers.values():
-            if layer.dense_storage:
-                truncate_dense(layer, layer.decomposition()[1], optimizer, factorize=True)
+            if layer.dense_storage:  # W is at its ranks: its leading singular vectors span it (in the compute dtype)
+                vectors, _ = rank_candidates(layer, layer.ranks, self.config.tau, self.config.adapts)
+                truncate_dense(layer, [p[:, :r] for p, r in zip(vectors, layer.ranks)], optimizer, factorize=True)
         self.frozen = True
         self._arm()
         self._basis_grads.clear()
