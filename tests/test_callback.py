@@ -1068,6 +1068,27 @@ def test_a_layer_unfrozen_in_place_starts_before_its_first_forward(optimizer):
         torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_a_layer_unfrozen_after_the_freeze_keeps_its_storage():
+    """Frozen (``requires_grad=False``) until epoch 1, when ``freeze_after_epochs=1`` has fixed ranks and bases: the
+    layer keeps the storage and bases it was converted with (full-rank factors, not dense storage, which an
+    averaging callback's copy would not match) and trains its core only."""
+    class Unfreeze(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                pl_module.net[0].requires_grad_(True)
+
+    torch.manual_seed(0)
+    model = Student(lr=0.01, optimizer="adam")
+    model.net[0].requires_grad_(False)
+    probe, callback = StartProbe(), ll.TuckerCallback(tau=0.2, freeze_after_epochs=1)
+    trainer(max_epochs=2, callbacks=[callback, Unfreeze(), probe]).fit(model)
+    layer = model.net[0]
+    assert integrator_of(callback).frozen and not layer.dense_storage and layer.ranks == probe.ranks["net.0"]
+    for mode, u in enumerate(layer.factors):
+        assert torch.equal(u, probe.state[f"net.0.factors.{mode}"])
+    assert not torch.equal(layer.core, probe.state["net.0.core"])  # trained
+
+
 @pytest.mark.parametrize("order", ["tucker first", "finetuning first"])
 def test_backbone_finetuning_in_either_order(order):
     """Frozen, the backbone's Tucker layers stay exactly as converted; unfrozen (added to the optimizer as a new

@@ -215,13 +215,18 @@ class TuckerCallback(LowRankCallback):
         ``rank=None`` below it (:func:`~lightning_lowrank.tucker.conversion.restart`) where the optimizer follows the
         gradient's size; then every one whose factors would store more than its dense weight and that keeps no growth
         margin (a full-rank start) holds the weight itself (:meth:`~lightning_lowrank.TuckerLayer.to_dense_storage`)
-        until its ranks fall far enough for the factors to pay. Layers no optimizer trains stay as they are."""
+        until its ranks fall far enough for the factors to pay. Layers no optimizer trains stay as they are, and so
+        do layers that start after their optimizer's freeze (fixed ranks and bases; averaging callbacks hold copies
+        at that storage)."""
         members = {name: optimizer for optimizer, group in _layers_by_optimizer(layers, trainer.optimizers).items()
                    for name in group if name not in self._started}
         trained = {name: optimizer for name, optimizer in members.items() if layers[name].core.requires_grad}
         self._frozen = set(members) - set(trained)
-        unstarted = self._unstarted & set(trained)
         self._started.update(trained)
+        # after the freeze a layer keeps its storage: ranks and bases are fixed, and averaged copies hold that storage
+        fixed = {optimizer for optimizer, integrator in self.integrators.items() if integrator.frozen}
+        trained = {name: optimizer for name, optimizer in trained.items() if optimizer not in fixed}
+        unstarted = self._unstarted & set(trained)
         self._unstarted -= unstarted
         moved = {name: type(optimizer).__name__ for name, optimizer in trained.items()
                  if name in unstarted and steps_follow_gradient(optimizer)}
