@@ -258,7 +258,7 @@ class TuckerCallback(LowRankCallback):
     def _join(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         """Give ``optimizer``'s integrator the Tucker layers whose cores it steps now (a finetuning callback may add
         a frozen backbone's parameters later); refuse an optimizer whose state cannot follow a rank change."""
-        self._membership[optimizer] = sum(len(group["params"]) for group in optimizer.param_groups)
+        self._membership[optimizer] = _parameter_count(optimizer)
         members = _layers_by_optimizer(self._layers, trainer.optimizers).get(optimizer, {})
         integrator = self.integrators.get(optimizer)
         new = {name: layer for name, layer in members.items() if integrator is None or name not in integrator.layers}
@@ -290,8 +290,8 @@ class TuckerCallback(LowRankCallback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        joined = [optimizer for optimizer in trainer.optimizers if optimizer in self._membership
-                  and self._membership[optimizer] != sum(len(group["params"]) for group in optimizer.param_groups)]
+        joined = [optimizer for optimizer in trainer.optimizers
+                  if optimizer in self._membership and self._membership[optimizer] != _parameter_count(optimizer)]
         if joined or any(self._layers[name].core.requires_grad for name in self._frozen):
             self._start(trainer, self._layers)  # before the forward: a layer may change its storage at its start
             for optimizer in joined:
@@ -325,7 +325,7 @@ class TuckerCallback(LowRankCallback):
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        if self._membership.get(optimizer) != sum(len(group["params"]) for group in optimizer.param_groups):
+        if self._membership.get(optimizer) != _parameter_count(optimizer):
             self._join(trainer, optimizer)
         integrator = self.integrators.get(optimizer)
         if integrator is not None:
@@ -437,6 +437,11 @@ class TuckerCallback(LowRankCallback):
         self._handles.clear()
         for integrator in self.integrators.values():
             integrator.remove()  # the integrators stay readable (steps, layers) until the next fit
+
+
+def _parameter_count(optimizer: torch.optim.Optimizer) -> int:
+    """Parameters in ``optimizer``'s groups: a change tells that a finetuning callback added (or removed) some."""
+    return sum(len(group["params"]) for group in optimizer.param_groups)
 
 
 def _layers_by_optimizer(layers: dict[str, TuckerLayer], optimizers: Sequence[torch.optim.Optimizer]
