@@ -203,47 +203,112 @@ def test_a_state_dict_of_another_storage_loads_at_that_storage():
     torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
 
 
-def flops(layer, x):
+def flops(layer, x, backward=False):
     with FlopCounterMode(display=False) as counter:
-        layer(x)
+        y = layer(x)
+        if backward:
+            y.sum().backward()
     return counter.get_total_flops()
 
 
-def test_conv_forward_costs_the_cheaper_of_its_two_forms():
-    """Counted FLOPs (2 per multiply-add) of the forward: the smaller of the three convolutions at the active ranks
-    and one dense convolution with the merged weight (plus forming it); the middle kernel core x_3 U_h x_4 U_w is
-    formed either way. At full rank that is the dense layer's cost plus the merge."""
-    n, c_in, c_out, k, h, w = 4, 32, 64, 3, 16, 16
-    layer = TuckerConv2d(c_in, c_out, k, padding=1)
-    x = torch.randn(n, c_in, h, w)
-    for r_out, r_in in [(64, 32), (40, 24), (36, 20), (16, 8), (4, 2)]:
-        layer.set_ranks((r_out, r_in, k, k))
-        kernel = 2 * (r_out * r_in * k * k * k + r_out * r_in * k * k * k)
-        chain = 2 * n * h * w * (c_in * r_in + r_in * r_out * k * k + r_out * c_out)
-        merged = 2 * n * h * w * c_in * c_out * k * k + 2 * (r_out * r_in * k * k * c_in + c_out * r_out * k * k * c_in)
-        assert flops(layer, x) == kernel + min(chain, merged), (r_out, r_in)
-        assert layer.forward_costs(x.shape) == (chain // 2, merged // 2)
+def force(monkeypatch, layer, form):
+    """Make ``layer`` compute with ``form`` ('chain' or 'merged') whatever its costs."""
+    costs = (1, 0) if form == "merged" else (0, 1)
+    monkeypatch.setattr(type(layer), "forward_costs", lambda self, shape, ranks=None, **kwargs: costs)
 
 
-def test_linear_forward_switches_form_at_the_crossover():
-    """Linear(300, 200) on 4 x 256 rows: the chain below the rank where merging gets cheaper, the merged weight from
-    there on (ranks r_out = r_in = r); FLOPs counted, against the closed forms."""
+@pytest.mark.parametrize("backward, input_grad", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("form", ["chain", "merged"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_forward_costs_count_the_multiply_adds_of_each_form(monkeypatch, kind, form, backward, input_grad):
+    """With ELEMENT_COST 0 the costs are multiply-adds, which torch's FLOP counter counts independently (2 per
+    multiply-add), forward and backward: the product reading an input that needs no gradient computes no input
+    gradient, every other product two gradients (the middle convolution's kernel, formed from the core and the
+    spatial factors in both forms, counted apart)."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x = TuckerLinear(30, 20, ranks=(6, 6)), torch.randn(4, 6, 30)
+    else:
+        layer, x = TuckerConv2d(6, 8, 3, stride=2, padding=1, ranks=(5, 3, 3, 3)), torch.randn(2, 6, 9, 10)
+    x.requires_grad_(input_grad)
+    layer.requires_grad_(backward)
+    index = ("chain", "merged").index(form)
+    with monkeypatch.context() as patch:
+        patch.setattr("lightning_lowrank.tucker.layers.ELEMENT_COST", 0)
+        costs = layer.forward_costs(x.shape, backward=backward, input_grad=input_grad)
+    force(monkeypatch, layer, form)
+    kernel = 0
+    if kind == "conv2d":
+        core, spatial = layer.active_core(), layer.active_factors()[2:]
+        with FlopCounterMode(display=False) as counter:
+            out = layer._kernel(core, spatial)
+            if backward:
+                out.sum().backward()
+        kernel = counter.get_total_flops()
+        layer.zero_grad()
+    assert flops(layer, x, backward) == kernel + 2 * costs[index]
+
+
+def test_forward_costs_follow_the_closed_form_and_the_forward_switches_at_the_crossover():
+    """Linear(300, 200) on 4 x 256 rows at ranks r_out = r_in = r, forward and backward: each product costs its
+    multiply-adds plus 64 per element read or written, three times (forward, two gradients). The forward takes the
+    chain up to the crossover rank and the merged weight from there on (FLOPs counted tell the forms apart)."""
     layer = TuckerLinear(300, 200)
-    x = torch.randn(4, 256, 300)
-    m = 1024
+    x = torch.randn(4, 256, 300, requires_grad=True)
+    m, n_in, n_out = 1024, 300, 200
 
     def chain(r):
-        return m * (300 * r + r * r + r * 200)
+        macs = m * (n_in * r + r * r + r * n_out)
+        elements = (m * n_in + n_in * r + m * r) + (m * r + r * r + m * r) + (m * r + r * n_out + m * n_out)
+        return 3 * (macs + 64 * elements)
 
     def merged(r):
-        return m * 300 * 200 + r * r * 300 + 200 * r * 300
+        macs = r * r * n_in + n_out * r * n_in + m * n_in * n_out
+        elements = (r * r + n_in * r + r * n_in) + (n_out * r + r * n_in + n_out * n_in) + (
+            m * n_in + n_out * n_in + m * n_out)
+        return 3 * (macs + 64 * elements)
 
     crossover = next(r for r in range(1, 201) if merged(r) < chain(r))
     assert 60 < crossover < 200
-    for rank, cost in ((crossover - 1, chain(crossover - 1)), (crossover, merged(crossover)), (10, chain(10)),
-                       (200, merged(200))):
+    for rank, form in ((crossover - 1, "chain"), (crossover, "merged"), (10, "chain"), (200, "merged")):
         layer.set_ranks((rank, rank))
-        assert flops(layer, x) == 2 * cost, rank
+        assert layer.forward_costs(x.shape) == (chain(rank), merged(rank))
+        chain_flops = 2 * m * (n_in * rank + rank * rank + rank * n_out)
+        merged_flops = 2 * (m * n_in * n_out + rank * rank * n_in + n_out * rank * n_in)
+        assert flops(layer, x) == (chain_flops if form == "chain" else merged_flops), rank
+
+
+def test_a_thin_convolution_merges_where_its_chain_moves_more_memory_than_it_saves(monkeypatch):
+    """LeNet5's first convolution (1 -> 20 channels, 5 x 5, on 28 x 28 inputs that need no gradient) at ranks 5/1:
+    its chain has fewer multiply-adds, but writes and reads a 5-channel activation and computes the middle
+    convolution's input gradient; measured 7x slower than the merged convolution on this package's CPU
+    (docs/results.md, session 23). Counting the elements moved, the layer merges (the FLOP counter tells the forms
+    apart). At ranks 1/1 the choice follows the input: merged without an input gradient, the chain with one (whose
+    input gradient is the 1-channel map's, against the merged convolution's). A wide layer at a tenth of its ranks
+    keeps the chain."""
+    layer = TuckerConv2d(1, 20, 5, ranks=(5, 1, 5, 5))
+    x = torch.randn(128, 1, 28, 28)
+    with monkeypatch.context() as patch:
+        patch.setattr("lightning_lowrank.tucker.layers.ELEMENT_COST", 0)
+        chain_macs, merged_macs = layer.forward_costs(x.shape, input_grad=False)
+    assert chain_macs < merged_macs
+    chain, merged = layer.forward_costs(x.shape, input_grad=False)
+    assert merged < chain
+    merged_flops = 2 * (128 * 24 * 24 * 20 * 25 + 20 * 5 * 25)  # W = kernel x_1 U_out (x_2 U_in, 1 x 1: no FLOPs)
+    kernel_flops = 2 * 2 * 5 * 25 * 5  # core x_3 U_h x_4 U_w
+    assert flops(layer, x) == kernel_flops + merged_flops
+    layer.set_ranks((1, 1, 5, 5))
+    for input_grad, form in ((False, "merged"), (True, "chain")):
+        x.requires_grad_(input_grad)
+        with monkeypatch.context() as patch:
+            force(patch, layer, form)
+            expected = flops(layer, x, backward=True)
+        layer.zero_grad()
+        assert flops(layer, x, backward=True) == expected, input_grad
+        layer.zero_grad()
+    wide = TuckerConv2d(64, 128, 3, padding=1, ranks=(13, 6, 3, 3))
+    chain, merged = wide.forward_costs((32, 64, 16, 16), input_grad=True)
+    assert chain < merged
 
 
 @pytest.mark.parametrize("form", ["chain", "merged"])
@@ -264,8 +329,7 @@ def test_either_form_gives_the_dense_layers_output_and_gradients(monkeypatch, fo
     tucker = {nn.Linear: TuckerLinear, nn.Conv1d: TuckerConv1d, nn.Conv2d: TuckerConv2d,
               nn.Conv3d: TuckerConv3d}[type(dense)].from_dense(dense.to(dtype))
     tucker.set_ranks((3, 2, *tucker.ranks[2:]))
-    costs = (1, 0) if form == "merged" else (0, 1)
-    monkeypatch.setattr(type(tucker), "forward_costs", lambda self, shape, ranks=None: costs)
+    force(monkeypatch, tucker, form)
     reference = tucker.to_dense()
     reference.weight.requires_grad_(True)
     x = torch.randn(2, *_sizes(dense), dtype=dtype, requires_grad=True)

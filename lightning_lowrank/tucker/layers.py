@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,29 @@ from lightning_lowrank.validation import check_int
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 DenseConv = nn.Conv1d | nn.Conv2d | nn.Conv3d
+
+ELEMENT_COST = 64
+"""Multiply-adds that reading or writing one tensor element costs in :meth:`TuckerLayer.forward_costs`: a small
+product moves more memory than it computes. Fitted to forward+backward times of both forms of Linear and Conv2d
+layers on a 2-core CPU, float32 (55-60; docs/results.md, session 23); a GPU's ratio of arithmetic to memory
+bandwidth is of the same order (about 30 multiply-adds per float32 element in FP32, more with tensor cores)."""
+
+
+class Product(NamedTuple):
+    """One matrix product or convolution of a forward pass: multiply-adds, tensor elements read and written, and
+    whether it reads the layer's input."""
+
+    macs: int
+    read: int
+    written: int
+    reads_input: bool = False
+
+    def cost(self, backward: bool, input_grad: bool) -> int:
+        """macs + ELEMENT_COST x (read + written), once for the forward and, with ``backward``, once for the weight
+        gradient and once for the input gradient (which the product reading the input skips without
+        ``input_grad``)."""
+        passes = 1 + backward * (2 - (self.reads_input and not input_grad))
+        return passes * (self.macs + ELEMENT_COST * (self.read + self.written))
 
 
 def _check_ranks(name: str, ranks: Sequence[int], bounds: Sequence[int], bound_name: str) -> tuple[int, ...]:
@@ -382,10 +405,24 @@ class TuckerLayer(nn.Module):
         then restores them)."""
         return consistent_ranks([min(r, m) for r, m in zip(self.ranks, self.max_ranks)])
 
-    def forward_costs(self, input_shape: Sequence[int], ranks: Sequence[int] | None = None) -> tuple[int, int]:
-        """Multiply-adds of one forward pass on an input of ``input_shape`` at ``ranks`` (default: the active ranks):
-        (factor chain, merged weight W formed from the factors, then one dense product). The forward takes the
-        cheaper (the chain on a tie); its backward costs about twice its forward either way."""
+    def forward_costs(self, input_shape: Sequence[int], ranks: Sequence[int] | None = None, *, backward: bool = True,
+                      input_grad: bool = True) -> tuple[int, int]:
+        """Cost of one pass on an input of ``input_shape`` at ``ranks`` (default: the active ranks), forward and, with
+        ``backward``, backward (``input_grad``: the input needs a gradient), in multiply-adds plus ELEMENT_COST per
+        element moved (:class:`Product`): (factor chain, merged weight W formed from the factors, then one dense
+        product). The forward takes the cheaper (the chain on a tie)."""
+        chain, merged = self._products(input_shape, self.ranks if ranks is None else ranks)
+        return tuple(sum(p.cost(backward, input_grad) for p in products)  # type: ignore[return-value]
+                     for products in (chain, merged))
+
+    def _uses_chain(self, x: Tensor, ranks: Sequence[int]) -> bool:
+        """Whether the factor chain is at most as costly as the merged weight for this forward pass."""
+        chain, merged = self.forward_costs(x.shape, ranks, backward=torch.is_grad_enabled(),
+                                           input_grad=x.requires_grad)
+        return chain <= merged
+
+    def _products(self, input_shape: Sequence[int], ranks: Sequence[int]) -> tuple[list[Product], list[Product]]:
+        """The products of the factor chain and of the merged form (forming W, then one dense product)."""
         raise NotImplementedError
 
     def galerkin_gradient(self, factors: Sequence[Tensor], x: Tensor, dy: Tensor) -> Tensor:
@@ -458,19 +495,23 @@ class TuckerLinear(TuckerLayer):
         if not factors:  # dense storage
             return F.linear(x, core, self.bias)
         u_out, u_in = factors
-        chain, merged = self.forward_costs(x.shape, core.shape)
-        if merged < chain:
+        if not self._uses_chain(x, core.shape):
             return F.linear(x, u_out @ (core @ u_in.T), self.bias)
         return F.linear(F.linear(F.linear(x, u_in.T), core), u_out, self.bias)
 
-    def forward_costs(self, input_shape: Sequence[int], ranks: Sequence[int] | None = None) -> tuple[int, int]:
-        """Per row m of the input: chain m (n_in r_in + r_in r_out + r_out n_out), merged m n_in n_out plus forming
-        W = U_out (C U_in^T), r_out r_in n_in + n_out r_out n_in."""
-        r_out, r_in = self.ranks if ranks is None else ranks
+    def _products(self, input_shape: Sequence[int], ranks: Sequence[int]) -> tuple[list[Product], list[Product]]:
+        """For m input rows: chain x U_in (m n_in r_in), then C^T (m r_in r_out), then U_out^T (m r_out n_out);
+        merged: W = U_out (C U_in^T) (r_out r_in n_in + n_out r_out n_in), then x W^T (m n_in n_out)."""
+        r_out, r_in = ranks
         n_out, n_in = self.shape
-        rows = math.prod(input_shape[:-1])
-        return (rows * (n_in * r_in + r_in * r_out + r_out * n_out),
-                rows * n_in * n_out + r_out * r_in * n_in + n_out * r_out * n_in)
+        m = math.prod(input_shape[:-1])
+        chain = [Product(m * n_in * r_in, m * n_in + n_in * r_in, m * r_in, True),
+                 Product(m * r_in * r_out, m * r_in + r_in * r_out, m * r_out),
+                 Product(m * r_out * n_out, m * r_out + r_out * n_out, m * n_out)]
+        merged = [Product(r_out * r_in * n_in, r_out * r_in + n_in * r_in, r_out * n_in),
+                  Product(n_out * r_out * n_in, n_out * r_out + r_out * n_in, n_out * n_in),
+                  Product(m * n_in * n_out, m * n_in + n_out * n_in, m * n_out, True)]
+        return chain, merged
 
     def arguments(self) -> dict[str, object]:
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
@@ -563,7 +604,7 @@ class _TuckerConvNd(TuckerLayer):
         letters = "ijklmn"[:n]
         spatial = ",".join(f"{x}{c}" for x, c in zip("pqr", letters))
         self._kernel_equation = f"ab{letters},{spatial}->ab{'pqr'[:n]}"
-        self._merge_equation = f"ab{letters},ya,zb->yz{letters}"
+        self._merge_equations = (f"ab{letters},ya->yb{letters}", f"ab{letters},zb->az{letters}")  # x_1 U_out, x_2 U_in
         self._conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
 
     @classmethod
@@ -594,9 +635,9 @@ class _TuckerConvNd(TuckerLayer):
             return self._spatial_conv(x, core, self.bias)
         u_out, u_in, *spatial = factors
         kernel = self._kernel(core, spatial)
-        chain, merged = self.forward_costs(x.shape, core.shape)
-        if merged < chain:  # one convolution with W = kernel x_1 U_out x_2 U_in
-            return self._spatial_conv(x, torch.einsum(self._merge_equation, kernel, u_out, u_in), self.bias)
+        if not self._uses_chain(x, core.shape):  # one convolution with W = (kernel x_2 U_in) x_1 U_out
+            weight = torch.einsum(self._merge_equations[0], torch.einsum(self._merge_equations[1], kernel, u_in), u_out)
+            return self._spatial_conv(x, weight, self.bias)
         ones = (1,) * len(self.kernel_size)
         x = self._conv(x, u_in.T.reshape(*u_in.T.shape, *ones))
         x = self._spatial_conv(x, kernel, None)
@@ -609,20 +650,26 @@ class _TuckerConvNd(TuckerLayer):
         x = F.pad(x, self._explicit_padding, mode=self.padding_mode)
         return self._conv(x, weight, bias, self.stride, 0, self.dilation)
 
-    def forward_costs(self, input_shape: Sequence[int], ranks: Sequence[int] | None = None) -> tuple[int, int]:
-        """Per sample with P_in input and P_out output positions and K = prod(kernel_size): chain
-        P_in n_in r_in + P_out r_in r_out K + P_out r_out n_out, merged P_out n_in n_out K plus forming W from the
-        middle kernel, r_out r_in K n_in + n_out r_out K n_in (the kernel itself costs both the same)."""
-        r_out, r_in, *_ = self.ranks if ranks is None else ranks
+    def _products(self, input_shape: Sequence[int], ranks: Sequence[int]) -> tuple[list[Product], list[Product]]:
+        """For S samples with P_in input and P_out output positions and K = prod(kernel_size): chain U_in^T
+        (S P_in n_in r_in), the middle kernel (S P_out r_in r_out K), U_out (S P_out r_out n_out); merged: forming W
+        from the middle kernel (r_out r_in K n_in + n_out r_out K n_in), then one convolution (S P_out n_in n_out K).
+        The middle kernel itself costs both forms the same."""
+        r_out, r_in, *_ = ranks
         n_out, n_in, *kernel = self.shape
         spatial = list(input_shape[-len(kernel):])
         samples = math.prod(input_shape[:-len(kernel) - 1])
         pads = self._explicit_padding[::-1]  # (right, left) per dimension, first dimension first
         out = [(size + pads[2 * i] + pads[2 * i + 1] - d * (k - 1) - 1) // s + 1
                for i, (size, k, s, d) in enumerate(zip(spatial, kernel, self.stride, self.dilation))]
-        p_in, p_out, k = math.prod(spatial), math.prod(out), math.prod(kernel)
-        return (samples * (p_in * n_in * r_in + p_out * r_in * r_out * k + p_out * r_out * n_out),
-                samples * p_out * n_in * n_out * k + r_out * r_in * k * n_in + n_out * r_out * k * n_in)
+        p_in, p_out, k = samples * math.prod(spatial), samples * math.prod(out), math.prod(kernel)
+        chain = [Product(p_in * n_in * r_in, p_in * n_in + n_in * r_in, p_in * r_in, True),
+                 Product(p_out * r_in * r_out * k, p_in * r_in + r_out * r_in * k, p_out * r_out),
+                 Product(p_out * r_out * n_out, p_out * r_out + r_out * n_out, p_out * n_out)]
+        merged = [Product(r_out * r_in * k * n_in, r_out * r_in * k + n_in * r_in, r_out * k * n_in),
+                  Product(n_out * r_out * k * n_in, n_out * r_out + r_out * k * n_in, n_out * k * n_in),
+                  Product(p_out * n_in * n_out * k, p_in * n_in + n_out * n_in * k, p_out * n_out, True)]
+        return chain, merged
 
     def galerkin_gradient(self, factors: Sequence[Tensor], x: Tensor, dy: Tensor) -> Tensor:
         """Weight gradient of the middle convolution for inputs U_in^T x and output gradient U_out^T dy, times the
