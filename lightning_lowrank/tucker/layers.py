@@ -59,12 +59,14 @@ class Product(NamedTuple):
     written: int
     reads_input: bool = False
 
+    def passes(self, backward: bool, input_grad: bool) -> int:
+        """1 (the forward) and, with ``backward``, one for the weight gradient and one for the input gradient (which
+        the product reading the layer's input skips without ``input_grad``)."""
+        return 1 + backward * (2 - (self.reads_input and not input_grad))
+
     def cost(self, backward: bool, input_grad: bool) -> int:
-        """macs + ELEMENT_COST x (read + written), once for the forward and, with ``backward``, once for the weight
-        gradient and once for the input gradient (which the product reading the input skips without
-        ``input_grad``)."""
-        passes = 1 + backward * (2 - (self.reads_input and not input_grad))
-        return passes * (self.macs + ELEMENT_COST * (self.read + self.written))
+        """(macs + ELEMENT_COST x (read + written)) per pass."""
+        return self.passes(backward, input_grad) * (self.macs + ELEMENT_COST * (self.read + self.written))
 
 
 def _check_ranks(name: str, ranks: Sequence[int], bounds: Sequence[int], bound_name: str) -> tuple[int, ...]:
@@ -411,9 +413,9 @@ class TuckerLayer(nn.Module):
         ``backward``, backward (``input_grad``: the input needs a gradient), in multiply-adds plus ELEMENT_COST per
         element moved (:class:`Product`): (factor chain, merged weight W formed from the factors, then one dense
         product). The forward takes the cheaper (the chain on a tie)."""
-        chain, merged = self._products(input_shape, self.ranks if ranks is None else ranks)
-        return tuple(sum(p.cost(backward, input_grad) for p in products)  # type: ignore[return-value]
-                     for products in (chain, merged))
+        chain, merged = (sum(p.cost(backward, input_grad) for p in products)
+                         for products in self.products(input_shape, ranks))
+        return chain, merged
 
     def _uses_chain(self, x: Tensor, ranks: Sequence[int]) -> bool:
         """Whether the factor chain is at most as costly as the merged weight for this forward pass."""
@@ -421,8 +423,10 @@ class TuckerLayer(nn.Module):
                                            input_grad=x.requires_grad)
         return chain <= merged
 
-    def _products(self, input_shape: Sequence[int], ranks: Sequence[int]) -> tuple[list[Product], list[Product]]:
-        """The products of the factor chain and of the merged form (forming W, then one dense product)."""
+    def products(self, input_shape: Sequence[int],
+                 ranks: Sequence[int] | None = None) -> tuple[list[Product], list[Product]]:
+        """The products of one forward pass at ``ranks`` (default: the active ranks): (factor chain, merged form:
+        forming W, then one dense product)."""
         raise NotImplementedError
 
     def galerkin_gradient(self, factors: Sequence[Tensor], x: Tensor, dy: Tensor) -> Tensor:
@@ -499,10 +503,11 @@ class TuckerLinear(TuckerLayer):
             return F.linear(x, u_out @ (core @ u_in.T), self.bias)
         return F.linear(F.linear(F.linear(x, u_in.T), core), u_out, self.bias)
 
-    def _products(self, input_shape: Sequence[int], ranks: Sequence[int]) -> tuple[list[Product], list[Product]]:
+    def products(self, input_shape: Sequence[int],
+                 ranks: Sequence[int] | None = None) -> tuple[list[Product], list[Product]]:
         """For m input rows: chain x U_in (m n_in r_in), then C^T (m r_in r_out), then U_out^T (m r_out n_out);
         merged: W = U_out (C U_in^T) (r_out r_in n_in + n_out r_out n_in), then x W^T (m n_in n_out)."""
-        r_out, r_in = ranks
+        r_out, r_in = self.ranks if ranks is None else ranks
         n_out, n_in = self.shape
         m = math.prod(input_shape[:-1])
         chain = [Product(m * n_in * r_in, m * n_in + n_in * r_in, m * r_in, True),
@@ -650,12 +655,13 @@ class _TuckerConvNd(TuckerLayer):
         x = F.pad(x, self._explicit_padding, mode=self.padding_mode)
         return self._conv(x, weight, bias, self.stride, 0, self.dilation)
 
-    def _products(self, input_shape: Sequence[int], ranks: Sequence[int]) -> tuple[list[Product], list[Product]]:
+    def products(self, input_shape: Sequence[int],
+                 ranks: Sequence[int] | None = None) -> tuple[list[Product], list[Product]]:
         """For S samples with P_in input and P_out output positions and K = prod(kernel_size): chain U_in^T
         (S P_in n_in r_in), the middle kernel (S P_out r_in r_out K), U_out (S P_out r_out n_out); merged: forming W
         from the middle kernel (r_out r_in K n_in + n_out r_out K n_in), then one convolution (S P_out n_in n_out K).
         The middle kernel itself costs both forms the same."""
-        r_out, r_in, *_ = ranks
+        r_out, r_in, *_ = self.ranks if ranks is None else ranks
         n_out, n_in, *kernel = self.shape
         spatial = list(input_shape[-len(kernel):])
         samples = math.prod(input_shape[:-len(kernel) - 1])

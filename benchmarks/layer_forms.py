@@ -1,0 +1,95 @@
+"""How a Tucker layer chooses between its factor chain and its merged weight, against the time of both, from one run.
+
+    python benchmarks/layer_forms.py [--threads 2] [--fractions 0.05 0.1 0.25 0.5]
+
+For Linear and Conv2d layers of LeNet5, the VGG-style net and a transformer block, at ranks a fraction of their
+sizes, times one forward+backward pass in each form (median of repeated runs; an input that needs a gradient except
+for a network's first layer). Fits time = a x multiply-adds + b x elements moved (each product's multiply-adds and
+elements read and written, per pass: ``Product`` in lightning_lowrank/tucker/layers.py) by least squares on
+relative error and prints b / a, the multiply-adds one element costs on this machine (``ELEMENT_COST``). Then
+the regret of each rule: the time of the forms a rule picks over the time of the faster forms, summed over all
+cases, for the package's rule (forward and backward, ``ELEMENT_COST`` per element) and the rule before it (forward
+multiply-adds only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+from unittest import mock
+
+import torch
+
+from lightning_lowrank import TuckerConv2d, TuckerLinear
+from lightning_lowrank.tucker import layers
+from lightning_lowrank.tucker.algebra import consistent_ranks
+
+# (name, layer, input shape, whether the input needs a gradient)
+CASES = [
+    ("LeNet5 conv1 1->20 5x5", lambda: TuckerConv2d(1, 20, 5), (128, 1, 28, 28), False),
+    ("LeNet5 conv2 20->50 5x5", lambda: TuckerConv2d(20, 50, 5), (128, 20, 12, 12), True),
+    ("LeNet5 fc1 800->500", lambda: TuckerLinear(800, 500), (128, 800), True),
+    ("VGG conv 3->64 3x3", lambda: TuckerConv2d(3, 64, 3, padding=1), (32, 3, 32, 32), False),
+    ("VGG conv 64->64 3x3", lambda: TuckerConv2d(64, 64, 3, padding=1), (32, 64, 32, 32), True),
+    ("VGG conv 128->256 3x3", lambda: TuckerConv2d(128, 256, 3, padding=1), (32, 128, 8, 8), True),
+    ("VGG conv 512->512 3x3", lambda: TuckerConv2d(512, 512, 3, padding=1), (32, 512, 4, 4), True),
+    ("VGG fc 2048->512", lambda: TuckerLinear(2048, 512), (32, 2048), True),
+    ("transformer 512->2048", lambda: TuckerLinear(512, 2048), (8, 512, 512), True),
+    ("transformer 1024->1024", lambda: TuckerLinear(1024, 1024), (256, 1024), True),
+]
+
+
+def step_ms(layer: layers.TuckerLayer, x: torch.Tensor, chain: bool, repeats: int = 15) -> float:
+    """Median milliseconds of one forward and backward pass in the given form."""
+    times = []
+    with mock.patch.object(layer, "forward_costs", return_value=(0, 1) if chain else (1, 0)):
+        for i in range(repeats + 3):
+            start = time.perf_counter()
+            layer(x).sum().backward()
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 0.25, 0.5])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32; ms per forward+backward")
+    print(f"{'layer':<26} {'ranks':>9} {'chain ms':>9} {'merged ms':>9} {'package':>8} {'before':>8}")
+    rows = []
+    for (name, build, shape, input_grad), fraction in itertools.product(CASES, args.fractions):
+        layer = build()
+        ranks = tuple(max(1, round(fraction * n)) for n in layer.shape[:2])
+        if isinstance(layer, TuckerLinear):
+            ranks = (min(ranks),) * 2
+        layer.set_ranks(consistent_ranks((*ranks, *layer.ranks[2:])))
+        x = torch.randn(shape, requires_grad=input_grad)
+        times = [step_ms(layer, x, chain) for chain in (True, False)]
+        forms = layer.products(x.shape)
+        work = [(sum(p.passes(True, input_grad) * p.macs for p in products),
+                 sum(p.passes(True, input_grad) * (p.read + p.written) for p in products)) for products in forms]
+        chain_cost, merged_cost = layer.forward_costs(x.shape, input_grad=input_grad)
+        before = sum(p.macs for p in forms[0]) <= sum(p.macs for p in forms[1])
+        picks = ["chain" if chain_cost <= merged_cost else "merged", "chain" if before else "merged"]
+        rows.append((times, work, picks))
+        print(f"{name:<26} {'/'.join(map(str, layer.ranks[:2])):>9} {times[0]:9.2f} {times[1]:9.2f} "
+              f"{picks[0]:>8} {picks[1]:>8}")
+    samples = [(t, w) for times, work, _ in rows for t, w in zip(times, work)]
+    design = torch.tensor([[m / t, e / t] for t, (m, e) in samples], dtype=torch.float64)
+    a, b = torch.linalg.lstsq(design, torch.ones(len(samples), 1, dtype=torch.float64)).solution.flatten().tolist()
+    print(f"\nfit: time = a x multiply-adds + b x elements; b / a = {b / a:.0f} multiply-adds per element "
+          f"(package: ELEMENT_COST = {layers.ELEMENT_COST})")
+    best = sum(min(times) for times, _, _ in rows)
+    for i, rule in enumerate(("package (forward+backward, elements)", "before (forward multiply-adds)")):
+        chosen = sum(times[0 if picks[i] == "chain" else 1] for times, _, picks in rows)
+        print(f"regret of {rule}: {chosen / best:.3f} (time of the forms it picks / time of the faster forms)")
+
+
+if __name__ == "__main__":
+    main()
