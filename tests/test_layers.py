@@ -281,7 +281,7 @@ def test_forward_costs_follow_the_closed_form_and_the_forward_switches_at_the_cr
 def test_a_thin_convolution_merges_where_its_chain_moves_more_memory_than_it_saves(monkeypatch):
     """LeNet5's first convolution (1 -> 20 channels, 5 x 5, on 28 x 28 inputs that need no gradient) at ranks 5/1:
     its chain has fewer multiply-adds, but writes and reads a 5-channel activation and computes the middle
-    convolution's input gradient; measured 7x slower than the merged convolution on this package's CPU
+    convolution's input gradient; measured 4-7x slower than the merged convolution on this package's CPU
     (docs/results.md, session 23). Counting the elements moved, the layer merges (the FLOP counter tells the forms
     apart). At ranks 1/1 the choice follows the input: merged without an input gradient, the chain with one (whose
     input gradient is the 1-channel map's, against the merged convolution's). A wide layer at a tenth of its ranks

@@ -46,8 +46,9 @@ DenseConv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 ELEMENT_COST = 64
 """Multiply-adds that reading or writing one tensor element costs in :meth:`TuckerLayer.forward_costs`: a small
 product moves more memory than it computes. Fitted to forward+backward times of both forms of Linear and Conv2d
-layers on a 2-core CPU, float32 (55-60; docs/results.md, session 23); a GPU's ratio of arithmetic to memory
-bandwidth is of the same order (about 30 multiply-adds per float32 element in FP32, more with tensor cores)."""
+layers on a 2-core CPU, float32 (55-82 in two fits: ``benchmarks/layer_forms.py``, docs/design.md); a GPU's ratio of
+arithmetic to memory bandwidth is of the same order (about 30 multiply-adds per float32 element in FP32, more with
+tensor cores)."""
 
 
 class Product(NamedTuple):
