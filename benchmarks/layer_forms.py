@@ -1,13 +1,14 @@
 """How a Tucker layer chooses between its factor chain and its merged weight, against the time of both, from one run.
 
-    python benchmarks/layer_forms.py [--threads 2] [--fractions 0.05 0.1 0.25 0.5]
+    python benchmarks/layer_forms.py [--threads 2] [--fractions 0.05 0.1 0.25 0.5 1]
 
 For Linear and Conv2d layers of LeNet5, the VGG-style net and a transformer block, at ranks a fraction of their
-sizes, times one forward+backward pass in each form (median of repeated runs; an input that needs a gradient except
-for a network's first layer). Fits time = a x multiply-adds + b x elements moved (each product's multiply-adds and
-elements read and written, per pass: ``Product`` in lightning_lowrank/tucker/layers.py) by least squares on
-relative error and prints b / a, the multiply-adds one element costs on this machine (``ELEMENT_COST``). Then
-the regret of each rule: the time of the forms a rule picks over the time of the faster forms, summed over all
+sizes, times one forward+backward pass in each form and in the dense layer it replaces (median of repeated runs; an
+input that needs a gradient except for a network's first layer); "package / dense" is the time of the form the
+package picks over the dense layer's. Fits time = a x multiply-adds + b x elements moved (each product's
+multiply-adds and elements read and written, per pass: ``Product`` in lightning_lowrank/tucker/layers.py) by least
+squares on relative error and prints b / a, the multiply-adds one element costs on this machine (``ELEMENT_COST``).
+Then the regret of each rule: the time of the forms a rule picks over the time of the faster forms, summed over all
 cases, for the package's rule (forward and backward, ``ELEMENT_COST`` per element) and the rule before it (forward
 multiply-adds only).
 """
@@ -41,27 +42,33 @@ CASES = [
 ]
 
 
-def step_ms(layer: layers.TuckerLayer, x: torch.Tensor, chain: bool, repeats: int = 15) -> float:
-    """Median milliseconds of one forward and backward pass in the given form."""
+def step_ms(layer: torch.nn.Module, x: torch.Tensor, repeats: int = 15) -> float:
+    """Median milliseconds of one forward and backward pass."""
     times = []
-    with mock.patch.object(layer, "forward_costs", return_value=(0, 1) if chain else (1, 0)):
-        for i in range(repeats + 3):
-            start = time.perf_counter()
-            layer(x).sum().backward()
-            if i >= 3:
-                times.append(time.perf_counter() - start)
+    for i in range(repeats + 3):
+        start = time.perf_counter()
+        layer(x).sum().backward()
+        if i >= 3:
+            times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
+
+
+def form_ms(layer: layers.TuckerLayer, x: torch.Tensor, chain: bool) -> float:
+    """:func:`step_ms` with the layer held to one form."""
+    with mock.patch.object(layer, "forward_costs", return_value=(0, 1) if chain else (1, 0)):
+        return step_ms(layer, x)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 0.25, 0.5])
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 0.25, 0.5, 1.0])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32; ms per forward+backward")
-    print(f"{'layer':<26} {'ranks':>9} {'chain ms':>9} {'merged ms':>9} {'package':>8} {'before':>8}")
+    print(f"{'layer':<26} {'ranks':>9} {'chain ms':>9} {'merged ms':>9} {'dense ms':>9} {'package':>8} {'before':>8} "
+          f"{'package / dense':>15}")
     rows = []
     for (name, build, shape, input_grad), fraction in itertools.product(CASES, args.fractions):
         layer = build()
@@ -70,7 +77,8 @@ def main() -> None:
             ranks = (min(ranks),) * 2
         layer.set_ranks(consistent_ranks((*ranks, *layer.ranks[2:])))
         x = torch.randn(shape, requires_grad=input_grad)
-        times = [step_ms(layer, x, chain) for chain in (True, False)]
+        times = [form_ms(layer, x, chain) for chain in (True, False)]
+        dense = step_ms(layer.to_dense(), x)
         forms = layer.products(x.shape)
         work = [(sum(p.passes(True, input_grad) * p.macs for p in products),
                  sum(p.passes(True, input_grad) * (p.read + p.written) for p in products)) for products in forms]
@@ -78,8 +86,9 @@ def main() -> None:
         before = sum(p.macs for p in forms[0]) <= sum(p.macs for p in forms[1])
         picks = ["chain" if chain_cost <= merged_cost else "merged", "chain" if before else "merged"]
         rows.append((times, work, picks))
-        print(f"{name:<26} {'/'.join(map(str, layer.ranks[:2])):>9} {times[0]:9.2f} {times[1]:9.2f} "
-              f"{picks[0]:>8} {picks[1]:>8}")
+        picked = times[0 if picks[0] == "chain" else 1]
+        print(f"{name:<26} {'/'.join(map(str, layer.ranks[:2])):>9} {times[0]:9.2f} {times[1]:9.2f} {dense:9.2f} "
+              f"{picks[0]:>8} {picks[1]:>8} {picked / dense:14.2f}x")
     samples = [(t, w) for times, work, _ in rows for t, w in zip(times, work)]
     design = torch.tensor([[m / t, e / t] for t, (m, e) in samples], dtype=torch.float64)
     a, b = torch.linalg.lstsq(design, torch.ones(len(samples), 1, dtype=torch.float64)).solution.flatten().tolist()
