@@ -79,10 +79,11 @@ def main() -> None:
         x = torch.randn(shape, requires_grad=input_grad)
         times = [form_ms(layer, x, chain) for chain in (True, False)]
         dense = step_ms(layer.to_dense(), x)
-        forms = layer.products(x.shape)
-        work = [(sum(p.passes(True, input_grad) * p.macs for p in products),
-                 sum(p.passes(True, input_grad) * (p.read + p.written) for p in products)) for products in forms]
-        chain_cost, merged_cost = layer.forward_costs(x.shape, input_grad=input_grad)
+        grads = layers.Grads(input=input_grad)
+        forms = layer.products(x.shape, grads=grads)
+        work = [(sum(p.passes * p.macs for p in products), sum(p.passes * (p.read + p.written) for p in products))
+                for products in forms]
+        chain_cost, merged_cost = layer.forward_costs(x.shape, grads=grads)
         before = sum(p.macs for p in forms[0]) <= sum(p.macs for p in forms[1])
         picks = ["chain" if chain_cost <= merged_cost else "merged", "chain" if before else "merged"]
         rows.append((times, work, picks))

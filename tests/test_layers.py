@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_lowrank import TuckerConv1d, TuckerConv2d, TuckerConv3d, TuckerLinear
-from lightning_lowrank.tucker.layers import TUCKER_LAYERS
+from lightning_lowrank.tucker.layers import TUCKER_LAYERS, Grads
 from lightning_lowrank.tucker.storage import storage_size
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
@@ -214,45 +214,52 @@ def flops(layer, x, backward=False):
 def force(monkeypatch, layer, form):
     """Make ``layer`` compute with ``form`` ('chain' or 'merged') whatever its costs."""
     costs = (1, 0) if form == "merged" else (0, 1)
-    monkeypatch.setattr(type(layer), "forward_costs", lambda self, shape, ranks=None, **kwargs: costs)
+    monkeypatch.setattr(type(layer), "forward_costs", lambda self, *args, **kwargs: costs)
 
 
-@pytest.mark.parametrize("backward, input_grad", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("grads", [Grads(), Grads(input=False), Grads(factors=False), Grads(False, False, True),
+                                   Grads(False, True, False), Grads(True, False, False), Grads(False, False, False)],
+                         ids=["all", "no-input", "held-bases", "core-only", "factors-only", "frozen-layer", "no-grad"])
 @pytest.mark.parametrize("form", ["chain", "merged"])
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
-def test_forward_costs_count_the_multiply_adds_of_each_form(monkeypatch, kind, form, backward, input_grad):
+def test_forward_costs_count_the_multiply_adds_of_each_form(monkeypatch, kind, form, grads):
     """With ELEMENT_COST 0 the costs are multiply-adds, which torch's FLOP counter counts independently (2 per
-    multiply-add), forward and backward: the product reading an input that needs no gradient computes no input
-    gradient, every other product two gradients (the middle convolution's kernel, formed from the core and the
-    spatial factors in both forms, counted apart)."""
+    multiply-add) in the forward and in the backward autograd runs: a product computes the gradient of each operand
+    that needs one (the input, the factors, the core as ``grads`` says, or a tensor computed from one), so held
+    bases, a frozen layer or an input without a gradient each drop some. The middle convolution's kernel, formed
+    from the core and the spatial factors in both forms, is counted apart."""
     torch.manual_seed(0)
     if kind == "linear":
         layer, x = TuckerLinear(30, 20, ranks=(6, 6)), torch.randn(4, 6, 30)
     else:
         layer, x = TuckerConv2d(6, 8, 3, stride=2, padding=1, ranks=(5, 3, 3, 3)), torch.randn(2, 6, 9, 10)
-    x.requires_grad_(input_grad)
-    layer.requires_grad_(backward)
-    index = ("chain", "merged").index(form)
+    x.requires_grad_(grads.input)
+    layer.core.requires_grad_(grads.core)
+    layer.bias.requires_grad_(grads.core)
+    for u in layer.factors:
+        u.requires_grad_(grads.factors)
+    backward = any(grads)
     with monkeypatch.context() as patch:
         patch.setattr("lightning_lowrank.tucker.layers.ELEMENT_COST", 0)
-        costs = layer.forward_costs(x.shape, backward=backward, input_grad=input_grad)
+        costs = layer.forward_costs(x.shape, grads=grads)
     force(monkeypatch, layer, form)
     kernel = 0
     if kind == "conv2d":
         core, spatial = layer.active_core(), layer.active_factors()[2:]
         with FlopCounterMode(display=False) as counter:
             out = layer._kernel(core, spatial)
-            if backward:
+            if out.requires_grad:
                 out.sum().backward()
         kernel = counter.get_total_flops()
         layer.zero_grad()
-    assert flops(layer, x, backward) == kernel + 2 * costs[index]
+    assert flops(layer, x, backward) == kernel + 2 * costs[("chain", "merged").index(form)]
 
 
 def test_forward_costs_follow_the_closed_form_and_the_forward_switches_at_the_crossover():
     """Linear(300, 200) on 4 x 256 rows at ranks r_out = r_in = r, forward and backward: each product costs its
     multiply-adds plus 64 per element read or written, three times (forward, two gradients). The forward takes the
-    chain up to the crossover rank and the merged weight from there on (FLOPs counted tell the forms apart)."""
+    chain up to the crossover rank and the merged weight from there on (FLOPs counted tell the forms apart); with
+    its bases held the chain, whose factors then need no gradient, also at the crossover."""
     layer = TuckerLinear(300, 200)
     x = torch.randn(4, 256, 300, requires_grad=True)
     m, n_in, n_out = 1024, 300, 200
@@ -268,14 +275,22 @@ def test_forward_costs_follow_the_closed_form_and_the_forward_switches_at_the_cr
             m * n_in + n_out * n_in + m * n_out)
         return 3 * (macs + 64 * elements)
 
+    def chain_flops(r):
+        return 2 * m * (n_in * r + r * r + r * n_out)
+
+    def merged_flops(r):
+        return 2 * (m * n_in * n_out + r * r * n_in + n_out * r * n_in)
+
     crossover = next(r for r in range(1, 201) if merged(r) < chain(r))
     assert 60 < crossover < 200
     for rank, form in ((crossover - 1, "chain"), (crossover, "merged"), (10, "chain"), (200, "merged")):
         layer.set_ranks((rank, rank))
         assert layer.forward_costs(x.shape) == (chain(rank), merged(rank))
-        chain_flops = 2 * m * (n_in * rank + rank * rank + rank * n_out)
-        merged_flops = 2 * (m * n_in * n_out + rank * rank * n_in + n_out * rank * n_in)
-        assert flops(layer, x) == (chain_flops if form == "chain" else merged_flops), rank
+        assert flops(layer, x) == (chain_flops(rank) if form == "chain" else merged_flops(rank)), rank
+    # bases held (a window's core-only steps): the chain computes no factor gradients, the merged form still forms W
+    layer.set_ranks((crossover, crossover))
+    layer.hold_bases = True
+    assert flops(layer, x) == chain_flops(crossover)
 
 
 def test_a_thin_convolution_merges_where_its_chain_moves_more_memory_than_it_saves(monkeypatch):
@@ -290,9 +305,9 @@ def test_a_thin_convolution_merges_where_its_chain_moves_more_memory_than_it_sav
     x = torch.randn(128, 1, 28, 28)
     with monkeypatch.context() as patch:
         patch.setattr("lightning_lowrank.tucker.layers.ELEMENT_COST", 0)
-        chain_macs, merged_macs = layer.forward_costs(x.shape, input_grad=False)
+        chain_macs, merged_macs = layer.forward_costs(x.shape, grads=Grads(input=False))
     assert chain_macs < merged_macs
-    chain, merged = layer.forward_costs(x.shape, input_grad=False)
+    chain, merged = layer.forward_costs(x.shape, grads=Grads(input=False))
     assert merged < chain
     merged_flops = 2 * (128 * 24 * 24 * 20 * 25 + 20 * 5 * 25)  # W = kernel x_1 U_out (x_2 U_in, 1 x 1: no FLOPs)
     kernel_flops = 2 * 2 * 5 * 25 * 5  # core x_3 U_h x_4 U_w
@@ -307,7 +322,7 @@ def test_a_thin_convolution_merges_where_its_chain_moves_more_memory_than_it_sav
         assert flops(layer, x, backward=True) == expected, input_grad
         layer.zero_grad()
     wide = TuckerConv2d(64, 128, 3, padding=1, ranks=(13, 6, 3, 3))
-    chain, merged = wide.forward_costs((32, 64, 16, 16), input_grad=True)
+    chain, merged = wide.forward_costs((32, 64, 16, 16))
     assert chain < merged
 
 

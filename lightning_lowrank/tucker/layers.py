@@ -51,23 +51,32 @@ arithmetic to memory bandwidth is of the same order (about 30 multiply-adds per 
 tensor cores)."""
 
 
+class Grads(NamedTuple):
+    """Which tensors of a forward pass need a gradient: the layer's input, its factors, its core (all False under
+    ``torch.no_grad``)."""
+
+    input: bool = True
+    factors: bool = True
+    core: bool = True
+
+
 class Product(NamedTuple):
-    """One matrix product or convolution of a forward pass: multiply-adds, tensor elements read and written, and
-    whether it reads the layer's input."""
+    """One matrix product or convolution of a forward pass, a x b: multiply-adds, tensor elements read and written,
+    and passes: 1 (the forward), plus one per operand that needs a gradient (its gradient costs another product of
+    the same size)."""
 
     macs: int
     read: int
     written: int
-    reads_input: bool = False
+    passes: int = 1
 
-    def passes(self, backward: bool, input_grad: bool) -> int:
-        """1 (the forward) and, with ``backward``, one for the weight gradient and one for the input gradient (which
-        the product reading the layer's input skips without ``input_grad``)."""
-        return 1 + backward * (2 - (self.reads_input and not input_grad))
+    def needing(self, a: bool, b: bool) -> Product:
+        """This product with a pass for each operand's gradient: ``a``, ``b`` whether they need one."""
+        return self._replace(passes=1 + a + b)
 
-    def cost(self, backward: bool, input_grad: bool) -> int:
-        """(macs + ELEMENT_COST x (read + written)) per pass."""
-        return self.passes(backward, input_grad) * (self.macs + ELEMENT_COST * (self.read + self.written))
+    def cost(self) -> int:
+        """passes x (macs + ELEMENT_COST x (read + written))."""
+        return self.passes * (self.macs + ELEMENT_COST * (self.read + self.written))
 
 
 def _check_ranks(name: str, ranks: Sequence[int], bounds: Sequence[int], bound_name: str) -> tuple[int, ...]:
@@ -408,26 +417,41 @@ class TuckerLayer(nn.Module):
         then restores them)."""
         return consistent_ranks([min(r, m) for r, m in zip(self.ranks, self.max_ranks)])
 
-    def forward_costs(self, input_shape: Sequence[int], ranks: Sequence[int] | None = None, *, backward: bool = True,
-                      input_grad: bool = True) -> tuple[int, int]:
-        """Cost of one pass on an input of ``input_shape`` at ``ranks`` (default: the active ranks), forward and, with
-        ``backward``, backward (``input_grad``: the input needs a gradient), in multiply-adds plus ELEMENT_COST per
-        element moved (:class:`Product`): (factor chain, merged weight W formed from the factors, then one dense
-        product). The forward takes the cheaper (the chain on a tie)."""
-        chain, merged = (sum(p.cost(backward, input_grad) for p in products)
-                         for products in self.products(input_shape, ranks))
+    def forward_costs(self, input_shape: Sequence[int], ranks: Sequence[int] | None = None,
+                      grads: Grads = Grads()) -> tuple[int, int]:
+        """Cost of one forward pass on an input of ``input_shape`` at ``ranks`` (default: the active ranks) and of the
+        backward pass that ``grads`` asks for (default: every gradient, as in training), in multiply-adds plus
+        ELEMENT_COST per element moved (:meth:`products`): (factor chain, merged weight W formed from the factors,
+        then one dense product). The forward takes the cheaper (the chain on a tie)."""
+        chain, merged = (sum(p.cost() for p in products) for products in self.products(input_shape, ranks, grads))
         return chain, merged
 
-    def _uses_chain(self, x: Tensor, ranks: Sequence[int]) -> bool:
+    def _uses_chain(self, x: Tensor, factors: Sequence[Tensor], core: Tensor) -> bool:
         """Whether the factor chain is at most as costly as the merged weight for this forward pass."""
-        chain, merged = self.forward_costs(x.shape, ranks, backward=torch.is_grad_enabled(),
-                                           input_grad=x.requires_grad)
+        enabled = torch.is_grad_enabled()
+        grads = Grads(enabled and x.requires_grad, enabled and factors[0].requires_grad, enabled and core.requires_grad)
+        chain, merged = self.forward_costs(x.shape, core.shape, grads)
         return chain <= merged
 
-    def products(self, input_shape: Sequence[int],
-                 ranks: Sequence[int] | None = None) -> tuple[list[Product], list[Product]]:
-        """The products of one forward pass at ``ranks`` (default: the active ranks): (factor chain, merged form:
-        forming W, then one dense product)."""
+    def products(self, input_shape: Sequence[int], ranks: Sequence[int] | None = None,
+                 grads: Grads = Grads()) -> tuple[list[Product], list[Product]]:
+        """The products of one pass at ``ranks`` (default: the active ranks) with their gradients' passes, which
+        follow autograd: an operand needs a gradient when it is a tensor of ``grads`` that needs one or is computed
+        from one. (Factor chain: x U_in, then the middle product with the core (convolutions: the kernel
+        C x_3 U_k1 ...), then U_out; merged form: kernel x_2 U_in, then x_1 U_out, then x W^T.)"""
+        (into, middle, out), (merge_in, merge_out, dense) = self._product_sizes(
+            input_shape, self.ranks if ranks is None else ranks)
+        kernel = grads.core or (grads.factors and len(self.shape) > 2)
+        reduced = grads.input or grads.factors  # U_in^T x
+        merged = kernel or grads.factors  # kernel x_2 U_in, and W
+        return ([into.needing(grads.input, grads.factors), middle.needing(reduced, kernel),
+                 out.needing(reduced or kernel, grads.factors)],
+                [merge_in.needing(kernel, grads.factors), merge_out.needing(merged, grads.factors),
+                 dense.needing(grads.input, merged)])
+
+    def _product_sizes(self, input_shape: Sequence[int],
+                       ranks: Sequence[int]) -> tuple[list[Product], list[Product]]:
+        """The chain's three products and the merged form's three, forward only."""
         raise NotImplementedError
 
     def galerkin_gradient(self, factors: Sequence[Tensor], x: Tensor, dy: Tensor) -> Tensor:
@@ -500,23 +524,23 @@ class TuckerLinear(TuckerLayer):
         if not factors:  # dense storage
             return F.linear(x, core, self.bias)
         u_out, u_in = factors
-        if not self._uses_chain(x, core.shape):
+        if not self._uses_chain(x, factors, core):
             return F.linear(x, u_out @ (core @ u_in.T), self.bias)
         return F.linear(F.linear(F.linear(x, u_in.T), core), u_out, self.bias)
 
-    def products(self, input_shape: Sequence[int],
-                 ranks: Sequence[int] | None = None) -> tuple[list[Product], list[Product]]:
+    def _product_sizes(self, input_shape: Sequence[int],
+                       ranks: Sequence[int]) -> tuple[list[Product], list[Product]]:
         """For m input rows: chain x U_in (m n_in r_in), then C^T (m r_in r_out), then U_out^T (m r_out n_out);
         merged: W = U_out (C U_in^T) (r_out r_in n_in + n_out r_out n_in), then x W^T (m n_in n_out)."""
-        r_out, r_in = self.ranks if ranks is None else ranks
+        r_out, r_in = ranks
         n_out, n_in = self.shape
         m = math.prod(input_shape[:-1])
-        chain = [Product(m * n_in * r_in, m * n_in + n_in * r_in, m * r_in, True),
+        chain = [Product(m * n_in * r_in, m * n_in + n_in * r_in, m * r_in),
                  Product(m * r_in * r_out, m * r_in + r_in * r_out, m * r_out),
                  Product(m * r_out * n_out, m * r_out + r_out * n_out, m * n_out)]
         merged = [Product(r_out * r_in * n_in, r_out * r_in + n_in * r_in, r_out * n_in),
                   Product(n_out * r_out * n_in, n_out * r_out + r_out * n_in, n_out * n_in),
-                  Product(m * n_in * n_out, m * n_in + n_out * n_in, m * n_out, True)]
+                  Product(m * n_in * n_out, m * n_in + n_out * n_in, m * n_out)]
         return chain, merged
 
     def arguments(self) -> dict[str, object]:
@@ -641,7 +665,7 @@ class _TuckerConvNd(TuckerLayer):
             return self._spatial_conv(x, core, self.bias)
         u_out, u_in, *spatial = factors
         kernel = self._kernel(core, spatial)
-        if not self._uses_chain(x, core.shape):  # one convolution with W = (kernel x_2 U_in) x_1 U_out
+        if not self._uses_chain(x, factors, core):  # one convolution with W = (kernel x_2 U_in) x_1 U_out
             weight = torch.einsum(self._merge_equations[0], torch.einsum(self._merge_equations[1], kernel, u_in), u_out)
             return self._spatial_conv(x, weight, self.bias)
         ones = (1,) * len(self.kernel_size)
@@ -656,13 +680,13 @@ class _TuckerConvNd(TuckerLayer):
         x = F.pad(x, self._explicit_padding, mode=self.padding_mode)
         return self._conv(x, weight, bias, self.stride, 0, self.dilation)
 
-    def products(self, input_shape: Sequence[int],
-                 ranks: Sequence[int] | None = None) -> tuple[list[Product], list[Product]]:
+    def _product_sizes(self, input_shape: Sequence[int],
+                       ranks: Sequence[int]) -> tuple[list[Product], list[Product]]:
         """For S samples with P_in input and P_out output positions and K = prod(kernel_size): chain U_in^T
         (S P_in n_in r_in), the middle kernel (S P_out r_in r_out K), U_out (S P_out r_out n_out); merged: forming W
         from the middle kernel (r_out r_in K n_in + n_out r_out K n_in), then one convolution (S P_out n_in n_out K).
         The middle kernel itself costs both forms the same."""
-        r_out, r_in, *_ = self.ranks if ranks is None else ranks
+        r_out, r_in, *_ = ranks
         n_out, n_in, *kernel = self.shape
         spatial = list(input_shape[-len(kernel):])
         samples = math.prod(input_shape[:-len(kernel) - 1])
@@ -670,12 +694,12 @@ class _TuckerConvNd(TuckerLayer):
         out = [(size + pads[2 * i] + pads[2 * i + 1] - d * (k - 1) - 1) // s + 1
                for i, (size, k, s, d) in enumerate(zip(spatial, kernel, self.stride, self.dilation))]
         p_in, p_out, k = samples * math.prod(spatial), samples * math.prod(out), math.prod(kernel)
-        chain = [Product(p_in * n_in * r_in, p_in * n_in + n_in * r_in, p_in * r_in, True),
+        chain = [Product(p_in * n_in * r_in, p_in * n_in + n_in * r_in, p_in * r_in),
                  Product(p_out * r_in * r_out * k, p_in * r_in + r_out * r_in * k, p_out * r_out),
                  Product(p_out * r_out * n_out, p_out * r_out + r_out * n_out, p_out * n_out)]
         merged = [Product(r_out * r_in * k * n_in, r_out * r_in * k + n_in * r_in, r_out * k * n_in),
                   Product(n_out * r_out * k * n_in, n_out * r_out + r_out * k * n_in, n_out * k * n_in),
-                  Product(p_out * n_in * n_out * k, p_in * n_in + n_out * n_in * k, p_out * n_out, True)]
+                  Product(p_out * n_in * n_out * k, p_in * n_in + n_out * n_in * k, p_out * n_out)]
         return chain, merged
 
     def galerkin_gradient(self, factors: Sequence[Tensor], x: Tensor, dy: Tensor) -> Tensor:
