@@ -24,7 +24,7 @@ from unittest import mock
 import torch
 
 from lightning_lowrank import TuckerConv2d, TuckerLinear
-from lightning_lowrank.tucker import layers
+from lightning_lowrank.tucker import forms, layers
 from lightning_lowrank.tucker.algebra import consistent_ranks
 
 # (name, layer, input shape, whether the input needs a gradient)
@@ -79,12 +79,12 @@ def main() -> None:
         x = torch.randn(shape, requires_grad=input_grad)
         times = [form_ms(layer, x, chain) for chain in (True, False)]
         dense = step_ms(layer.to_dense(), x)
-        grads = layers.Grads(input=input_grad)
-        forms = layer.products(x.shape, grads=grads)
-        work = [(sum(p.passes * p.macs for p in products), sum(p.passes * (p.read + p.written) for p in products))
-                for products in forms]
+        grads = forms.Grads(input=input_grad)
+        products = layer.products(x.shape, grads=grads)
+        work = [(sum(p.passes * p.macs for p in form), sum(p.passes * (p.read + p.written) for p in form))
+                for form in products]
         chain_cost, merged_cost = layer.forward_costs(x.shape, grads=grads)
-        before = sum(p.macs for p in forms[0]) <= sum(p.macs for p in forms[1])
+        before = sum(p.macs for p in products[0]) <= sum(p.macs for p in products[1])
         picks = ["chain" if chain_cost <= merged_cost else "merged", "chain" if before else "merged"]
         rows.append((times, work, picks))
         picked = times[0 if picks[0] == "chain" else 1]
@@ -94,7 +94,7 @@ def main() -> None:
     design = torch.tensor([[m / t, e / t] for t, (m, e) in samples], dtype=torch.float64)
     a, b = torch.linalg.lstsq(design, torch.ones(len(samples), 1, dtype=torch.float64)).solution.flatten().tolist()
     print(f"\nfit: time = a x multiply-adds + b x elements; b / a = {b / a:.0f} multiply-adds per element "
-          f"(package: ELEMENT_COST = {layers.ELEMENT_COST})")
+          f"(package: ELEMENT_COST = {forms.ELEMENT_COST})")
     best = sum(min(times) for times, _, _ in rows)
     for i, rule in enumerate(("package (forward+backward, elements)", "before (forward multiply-adds)")):
         chosen = sum(times[0 if picks[i] == "chain" else 1] for times, _, picks in rows)

@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_lowrank import TuckerConv1d, TuckerConv2d, TuckerConv3d, TuckerLinear
-from lightning_lowrank.tucker.layers import TUCKER_LAYERS, Grads
+from lightning_lowrank.tucker.forms import Grads
+from lightning_lowrank.tucker.layers import TUCKER_LAYERS
 from lightning_lowrank.tucker.storage import storage_size
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
@@ -240,7 +241,7 @@ def test_forward_costs_count_the_multiply_adds_of_each_form(monkeypatch, kind, f
         u.requires_grad_(grads.factors)
     backward = any(grads)
     with monkeypatch.context() as patch:
-        patch.setattr("lightning_lowrank.tucker.layers.ELEMENT_COST", 0)
+        patch.setattr("lightning_lowrank.tucker.forms.ELEMENT_COST", 0)
         costs = layer.forward_costs(x.shape, grads=grads)
     force(monkeypatch, layer, form)
     kernel = 0
@@ -304,7 +305,7 @@ def test_a_thin_convolution_merges_where_its_chain_moves_more_memory_than_it_sav
     layer = TuckerConv2d(1, 20, 5, ranks=(5, 1, 5, 5))
     x = torch.randn(128, 1, 28, 28)
     with monkeypatch.context() as patch:
-        patch.setattr("lightning_lowrank.tucker.layers.ELEMENT_COST", 0)
+        patch.setattr("lightning_lowrank.tucker.forms.ELEMENT_COST", 0)
         chain_macs, merged_macs = layer.forward_costs(x.shape, grads=Grads(input=False))
     assert chain_macs < merged_macs
     chain, merged = layer.forward_costs(x.shape, grads=Grads(input=False))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,47 +37,12 @@ from lightning_lowrank.tucker.algebra import (
     tucker_decomposition,
     unfold,
 )
+from lightning_lowrank.tucker.forms import Grads, Product, with_passes
 from lightning_lowrank.tucker.storage import replace_data, resized, storage_size, zero_outside
 from lightning_lowrank.validation import check_int
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 DenseConv = nn.Conv1d | nn.Conv2d | nn.Conv3d
-
-ELEMENT_COST = 64
-"""Multiply-adds that reading or writing one tensor element costs in :meth:`TuckerLayer.forward_costs`: a small
-product moves more memory than it computes. Fitted to forward+backward times of both forms of Linear and Conv2d
-layers on a 2-core CPU, float32 (55-82 in two fits: ``benchmarks/layer_forms.py``, docs/design.md); a GPU's ratio of
-arithmetic to memory bandwidth is of the same order (about 30 multiply-adds per float32 element in FP32, more with
-tensor cores)."""
-
-
-class Grads(NamedTuple):
-    """Which tensors of a forward pass need a gradient: the layer's input, its factors, its core (all False under
-    ``torch.no_grad``)."""
-
-    input: bool = True
-    factors: bool = True
-    core: bool = True
-
-
-class Product(NamedTuple):
-    """One matrix product or convolution of a forward pass, a x b: multiply-adds, tensor elements read and written,
-    and passes: 1 (the forward), plus one per operand that needs a gradient (its gradient costs another product of
-    the same size)."""
-
-    macs: int
-    read: int
-    written: int
-    passes: int = 1
-
-    def needing(self, a: bool, b: bool) -> Product:
-        """This product with a pass for each operand's gradient: ``a``, ``b`` whether they need one."""
-        return self._replace(passes=1 + a + b)
-
-    def cost(self) -> int:
-        """passes x (macs + ELEMENT_COST x (read + written))."""
-        return self.passes * (self.macs + ELEMENT_COST * (self.read + self.written))
-
 
 def _check_ranks(name: str, ranks: Sequence[int], bounds: Sequence[int], bound_name: str) -> tuple[int, ...]:
     ranks = tuple(ranks)
@@ -435,19 +400,10 @@ class TuckerLayer(nn.Module):
 
     def products(self, input_shape: Sequence[int], ranks: Sequence[int] | None = None,
                  grads: Grads = Grads()) -> tuple[list[Product], list[Product]]:
-        """The products of one pass at ``ranks`` (default: the active ranks) with their gradients' passes, which
-        follow autograd: an operand needs a gradient when it is a tensor of ``grads`` that needs one or is computed
-        from one. (Factor chain: x U_in, then the middle product with the core (convolutions: the kernel
-        C x_3 U_k1 ...), then U_out; merged form: kernel x_2 U_in, then x_1 U_out, then x W^T.)"""
-        (into, middle, out), (merge_in, merge_out, dense) = self._product_sizes(
-            input_shape, self.ranks if ranks is None else ranks)
-        kernel = grads.core or (grads.factors and len(self.shape) > 2)
-        reduced = grads.input or grads.factors  # U_in^T x
-        merged = kernel or grads.factors  # kernel x_2 U_in, and W
-        return ([into.needing(grads.input, grads.factors), middle.needing(reduced, kernel),
-                 out.needing(reduced or kernel, grads.factors)],
-                [merge_in.needing(kernel, grads.factors), merge_out.needing(merged, grads.factors),
-                 dense.needing(grads.input, merged)])
+        """The products of one pass at ``ranks`` (default: the active ranks), each with the passes ``grads`` asks of
+        it (:func:`~lightning_lowrank.tucker.forms.with_passes`): (factor chain, merged form)."""
+        chain, merged = self._product_sizes(input_shape, self.ranks if ranks is None else ranks)
+        return with_passes(chain, merged, grads, kernel_from_factors=len(self.shape) > 2)
 
     def _product_sizes(self, input_shape: Sequence[int],
                        ranks: Sequence[int]) -> tuple[list[Product], list[Product]]:
