@@ -17,6 +17,7 @@ from lightning_lowrank import (
     TuckerConv2d,
     TuckerIntegrator,
     TuckerLinear,
+    convert,
 )
 from lightning_lowrank.tucker.algebra import unfold
 from lightning_lowrank.tucker.storage import storage_size
@@ -1655,3 +1656,45 @@ def test_a_layer_whose_factors_outgrow_its_weight_holds_the_weight(dense_storage
     reference.step()
     assert layer.dense_storage
     torch.testing.assert_close(layer.core, dense.weight, rtol=1e-12, atol=1e-12)
+
+
+class _Checkpointed(nn.Module):
+    """Linear - ReLU - Linear, the first two under ``torch.utils.checkpoint`` (``reentrant`` None: not
+    checkpointed)."""
+
+    def __init__(self, reentrant: bool | None) -> None:
+        super().__init__()
+        self.first, self.second, self.reentrant = nn.Linear(30, 40), nn.Linear(40, 10), reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reentrant is None:
+            return self.second(torch.relu(self.first(x)))
+        hidden = torch.utils.checkpoint.checkpoint(lambda t: torch.relu(self.first(t)), x,
+                                                   use_reentrant=self.reentrant)
+        return self.second(hidden)
+
+
+@pytest.mark.parametrize("method", ["parallel", "augmented"])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_trains_as_the_run_without_it(method, reentrant):
+    """Under activation checkpointing (as transformers' gradient checkpointing does) a checkpointed layer's forward
+    runs twice, the first time without grad (reentrant) or with saved-tensor hooks (not reentrant). Three steps of
+    the integrator give the weights and ranks of the same run without checkpointing, bit for bit: the augmented
+    method's capture keeps one input and output gradient per forward that reaches the loss."""
+    torch.manual_seed(0)
+    start = _Checkpointed(None)
+    convert(start, rank=0.5)
+    x, y = torch.randn(64, 30), torch.randint(0, 10, (64,))
+    runs = []
+    for mode in (None, reentrant):
+        model = copy.deepcopy(start)
+        model.reentrant = mode
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        integrator = TuckerIntegrator(model, IntegratorConfig(tau=0.05, method=method, interval=1))
+        for _ in range(3):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x.clone().requires_grad_(mode is True)), y).backward()
+            integrator.step(optimizer)
+        runs.append((model.first.dense_weight(), model.second.dense_weight(), integrator.ranks))
+    assert runs[1][2] == runs[0][2] and runs[0][2]["first"] != (30, 30)
+    torch.testing.assert_close(runs[1][:2], runs[0][:2], rtol=0, atol=0)
