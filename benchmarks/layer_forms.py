@@ -1,6 +1,6 @@
 """How a Tucker layer chooses between its factor chain and its merged weight, against the time of both, from one run.
 
-    python benchmarks/layer_forms.py [--threads 2] [--fractions 0.05 0.1 0.25 0.5 1]
+    python benchmarks/layer_forms.py [--threads 2] [--fractions 0.05 0.1 0.25 0.5 1] [--device cuda]
 
 For Linear and Conv2d layers of LeNet5, the VGG-style net and a transformer block, at ranks a fraction of their
 sizes, times one forward+backward pass in each form and in the dense layer it replaces (median of repeated runs; an
@@ -43,11 +43,14 @@ CASES = [
 
 
 def step_ms(layer: torch.nn.Module, x: torch.Tensor, repeats: int = 15) -> float:
-    """Median milliseconds of one forward and backward pass."""
+    """Median milliseconds of one forward and backward pass (on a GPU, from and to a synchronisation)."""
+    sync = torch.cuda.synchronize if x.is_cuda else lambda: None
     times = []
     for i in range(repeats + 3):
+        sync()
         start = time.perf_counter()
         layer(x).sum().backward()
+        sync()
         if i >= 3:
             times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
@@ -63,20 +66,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 0.25, 0.5, 1.0])
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (a GPU)")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32; ms per forward+backward")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, float32; ms per forward+backward")
     print(f"{'layer':<26} {'ranks':>9} {'chain ms':>9} {'merged ms':>9} {'dense ms':>9} {'package':>8} {'before':>8} "
           f"{'package / dense':>15}")
     rows = []
     for (name, build, shape, input_grad), fraction in itertools.product(CASES, args.fractions):
-        layer = build()
+        layer = build().to(device)
         ranks = tuple(max(1, round(fraction * n)) for n in layer.shape[:2])
         if isinstance(layer, TuckerLinear):
             ranks = (min(ranks),) * 2
         layer.set_ranks(consistent_ranks((*ranks, *layer.ranks[2:])))
-        x = torch.randn(shape, requires_grad=input_grad)
+        x = torch.randn(shape, device=device, requires_grad=input_grad)
         times = [form_ms(layer, x, chain) for chain in (True, False)]
         dense = step_ms(layer.to_dense(), x)
         grads = forms.Grads(input=input_grad)
