@@ -1,6 +1,7 @@
 """How a Tucker layer chooses between its factor chain and its merged weight, against the time of both, from one run.
 
     python benchmarks/layer_forms.py [--threads 2] [--fractions 0.05 0.1 0.25 0.5 1] [--device cuda]
+                                     [--only NAME] [--repeats 15]
 
 For Linear and Conv2d layers of LeNet5, the VGG-style net and a transformer block, at ranks a fraction of their
 sizes, times one forward+backward pass in each form and in the dense layer it replaces (median of repeated runs; an
@@ -56,10 +57,10 @@ def step_ms(layer: torch.nn.Module, x: torch.Tensor, repeats: int = 15) -> float
     return statistics.median(times) * 1e3
 
 
-def form_ms(layer: layers.TuckerLayer, x: torch.Tensor, chain: bool) -> float:
+def form_ms(layer: layers.TuckerLayer, x: torch.Tensor, chain: bool, repeats: int) -> float:
     """:func:`step_ms` with the layer held to one form."""
     with mock.patch.object(layer, "forward_costs", return_value=(0, 1) if chain else (1, 0)):
-        return step_ms(layer, x)
+        return step_ms(layer, x, repeats)
 
 
 def main() -> None:
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 0.25, 0.5, 1.0])
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (a GPU)")
+    parser.add_argument("--only", default="", help="the layers whose name contains this")
+    parser.add_argument("--repeats", type=int, default=15, help="timed passes per form (their median counts)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -76,15 +79,16 @@ def main() -> None:
     print(f"{'layer':<26} {'ranks':>9} {'chain ms':>9} {'merged ms':>9} {'dense ms':>9} {'package':>8} {'before':>8} "
           f"{'package / dense':>15}")
     rows = []
-    for (name, build, shape, input_grad), fraction in itertools.product(CASES, args.fractions):
+    cases = [case for case in CASES if args.only in case[0]]
+    for (name, build, shape, input_grad), fraction in itertools.product(cases, args.fractions):
         layer = build().to(device)
         ranks = tuple(max(1, round(fraction * n)) for n in layer.shape[:2])
         if isinstance(layer, TuckerLinear):
             ranks = (min(ranks),) * 2
         layer.set_ranks(consistent_ranks((*ranks, *layer.ranks[2:])))
         x = torch.randn(shape, device=device, requires_grad=input_grad)
-        times = [form_ms(layer, x, chain) for chain in (True, False)]
-        dense = step_ms(layer.to_dense(), x)
+        times = [form_ms(layer, x, chain, args.repeats) for chain in (True, False)]
+        dense = step_ms(layer.to_dense(), x, args.repeats)
         grads = forms.Grads(input=input_grad)
         products = layer.products(x.shape, grads=grads)
         work = [(sum(p.passes * p.macs for p in form), sum(p.passes * (p.read + p.written) for p in form))

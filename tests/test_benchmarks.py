@@ -36,3 +36,14 @@ def test_teacher_growth_prints_a_row_per_optimizer_schedule_and_rule(monkeypatch
         (optimizer, schedule, growth, patience) for optimizer in ("SGD", "Adam") for schedule in ("1:1", "10:10")
         for growth, patience in (("0.00", "1"), ("0.25", "1"), ("0.25", "5"))]
     assert all(1 <= int(r[4]) <= 64 for r in rows)
+
+
+def test_layer_forms_times_both_forms_and_fits_the_element_cost(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["layer_forms.py", "--only", "LeNet5 conv1", "--fractions", "0.25", "1",
+                                      "--repeats", "2"])
+    runpy.run_path(str(BENCHMARKS / "layer_forms.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("LeNet5 conv1")]
+    assert [row[4] for row in rows] == ["5/1", "20/1"]  # ranks a quarter and all of the 20 output channels
+    assert all(row[8] in ("chain", "merged") and row[10].endswith("x") for row in rows)
+    assert "multiply-adds per element" in out and out.count("regret of") == 2
