@@ -44,6 +44,7 @@ from lightning_lowrank.validation import check_int
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 DenseConv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
+
 def _check_ranks(name: str, ranks: Sequence[int], bounds: Sequence[int], bound_name: str) -> tuple[int, ...]:
     ranks = tuple(ranks)
     if any(isinstance(r, bool) or not isinstance(r, numbers.Integral) for r in ranks):
