@@ -38,7 +38,7 @@ class Product(NamedTuple):
 
     def needing(self, a: bool, b: bool) -> Product:
         """This product with a pass for each operand's gradient: ``a``, ``b`` whether they need one."""
-        return self._replace(passes=1 + a + b)
+        return Product(self.macs, self.read, self.written, 1 + a + b)
 
     def cost(self) -> int:
         """passes x (macs + ELEMENT_COST x (read + written))."""
