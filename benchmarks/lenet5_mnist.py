@@ -34,7 +34,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["parallel"], choices=["parallel", "augmented"])
     add_schedule_options(parser)
     parser.add_argument("--momentum", type=float, default=0.0)
-    parser.add_argument("--ranks", nargs="+", default=["full"], help="initial ranks: 'full' or fractions in (0, 1]")
+    parser.add_argument("--ranks", nargs="+", default=["full"],
+                        help="initial ranks: 'full', fractions in (0, 1] or 'default' (rank=None)")
     parser.add_argument("--init", default="hosvd", choices=["hosvd", "hosvd_scaled", "random"],
                         help="factors of a start below full rank (TuckerConfig.init)")
     parser.add_argument("--growth", type=float, default=ll.IntegratorConfig.growth,
@@ -64,8 +65,8 @@ def main() -> None:
     for tau, method, (interval, core_steps), rank in itertools.product(args.taus, args.methods, schedules(args),
                                                                        args.ranks):
         result = run([ll.TuckerCallback(tau=tau, method=method, interval=interval, core_steps=core_steps,
-                                        rank=rank if rank == "full" else float(rank), init=args.init,
-                                        growth=args.growth, patience=args.patience,
+                                        rank=None if rank == "default" else rank if rank == "full" else float(rank),
+                                        init=args.init, growth=args.growth, patience=args.patience,
                                         dense_interval=args.dense_interval)])
         ratio = f"{result.epoch_seconds / dense.epoch_seconds:8.2f}" if dense else f"{'-':>8}"
         print(f"{tau:6.2f} {method:>9} {schedule_label(interval, core_steps):>8} {rank:>5} {result.test_acc:9.2%} "

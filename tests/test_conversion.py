@@ -127,7 +127,7 @@ def test_device_and_dtype_follow_the_layer():
 
 @pytest.mark.parametrize("options, message", [
     (dict(rank=0), "`rank` must be an int >= 1, a fraction in \\(0, 1\\] or 'full' or None \\(a quarter, within "
-                   "`max_rank` and the dense size\\), got 0"),
+                   "`max_rank` and a storage budget\\), got 0"),
     (dict(rank=-3), "`rank` must be an int >= 1"),
     (dict(max_rank=1.5), "`max_rank` must be an int >= 1, a fraction in \\(0, 1\\]"),
     (dict(rank=0.0), "`rank` must be"),
@@ -261,13 +261,15 @@ def test_max_rank_alone_sets_the_initial_rank():
 
 def test_the_callback_starts_at_a_quarter_at_most_max_rank_with_the_dense_norm():
     """TuckerCallback's defaults (``rank=None``, ``init="hosvd_scaled"``): ceil(n / 4) per channel mode, capped by a
-    `max_rank` given alone, each layer's weight at the dense weight's Frobenius norm; an explicit rank above
-    `max_rank` is still refused."""
+    `max_rank` given alone (the smallest layer keeps it within the storage budget), each layer's weight at the dense
+    weight's Frobenius norm; an explicit rank above `max_rank` is still refused."""
     torch.manual_seed(0)
     model = small_cnn()
     norms = {name: m.weight.norm() for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    ll.convert(model, ll.TuckerCallback().conversion)
-    assert model[0].ranks[:2] == (4, 1) and model[8].ranks == (16, 16)  # ceil(16 / 4), ceil(3 / 4); 64 / 4 (equal)
+    config = ll.TuckerCallback().conversion
+    ll.convert(model, config)
+    assert model[0].ranks[:2] == (4, 1)  # ceil(16 / 4), ceil(3 / 4)
+    assert config.ranks_for((64, 128), "fc")[0] == (16, 16)  # 64 / 4, equal: before the budget
     for name, norm in norms.items():
         torch.testing.assert_close(model.get_submodule(name).weight.norm(), norm)
     capped = small_cnn()
@@ -280,20 +282,29 @@ def test_the_callback_starts_at_a_quarter_at_most_max_rank_with_the_dense_norm()
         ll.TuckerCallback(rank=0.5, max_rank=0.25)
 
 
-def test_the_default_start_stores_at_most_the_dense_weight():
-    """Where a quarter would store more than the dense weight (a square linear layer: factors 2 x n x n/2 and core
-    (n/2)^2, 1.25 n^2), ``rank=None`` lowers the start until factors and core (room for the augmentation included)
-    fit in the dense weight's n_out n_in entries; layers that fit keep the quarter. Reference: the stored entries
-    counted from the parameters' shapes, against the dense weight."""
+def stored(layer: ll.TuckerLayer) -> int:
+    return sum(u.numel() for u in layer.factors) + layer.core.numel()
+
+
+def test_the_default_start_stores_a_quarter_of_the_dense_weights_the_largest_layers_lowered():
+    """``rank=None`` lowers the quarter start until each layer's factors and core (room for the augmentation
+    included) fit in its dense weight and all of them in a quarter of the dense weights, lowering the layers that
+    store most first (water-filling). Reference: entries counted from the parameters' shapes, and the ladder of
+    storage sizes worked by hand."""
     model = nn.Sequential(nn.Linear(256, 256), nn.Linear(1024, 256), nn.Conv2d(1, 6, 5))
+    dense = sum(math.prod(layer.weight.shape) for layer in model)  # 65,536 + 262,144 + 150
     ll.convert(model, ll.TuckerCallback().conversion)
-    for layer in model:
-        stored = sum(u.numel() for u in layer.factors) + layer.core.numel()
-        assert stored <= math.prod(layer.shape), layer
     square, wide, small = model
-    assert square.ranks == (48, 48) and square.storage == (96, 96)  # 49 needs storage 128: 2 * 256 * 128 + 128^2
-    assert wide.ranks == (64, 64)  # a quarter of 256: 1024 * 128 + 256 * 128 + 128^2 <= 1024 * 256
-    assert small.ranks[:2] == (1, 1)  # a quarter (2, 1) stores 6 * 4 + 1 + 2 * 25 + 4 * 25 = 175 > 150
+    assert small.ranks[:2] == (1, 1)  # a quarter (2, 1) stores 6 * 4 + 1 + 2 * 25 + 4 * 25 = 175 > its 150
+    assert square.ranks == (32, 32) and stored(square) == 2 * 256 * 64 + 64**2  # 36,864
+    assert wide.ranks == (16, 16) and stored(wide) == 1280 * 32 + 32**2  # 41,984
+    assert sum(stored(layer) for layer in model) <= dense / 4  # 78,978 <= 81,957
+    # one storage step more in either large layer exceeds the budget: 2 * 256 * 96 + 96^2 = 58,368 and
+    # 1280 * 48 + 48^2 = 63,744
+    assert 58368 + stored(wide) + stored(small) > dense / 4 and stored(square) + 63744 + stored(small) > dense / 4
+    alone = nn.Sequential(nn.Linear(256, 256))
+    ll.convert(alone, ll.TuckerCallback().conversion)
+    assert alone[0].ranks == (12, 12) and stored(alone[0]) == 2 * 256 * 24 + 24**2  # 12,864; storage 32: 17,408
     explicit = nn.Sequential(nn.Linear(256, 256))
     ll.convert(explicit, ll.TuckerCallback(rank=0.25).conversion)
     assert explicit[0].ranks == (64, 64)  # an explicit rank is taken as given

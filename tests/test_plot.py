@@ -106,11 +106,11 @@ def test_unreadable_logs_are_clear_errors(run, tmp_path):
 
 def test_curves_start_at_the_initial_ranks_whatever_the_logging_interval(tmp_path):
     torch.manual_seed(0)
-    trainer = pl.Trainer(max_epochs=1, logger=CSVLogger(tmp_path), callbacks=[ll.TuckerCallback(tau=0.3)],
+    trainer = pl.Trainer(max_epochs=1, logger=CSVLogger(tmp_path), callbacks=[ll.TuckerCallback(tau=0.3, rank=0.25)],
                          log_every_n_steps=5, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         trainer.fit(Student(lr=0.02))
     steps, ranks = ll.rank_curves(trainer.logger.log_dir)["net.3/rank_out"]
-    assert steps[0] == 0 and ranks[0] == 4 and 0 < len(steps) < trainer.global_step  # the default start: 16 / 4
+    assert steps[0] == 0 and ranks[0] == 4 and 0 < len(steps) < trainer.global_step  # the start: 16 / 4

@@ -230,8 +230,9 @@ class TuckerCallback(LowRankCallback):
         self._unstarted -= unstarted
         moved = {name: type(optimizer).__name__ for name, optimizer in trained.items()
                  if name in unstarted and steps_follow_gradient(optimizer)}
+        starts = self.conversion.start({name: layers[name].shape for name in moved})
         for name in moved:
-            restart(layers[name], self.conversion, name)
+            restart(layers[name], starts[name], self.conversion.init)
             integrator = self.integrators.get(trained[name])
             if integrator is not None and name in integrator.layers:  # unfrozen in place: its margin starts now
                 integrator.add_layers({name: layers[name]})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Union
 
@@ -25,9 +26,13 @@ r_i <= prod_{j != i} r_j (a linear layer's two ranks are equal): beyond that a m
 
 
 START = 0.25
-"""The start ``rank=None`` takes: a quarter of each channel mode, at most its ``max_rank`` and at most what keeps the
-layer's storage within its dense weight (:func:`start_ranks`; TuckerCallback's default; why, measured: README "What
-training costs")."""
+"""The start ``rank=None`` takes: a quarter of each channel mode, at most its ``max_rank``, then lowered in the largest
+layers until the layers starting together store at most :data:`START_BUDGET` of their dense weights
+(:func:`start_ranks`; TuckerCallback's default; why, measured: README "What training costs")."""
+
+START_BUDGET = 0.25
+"""Share of their dense weights (entries) the layers of a ``rank=None`` start store together, the room for the
+augmentation included (:func:`start_ranks`)."""
 
 
 CONVERTIBLE: tuple[type[nn.Module], ...] = (*TUCKER_LAYERS, nn.MultiheadAttention)
@@ -43,7 +48,7 @@ def _check_rank_spec(name: str, spec: RankSpec | None) -> None:
         else spec >= 1 if isinstance(spec, int)
         else isinstance(spec, float) and 0 < spec <= 1
     ):
-        default = " or None (a quarter, within `max_rank` and the dense size)" if name == "rank" else ""
+        default = " or None (a quarter, within `max_rank` and a storage budget)" if name == "rank" else ""
         raise ValueError(f"`{name}` must be an int >= 1, a fraction in (0, 1] or 'full'{default}, got {spec!r}")
 
 
@@ -61,9 +66,9 @@ class TuckerConfig:
 
     Args:
         rank: initial active rank of the channel modes (output and input); "full" starts at `max_rank` (exact:
-            the default here); None starts at a quarter of each mode (:data:`START`), at most `max_rank` and
-            lowered where the layer would store more than its dense weight (:func:`start_ranks`; TuckerCallback's
-            default: a start that trains below the dense cost).
+            the default here); None starts at a quarter of each mode (:data:`START`), at most `max_rank`, the
+            largest layers lower until the converted layers store at most a quarter of their dense weights
+            (:func:`start_ranks`; TuckerCallback's default: a start that trains below the dense cost).
         max_rank: largest rank of the channel modes that truncation keeps (augmentation may exceed it for one
             interval); the storage follows the rank (:func:`~lightning_lowrank.tucker.storage.storage_size`).
         kernel_rank: initial rank of the spatial modes of convolutions.
@@ -113,7 +118,8 @@ class TuckerConfig:
             raise ValueError(f"`init` must be 'hosvd', 'hosvd_scaled' or 'random', got {self.init!r}")
 
     def ranks_for(self, shape: tuple[int, ...], layer_name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Initial and maximum rank of every mode of a weight of ``shape``."""
+        """Initial and maximum rank of every mode of a weight of ``shape`` (for ``rank=None`` before the budget of
+        :func:`start_ranks`, which needs the other layers starting with it)."""
         ranks, max_ranks = [], []
         for mode, (size, bound) in enumerate(zip(shape, full_ranks(shape))):
             specs = (self.rank, self.max_rank) if mode < 2 else (self.kernel_rank, "full")
@@ -129,37 +135,71 @@ class TuckerConfig:
                                  f"`max_rank` {max_rank}")
             ranks.append(rank)
             max_ranks.append(max_rank)
-        ranks = consistent_ranks(ranks)
-        return (ranks if self.rank is not None else start_ranks(shape, ranks)), tuple(max_ranks)
+        return consistent_ranks(ranks), tuple(max_ranks)
+
+    def start(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """Initial ranks of layers of ``shapes`` (by name) that start together: :meth:`ranks_for`, and for
+        ``rank=None`` within the budget of :func:`start_ranks`."""
+        ranks = {name: self.ranks_for(shape, name)[0] for name, shape in shapes.items()}
+        return ranks if self.rank is not None else start_ranks(shapes, ranks)
 
 
-def start_ranks(shape: tuple[int, ...], ranks: tuple[int, ...]) -> tuple[int, ...]:
-    """``ranks`` with the channel ranks lowered (the larger first, down to 1) until the layer stores at most its
-    dense weight's prod_i n_i entries: sum_i n_i s_i + prod_i s_i with s_i = ``storage_size(n_i, r_i)`` (room for the
-    augmented bases; a square linear layer at a quarter would store 1.25 n^2)."""
-    ranks = list(ranks)
-    while stored_entries(shape, ranks) > math.prod(shape) and max(ranks[:2]) > 1:
-        mode = 0 if ranks[0] >= ranks[1] else 1
-        ranks[mode] -= 1
-    return consistent_ranks(ranks)
+def start_ranks(shapes: Mapping[str, tuple[int, ...]], ranks: Mapping[str, tuple[int, ...]],
+                budget: float = START_BUDGET) -> dict[str, tuple[int, ...]]:
+    """``ranks`` (by layer name) lowered until every layer stores at most its dense weight's prod_i n_i entries and
+    the layers together at most ``budget`` of their dense weights, the largest layers lowered first.
+
+    A layer stores sum_i n_i s_i + prod_i s_i entries, s_i = ``storage_size(n_i, r_i)`` (room for the augmented
+    bases: a square linear layer at a quarter stores 1.25 n^2). Water-filling: each layer's channel ranks are
+    lowered (the larger first, down to 1) until it stores at most a cap c, the largest c at which the total fits,
+    so layers storing less than c keep their ranks; at c = 0 every layer is at rank 1 in its channel modes.
+    """
+    if not ranks:
+        return {}
+    paths = {name: _lowering(shapes[name], r) for name, r in ranks.items()}  # (stored, ranks), stored decreasing
+
+    def capped(cap: int) -> dict[str, tuple[int, tuple[int, ...]]]:
+        return {name: next((step for step in path if step[0] <= cap), path[-1]) for name, path in paths.items()}
+
+    allowed = budget * sum(math.prod(shape) for shape in shapes.values())
+    caps = sorted({stored for path in paths.values() for stored, _ in path})
+    low, high = 0, len(caps) - 1  # the largest cap whose total fits (caps[0] if none does)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if sum(stored for stored, _ in capped(caps[middle]).values()) <= allowed:
+            low = middle
+        else:
+            high = middle - 1
+    return {name: step[1] for name, step in capped(caps[low]).items()}
+
+
+def _lowering(shape: tuple[int, ...], ranks: tuple[int, ...]) -> list[tuple[int, tuple[int, ...]]]:
+    """Stored entries and ranks of a layer whose channel ranks fall from ``ranks``, the larger first, down to 1, from
+    the first that stores at most the dense weight (or rank 1)."""
+    path = [(stored_entries(shape, ranks), ranks)]
+    current = list(ranks)
+    while max(current[:2]) > 1:
+        current[0 if current[0] >= current[1] else 1] -= 1
+        lowered = consistent_ranks(current)
+        path.append((stored_entries(shape, lowered), lowered))
+    return [step for step in path if step[0] <= math.prod(shape)] or path[-1:]
 
 
 @torch.no_grad()
-def restart(layer: TuckerLayer, config: TuckerConfig, name: str) -> None:
-    """Lower a layer converted with ``rank="full"`` to the initial ranks ``config`` gives it
-    (:meth:`TuckerConfig.ranks_for`), its storage fitted to them: the leading block of the core and of each factor,
-    which for ``init="hosvd"`` and ``"hosvd_scaled"`` is the truncated HOSVD
-    (:func:`~lightning_lowrank.tucker.algebra.tucker_decomposition`), the core scaled back to its norm before for
-    ``"hosvd_scaled"``: the layer ``convert`` with ``config`` would have made (the storage beyond the ranks zero).
+def restart(layer: TuckerLayer, ranks: tuple[int, ...], init: Init) -> None:
+    """Lower a layer converted with ``rank="full"`` to ``ranks`` (:meth:`TuckerConfig.start`), its storage fitted to
+    them: the leading block of the core and of each factor, which for ``init="hosvd"`` and ``"hosvd_scaled"`` is the
+    truncated HOSVD (:func:`~lightning_lowrank.tucker.algebra.tucker_decomposition`), the core scaled back to its
+    norm before for ``"hosvd_scaled"``: the layer ``convert`` at these ranks with ``init`` would have made (the
+    storage beyond the ranks zero).
     The parameters keep their identity; call it before the optimizer's first step (their optimizer state is not
     resized)."""
     norm = torch.linalg.vector_norm(layer.active_core().double())
-    ranks, _ = config.ranks_for(layer.shape, name)
     layer.set_ranks(ranks)
     layer.resize([storage_size(n, r) for n, r in zip(layer.shape, ranks)])
     for u, r in zip(layer.factors, ranks):
         u[:, r:] = 0  # as a conversion at these ranks leaves the storage beyond them
-    if config.init == "hosvd_scaled":
+    if init == "hosvd_scaled":
         layer.scale_core_to(norm)
 
 
@@ -204,13 +244,17 @@ def convert(module: nn.Module, config: TuckerConfig | None = None, **options: ob
         candidates += [([f"{name}.{proj}" for name in names], getattr(split, proj))
                        for proj in ("q_proj", "k_proj", "v_proj", "out_proj")]
     ends = {id(candidates[0][1]), id(candidates[-1][1])} if config.keep_first_last and candidates else set()
-    plan = []  # every rank is resolved before the first module is replaced, so a bad rank changes nothing
+    selected = []  # every rank is resolved before the first module is replaced, so a bad rank changes nothing
     for names, layer in candidates:
         reason = _skip_reason(names, layer, config, id(layer) in ends, owners)
         if reason is None:
-            plan.append((names, layer, *config.ranks_for(tuple(layer.weight.shape), names[0])))
+            selected.append((names, layer))
         elif reason:
             report.skipped[names[0]] = reason
+    shapes = {names[0]: tuple(layer.weight.shape) for names, layer in selected}
+    starts = config.start(shapes)
+    plan = [(names, layer, starts[names[0]], config.ranks_for(shapes[names[0]], names[0])[1])
+            for names, layer in selected]
     for names, split in splits:
         for name in names:
             module.set_submodule(name, split)
