@@ -5,7 +5,7 @@
                                       [--ranks full] [--init hosvd] [--growth 0.25] [--patience 200]
 
 SGD lr 0.05, batch 128, 60,000 training images, tested on the 10,000 test images. For every tau, method and
-schedule and initial rank (``--ranks``: ``full``, or a fraction of each channel mode for a start below it):
+schedule and initial rank (``--ranks``: ``full``, a fraction of each channel mode, or ``default``: ``rank=None``):
 test accuracy, compression rate (1 - factorized / dense parameters of the converted layers), final ranks
 (out/in of each layer), median epoch time and its ratio to the dense epoch. A schedule ``k:s`` is ``interval=k,
 core_steps=s``; ``--intervals k`` adds ``k:1``. ``1:1`` (``--intervals 1``) is the paper's method; the default is the
