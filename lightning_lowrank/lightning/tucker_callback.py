@@ -61,10 +61,12 @@ class TuckerCallback(LowRankCallback):
             are converted and at which initial and maximum ranks (:class:`~lightning_lowrank.TuckerConfig`).
             ``rank=None`` (the default) chooses the start from the optimizer at fit start: where its steps follow
             the gradient's size (SGD, ASGD), every channel mode starts at a quarter of its size (at most
-            ``max_rank``, lowered where the layer would store more than its dense weight) with the core scaled to
-            the dense weight's norm (``init="hosvd_scaled"``), so the run stays below the dense run's memory from
-            the first step and the ranks grow where the loss needs them; under every other optimizer (Adam-type,
-            whose per-entry steps neither trained such a start nor grew its ranks) at full rank. A layer whose
+            ``max_rank``), the largest layers lower until the layers starting together store at most a quarter of
+            their dense weights (:func:`~lightning_lowrank.tucker.conversion.start_ranks`), with the core scaled to
+            the dense weight's norm (``init="hosvd_scaled"``), so the run stays below the dense run's memory and
+            step time from the first step and the ranks grow where the loss needs them; under every other
+            optimizer (Adam-type, whose per-entry steps neither trained such a start nor grew its ranks) at full
+            rank. A layer whose
             factors would store more than its dense weight at its start (every full-rank start) holds the weight
             itself (dense storage, with ``dense_storage``): the dense layer's memory and time until truncation
             lowers its ranks so far that the factors pay. Until fit starts, and in runs without fit, the converted
