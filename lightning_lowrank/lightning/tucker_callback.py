@@ -66,13 +66,12 @@ class TuckerCallback(LowRankCallback):
             the dense weight's norm (``init="hosvd_scaled"``), so the run stays below the dense run's memory and
             step time from the first step and the ranks grow where the loss needs them; under every other
             optimizer (Adam-type, whose per-entry steps neither trained such a start nor grew its ranks) at full
-            rank. A layer whose
-            factors would store more than its dense weight at its start (every full-rank start) holds the weight
-            itself (dense storage, with ``dense_storage``): the dense layer's memory and time until truncation
-            lowers its ranks so far that the factors pay. Until fit starts, and in runs without fit, the converted
-            layers are at full rank (exact). Why, measured: README "What training costs". Weights to keep as they
-            are (pretrained): ``rank="full"`` (exact; the first truncations choose the ranks) or ``init="hosvd"``
-            (the best approximation at the start's ranks).
+            rank. A layer whose factors would store more than its dense weight at its start (every full-rank start)
+            holds the weight itself (dense storage, with ``dense_storage``): the dense layer's memory and time until
+            truncation lowers its ranks so far that the factors pay. Until fit starts, and in runs without fit, the
+            converted layers are at full rank (exact). Why, measured: README "What training costs". Weights to keep
+            as they are (pretrained): ``rank="full"`` (exact; the first truncations choose the ranks) or
+            ``init="hosvd"`` (the best approximation at the start's ranks).
         min_rank, modes, method, interval, core_steps, growth, patience, scale_steps, dense_storage,
             dense_interval: the integrator's options (:class:`~lightning_lowrank.IntegratorConfig`). Layers still at
             their augmented ranks or keeping a growth margin when training ends are truncated to their tolerance
