@@ -305,6 +305,13 @@ def test_the_default_start_stores_a_quarter_of_the_dense_weights_the_largest_lay
     alone = nn.Sequential(nn.Linear(256, 256))
     ll.convert(alone, ll.TuckerCallback().conversion)
     assert alone[0].ranks == (12, 12) and stored(alone[0]) == 2 * 256 * 24 + 24**2  # 12,864; storage 32: 17,408
+    conv = nn.Sequential(nn.Conv2d(16, 64, 3))  # the larger channel rank falls first: a quarter (16, 4) stores 4,498
+    ll.convert(conv, ll.TuckerCallback().conversion)
+    assert conv[0].ranks[:2] == (6, 4) and stored(conv[0]) == 64 * 12 + 16 * 8 + 2 * 9 + 12 * 8 * 9  # 1,778 <= 2,304
+    # at (8, 4) storage 16 x 8: 2,322 > 2,304, a quarter of 64 * 16 * 9
+    fits = nn.Sequential(nn.Conv2d(64, 64, 5))  # spatial rank 1: a quarter stores 8,212 <= 102,400 / 4, kept
+    ll.convert(fits, ll.TuckerCallback(kernel_rank=1).conversion)
+    assert fits[0].ranks == (16, 16, 1, 1) and stored(fits[0]) == 2 * 64 * 32 + 2 * 5 * 2 + 32 * 32 * 2 * 2
     explicit = nn.Sequential(nn.Linear(256, 256))
     ll.convert(explicit, ll.TuckerCallback(rank=0.25).conversion)
     assert explicit[0].ranks == (64, 64)  # an explicit rank is taken as given
