@@ -11,11 +11,12 @@ LeNet5 on MNIST (28x28) or the VGG-style net on Fashion-MNIST (32x32, 3 channels
 ``default``: ``rank=None``, chosen from the optimizer; ``--schedule k:s``: ``interval=k, core_steps=s``, default the
 package's: 1:1 for SGD, 10:10 for AdamW). Per arm: peak bytes of parameters + gradients + optimizer state over
 the run (measured after backward, before the integrator drops the basis gradients, and after each step), the same at
-the end, peak process RSS over the fit and over the whole run (each arm in a fresh process; the test that follows
-the fit evaluates batches of 1000), median time per training step over the first 20 steps and over the last epoch,
-compression rate and test accuracy; each with its ratio to the dense arm. The header names the allocator that
-``LD_PRELOAD`` puts in every arm's process (glibc's malloc when unset). ``--plot`` writes the state bytes over steps
-of every arm. Needs ``make data``.
+the end, peak process RSS over the training steps (Linux: the peak is reset once the data and the layers are in
+place, at ``on_train_start``) and over the whole run (each arm in a fresh process; loading the data set and the test
+that follows the fit, in batches of 1000, included), median time per training step over the first 20 steps and over
+the last epoch, compression rate and test accuracy; each with its ratio to the dense arm. The header names the
+allocator that ``LD_PRELOAD`` puts in every arm's process (glibc's malloc when unset). ``--plot`` writes the state
+bytes over steps of every arm. Needs ``make data``.
 """
 
 from __future__ import annotations
@@ -52,14 +53,34 @@ def state_bytes(trainer: pl.Trainer, module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def peak_rss(reset: bool = False) -> int | None:
+    """The process's peak resident bytes since it started or since the last reset (Linux's VmHWM; None elsewhere).
+    ``reset``: start a new peak at the current RSS (``/proc/self/clear_refs``) and return None."""
+    try:
+        if reset:
+            Path("/proc/self/clear_refs").write_text("5")
+            return None
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) * 1024
+
+
 class CostMeter(pl.Callback):
     """State bytes after backward (placed before TuckerCallback: the basis gradients still there) and after each
-    step; wall time of each training step."""
+    step; wall time of each training step; peak RSS over the training steps."""
 
     def __init__(self) -> None:
         self.bytes: list[int] = []
         self.seconds: list[float] = []
         self.epoch_starts: list[int] = []
+        self.train_rss: int | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        peak_rss(reset=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.train_rss = peak_rss()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.epoch_starts.append(len(self.seconds))
@@ -97,12 +118,11 @@ def run_arm(args: argparse.Namespace, arm: str) -> dict[str, object]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         trainer.fit(model, data)
-        fit_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         accuracy = trainer.test(model, data, verbose=False)[0]["test_acc"]
     report = ll.summary(model)
     last_epoch = meter.seconds[meter.epoch_starts[-1]:]
     return {"arm": arm, "peak_bytes": max(meter.bytes), "end_bytes": meter.bytes[-1], "bytes": meter.bytes,
-            "fit_rss": fit_rss, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "train_rss": meter.train_rss, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "first_ms": statistics.median(meter.seconds[:20]) * 1e3, "last_ms": statistics.median(last_epoch) * 1e3,
             "compression": report.compression_rate if report.layers else 0.0, "accuracy": accuracy,
             "ranks": " ".join("/".join(map(str, layer.ranks[:2])) for layer in report.layers) or "-"}
@@ -163,14 +183,16 @@ def main() -> None:
     print(f"{args.model}, {args.epochs} epochs, tau {args.tau}, init {args.init}, growth {args.growth}, "
           f"patience {args.patience}, {OPTIMIZERS[args.optimizer]}, batches per epoch {args.limit_batches or 'all'}, "
           f"seed {args.seed}, allocator {os.environ.get('LD_PRELOAD') or 'glibc malloc'}")
-    print(f"{'arm':>10} {'test acc':>8} {'compr.':>6} {'peak state':>14} {'end state':>14} {'RSS, fit':>15} "
+    print(f"{'arm':>10} {'test acc':>8} {'compr.':>6} {'peak state':>14} {'end state':>14} {'RSS, train':>15} "
           f"{'RSS, run':>15} {'first 20 ms':>14} {'last ep. ms':>14}  final ranks")
     for r in results:
         def cell(key: str, scale: float, unit: str) -> str:
+            if r[key] is None or dense[key] is None:
+                return "n/a"
             return f"{r[key] / scale:7.1f}{unit} {r[key] / dense[key]:4.2f}x"
 
         print(f"{r['arm']:>10} {r['accuracy']:8.2%} {r['compression']:6.1%} {cell('peak_bytes', 2**20, 'M'):>14} "
-              f"{cell('end_bytes', 2**20, 'M'):>14} {cell('fit_rss', 2**20, 'M'):>15} "
+              f"{cell('end_bytes', 2**20, 'M'):>14} {cell('train_rss', 2**20, 'M'):>15} "
               f"{cell('rss', 2**20, 'M'):>15} {cell('first_ms', 1, ''):>14} "
               f"{cell('last_ms', 1, ''):>14}  {r['ranks']}")
     if args.plot:
