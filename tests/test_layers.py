@@ -212,6 +212,14 @@ def flops(layer, x, backward=False):
     return counter.get_total_flops()
 
 
+LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384)
+
+
+def width(rank, size):
+    """The width an eager forward computes a mode at: the rank rounded up to the storage ladder, within the size."""
+    return min(size, next(step for step in LADDER if step >= rank))
+
+
 def force(monkeypatch, layer, form):
     """Make ``layer`` compute with ``form`` ('chain' or 'merged') whatever its costs."""
     costs = (1, 0) if form == "merged" else (0, 1)
@@ -228,7 +236,8 @@ def test_forward_costs_count_the_multiply_adds_of_each_form(monkeypatch, kind, f
     multiply-add) in the forward and in the backward autograd runs: a product computes the gradient of each operand
     that needs one (the input, the factors, the core as ``grads`` says, or a tensor computed from one), so held
     bases, a frozen layer or an input without a gradient each drop some. The middle convolution's kernel, formed
-    from the core and the spatial factors in both forms, is counted apart."""
+    from the core and the spatial factors in both forms, is counted apart. The forward computes at the ranks rounded
+    up to the storage ladder (5 -> 6), which the costs count by default."""
     torch.manual_seed(0)
     if kind == "linear":
         layer, x = TuckerLinear(30, 20, ranks=(6, 6)), torch.randn(4, 6, 30)
@@ -246,7 +255,9 @@ def test_forward_costs_count_the_multiply_adds_of_each_form(monkeypatch, kind, f
     force(monkeypatch, layer, form)
     kernel = 0
     if kind == "conv2d":
-        core, spatial = layer.active_core(), layer.active_factors()[2:]
+        ranks = [width(r, n) for r, n in zip(layer.ranks, layer.shape)]  # 5 -> 6
+        core = layer.core[tuple(slice(r) for r in ranks)]
+        spatial = [u[:, :r] for u, r in zip(layer.factors[2:], ranks[2:])]
         with FlopCounterMode(display=False) as counter:
             out = layer._kernel(core, spatial)
             if out.requires_grad:
@@ -258,40 +269,45 @@ def test_forward_costs_count_the_multiply_adds_of_each_form(monkeypatch, kind, f
 
 def test_forward_costs_follow_the_closed_form_and_the_forward_switches_at_the_crossover():
     """Linear(300, 200) on 4 x 256 rows at ranks r_out = r_in = r, forward and backward: each product costs its
-    multiply-adds plus 64 per element read or written, three times (forward, two gradients). The forward takes the
-    chain up to the crossover rank and the merged weight from there on (FLOPs counted tell the forms apart); with
-    its bases held the chain, whose factors then need no gradient, also at the crossover."""
+    multiply-adds plus 64 per element read or written, three times (forward, two gradients). The forward computes at
+    the ranks rounded up to the storage ladder (the core is 0 beyond the rank: the output is the same) and takes the
+    chain where its cost at those widths is at most the merged weight's, the merged weight beyond (FLOPs counted tell
+    the forms apart); with its bases held the chain, whose factors then need no gradient, also past the crossover."""
     layer = TuckerLinear(300, 200)
     x = torch.randn(4, 256, 300, requires_grad=True)
     m, n_in, n_out = 1024, 300, 200
 
-    def chain(r):
-        macs = m * (n_in * r + r * r + r * n_out)
-        elements = (m * n_in + n_in * r + m * r) + (m * r + r * r + m * r) + (m * r + r * n_out + m * n_out)
+    def chain(o, i):
+        macs = m * (n_in * i + i * o + o * n_out)
+        elements = (m * n_in + n_in * i + m * i) + (m * i + i * o + m * o) + (m * o + o * n_out + m * n_out)
         return 3 * (macs + 64 * elements)
 
-    def merged(r):
-        macs = r * r * n_in + n_out * r * n_in + m * n_in * n_out
-        elements = (r * r + n_in * r + r * n_in) + (n_out * r + r * n_in + n_out * n_in) + (
+    def merged(o, i):
+        macs = o * i * n_in + n_out * o * n_in + m * n_in * n_out
+        elements = (o * i + n_in * i + o * n_in) + (n_out * o + o * n_in + n_out * n_in) + (
             m * n_in + n_out * n_in + m * n_out)
         return 3 * (macs + 64 * elements)
 
-    def chain_flops(r):
-        return 2 * m * (n_in * r + r * r + r * n_out)
+    def chain_flops(o, i):
+        return 2 * m * (n_in * i + i * o + o * n_out)
 
-    def merged_flops(r):
-        return 2 * (m * n_in * n_out + r * r * n_in + n_out * r * n_in)
+    def merged_flops(o, i):
+        return 2 * (m * n_in * n_out + o * i * n_in + n_out * o * n_in)
 
-    crossover = next(r for r in range(1, 201) if merged(r) < chain(r))
-    assert 60 < crossover < 200
-    for rank, form in ((crossover - 1, "chain"), (crossover, "merged"), (10, "chain"), (200, "merged")):
+    crossover = next(r for r in range(1, 201) if merged(r, r) < chain(r, r))
+    assert 64 < crossover <= 96  # ranks 49-64 compute at 64 and chain, 65-96 at 96 and merge
+    assert layer.forward_costs(x.shape, (crossover,) * 2) == (chain(crossover, crossover),
+                                                               merged(crossover, crossover))
+    for rank, form in ((64, "chain"), (65, "merged"), (crossover - 1, "merged"), (10, "chain"), (200, "merged")):
         layer.set_ranks((rank, rank))
-        assert layer.forward_costs(x.shape) == (chain(rank), merged(rank))
-        assert flops(layer, x) == (chain_flops(rank) if form == "chain" else merged_flops(rank)), rank
+        o, i = width(rank, n_out), width(rank, n_in)
+        assert layer.forward_costs(x.shape) == (chain(o, i), merged(o, i))
+        assert (chain(o, i) <= merged(o, i)) == (form == "chain"), rank
+        assert flops(layer, x) == (chain_flops(o, i) if form == "chain" else merged_flops(o, i)), rank
     # bases held (a window's core-only steps): the chain computes no factor gradients, the merged form still forms W
-    layer.set_ranks((crossover, crossover))
+    layer.set_ranks((65, 65))
     layer.hold_bases = True
-    assert flops(layer, x) == chain_flops(crossover)
+    assert flops(layer, x) == chain_flops(96, 96)
 
 
 def test_a_thin_convolution_merges_where_its_chain_moves_more_memory_than_it_saves(monkeypatch):
@@ -310,8 +326,9 @@ def test_a_thin_convolution_merges_where_its_chain_moves_more_memory_than_it_sav
     assert chain_macs < merged_macs
     chain, merged = layer.forward_costs(x.shape, grads=Grads(input=False))
     assert merged < chain
-    merged_flops = 2 * (128 * 24 * 24 * 20 * 25 + 20 * 5 * 25)  # W = kernel x_1 U_out (x_2 U_in, 1 x 1: no FLOPs)
-    kernel_flops = 2 * 2 * 5 * 25 * 5  # core x_3 U_h x_4 U_w
+    # computed at r_out 6 (5 rounded up to the storage ladder; the core is 0 beyond 5)
+    merged_flops = 2 * (128 * 24 * 24 * 20 * 25 + 20 * 6 * 25)  # W = kernel x_1 U_out (x_2 U_in, 1 x 1: no FLOPs)
+    kernel_flops = 2 * 2 * 6 * 25 * 5  # core x_3 U_h x_4 U_w
     assert flops(layer, x) == kernel_flops + merged_flops
     layer.set_ranks((1, 1, 5, 5))
     for input_grad, form in ((False, "merged"), (True, "chain")):
@@ -699,3 +716,49 @@ def test_a_dense_storage_layer_exports_its_factor_chain_at_its_ranks():
     assert isinstance(compact, nn.Sequential) and sum(p.numel() for p in compact.parameters()) < 40 * 30
     x = torch.randn(5, 40, dtype=torch.float64)
     torch.testing.assert_close(compact(x), nn.functional.linear(x, layer.core, layer.bias), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_the_forward_computes_at_ladder_widths_and_stays_the_active_ranks_computation(kind):
+    """Ranks 5 compute at 6 (the storage ladder), 13 and 16 both at 16 (one shape for the allocator where the rank
+    moves between them), 17 at 24 or at the mode size 20; yet output and gradients are those of the active block
+    alone, whatever the storage holds outside it: a dense reference at the active ranks (float64), and zero gradients
+    outside the block."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x = TuckerLinear(20, 30, ranks=(5, 5), max_ranks=(20, 20)), torch.randn(7, 20, dtype=torch.float64)
+    else:
+        layer = TuckerConv2d(20, 30, 3, padding=1, ranks=(5, 5, 3, 3), max_ranks=(20, 20, 3, 3))
+        x = torch.randn(2, 20, 6, 6, dtype=torch.float64)
+    layer.double()
+    with torch.no_grad():  # garbage outside the active block, which the forward must not read
+        for u, r in zip(layer.factors, layer.ranks):
+            u[:, r:] = torch.randn_like(u[:, r:])
+        block = tuple(slice(r) for r in layer.ranks)
+        kept = layer.core[block].clone()
+        layer.core.normal_()
+        layer.core[block] = kept
+    assert layer.forward_ranks()[:2] == (6, 6)
+    x.requires_grad_(True)
+    y = layer(x)
+    weights = [u[:, :r].detach().clone().requires_grad_(True) for u, r in zip(layer.factors, layer.ranks)]
+    core = kept.clone().requires_grad_(True)
+    weight = core
+    for mode, u in enumerate(weights):  # W = C x_1 U_1 ... x_d U_d
+        weight = torch.movedim(torch.tensordot(weight, u, dims=([mode], [1])), -1, mode)
+    reference = (nn.functional.linear(x, weight, layer.bias) if kind == "linear"
+                 else nn.functional.conv2d(x, weight, layer.bias, padding=1))
+    torch.testing.assert_close(y, reference)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    reference.backward(grad)
+    for u, ref, r in zip(layer.factors, weights, layer.ranks):
+        torch.testing.assert_close(u.grad[:, :r], ref.grad)
+        assert not u.grad[:, r:].any()
+    torch.testing.assert_close(layer.core.grad[block], core.grad)
+    outside = layer.core.grad.clone()
+    outside[block] = 0
+    assert not outside.any()
+    for rank, widths in ((13, (16, 16)), (16, (16, 16)), (17, (24, 20))):  # out 30, in 20 channels
+        layer.set_ranks((rank, rank, *layer.ranks[2:]))
+        assert layer.forward_ranks()[:2] == widths

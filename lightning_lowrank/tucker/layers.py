@@ -38,7 +38,7 @@ from lightning_lowrank.tucker.algebra import (
     unfold,
 )
 from lightning_lowrank.tucker.forms import Grads, Product, with_passes
-from lightning_lowrank.tucker.storage import replace_data, resized, storage_size, zero_outside
+from lightning_lowrank.tucker.storage import ladder_size, replace_data, resized, storage_size, zero_outside
 from lightning_lowrank.validation import check_int
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -336,16 +336,29 @@ class TuckerLayer(nn.Module):
             return tucker_decomposition(self.core.detach(), self.ranks, "hosvd")
         return self.active_core(), self.active_factors()
 
+    def forward_ranks(self) -> tuple[int, ...]:
+        """The widths an eager forward computes at: each active rank rounded up to the storage ladder
+        (:func:`~lightning_lowrank.tucker.storage.ladder_size`: at most 1.5 r_i, at most n_i). The active factors
+        and core are zero-padded to them, so output and gradients are those of the active ranks; the forward's tensor
+        shapes change only when a rank crosses a ladder size, not with every rank change, so the allocator and
+        oneDNN's primitive cache see a few shapes per layer over a run (with a shape per rank, glibc's heap kept 1.2x
+        the dense process's memory on the VGG-style net)."""
+        return tuple(ladder_size(r, n) for n, r in zip(self.shape, self.ranks))
+
     def _forward_factors(self) -> tuple[list[Tensor], Tensor]:
-        """Factors and core the forward computes with: the active ones in eager mode (cost follows the rank; detached
-        while ``hold_bases``); the stored ones under torch.compile, whose graph then never depends on a rank (the core
-        is 0 outside the block) nor on ``hold_bases``; in dense storage no factors and W."""
+        """Factors and core the forward computes with: in eager mode the active ones zero-padded to
+        :meth:`forward_ranks` (cost follows the rank; detached while ``hold_bases``); the stored ones under
+        torch.compile, whose graph then never depends on a rank (the core is 0 outside the block) nor on
+        ``hold_bases``; in dense storage no factors and W."""
         if self.dense_storage:
             return [], self.core
         if torch.compiler.is_compiling():
             return list(self.factors), self.core
-        factors = self.active_factors()
-        return [u.detach() for u in factors] if self.hold_bases else factors, self.active_core()
+        widths = self.forward_ranks()
+        factors = [F.pad(u, (0, w - u.shape[1])) for u, w in zip(self.active_factors(), widths)]
+        core = self.active_core()
+        core = F.pad(core, [p for r, w in zip(reversed(core.shape), reversed(widths)) for p in (0, w - r)])
+        return [u.detach() for u in factors] if self.hold_bases else factors, core
 
     @property
     def weight(self) -> Tensor:
@@ -385,8 +398,8 @@ class TuckerLayer(nn.Module):
 
     def forward_costs(self, input_shape: Sequence[int], ranks: Sequence[int] | None = None,
                       grads: Grads = Grads()) -> tuple[int, int]:
-        """Cost of one forward pass on an input of ``input_shape`` at ``ranks`` (default: the active ranks) and of the
-        backward pass that ``grads`` asks for (default: every gradient, as in training), in multiply-adds plus
+        """Cost of one forward pass on an input of ``input_shape`` at ``ranks`` (default: :meth:`forward_ranks`) and of
+        the backward pass that ``grads`` asks for (default: every gradient, as in training), in multiply-adds plus
         ELEMENT_COST per element moved (:meth:`products`): (factor chain, merged weight W formed from the factors,
         then one dense product). The forward takes the cheaper (the chain on a tie)."""
         chain, merged = (sum(p.cost() for p in products) for products in self.products(input_shape, ranks, grads))
@@ -401,8 +414,9 @@ class TuckerLayer(nn.Module):
 
     def products(self, input_shape: Sequence[int], ranks: Sequence[int] | None = None,
                  grads: Grads = Grads()) -> tuple[list[Product], list[Product]]:
-        """The products of one pass at ``ranks`` (default: the active ranks), each with the passes ``grads`` asks of
-        it (:func:`~lightning_lowrank.tucker.forms.with_passes`): (factor chain, merged form)."""
+        """The products of one pass at ``ranks`` (default: :meth:`forward_ranks`), each with the passes ``grads``
+        asks of it (:func:`~lightning_lowrank.tucker.forms.with_passes`): (factor chain, merged form)."""
+        ranks = self.forward_ranks() if ranks is None and not self.dense_storage else ranks
         chain, merged = self._product_sizes(input_shape, self.ranks if ranks is None else ranks)
         return with_passes(chain, merged, grads, kernel_from_factors=len(self.shape) > 2)
 

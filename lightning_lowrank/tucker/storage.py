@@ -29,11 +29,17 @@ def storage_size(size: int, rank: int, current: int | None = None) -> int:
     change by a factor of about 1.4 or more before the parameters are reallocated again.
     """
     need = min(size, 2 * rank)
-    step = 1 << max(need - 1, 0).bit_length()  # smallest power of two >= need
-    fitted = min(size, 3 * step // 4 if 3 * step // 4 >= need and step >= 4 else step)
+    fitted = ladder_size(need, size)
     if current is None or need > current or 2 * fitted <= current:
         return fitted
     return current
+
+
+def ladder_size(need: int, size: int) -> int:
+    """The smallest size of the ladder 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5 times them) that is
+    at least ``need``, capped by ``size``: at most 1.5 ``need``."""
+    step = 1 << max(need - 1, 0).bit_length()  # smallest power of two >= need
+    return min(size, 3 * step // 4 if 3 * step // 4 >= need and step >= 4 else step)
 
 
 def stored_entries(shape: Sequence[int], ranks: Sequence[int]) -> int:
