@@ -416,8 +416,9 @@ class TuckerLayer(nn.Module):
                  grads: Grads = Grads()) -> tuple[list[Product], list[Product]]:
         """The products of one pass at ``ranks`` (default: :meth:`forward_ranks`), each with the passes ``grads``
         asks of it (:func:`~lightning_lowrank.tucker.forms.with_passes`): (factor chain, merged form)."""
-        ranks = self.forward_ranks() if ranks is None and not self.dense_storage else ranks
-        chain, merged = self._product_sizes(input_shape, self.ranks if ranks is None else ranks)
+        if ranks is None:
+            ranks = self.ranks if self.dense_storage else self.forward_ranks()
+        chain, merged = self._product_sizes(input_shape, ranks)
         return with_passes(chain, merged, grads, kernel_from_factors=len(self.shape) > 2)
 
     def _product_sizes(self, input_shape: Sequence[int],
