@@ -270,7 +270,7 @@ def test_forward_costs_count_the_multiply_adds_of_each_form(monkeypatch, kind, f
 def test_forward_costs_follow_the_closed_form_and_the_forward_switches_at_the_crossover():
     """Linear(300, 200) on 4 x 256 rows at ranks r_out = r_in = r, forward and backward: each product costs its
     multiply-adds plus 64 per element read or written, three times (forward, two gradients). The forward computes at
-    the ranks rounded up to the storage ladder (the core is 0 beyond the rank: the output is the same) and takes the
+    the ranks rounded up to the storage ladder (the active block zero-padded: the same output) and takes the
     chain where its cost at those widths is at most the merged weight's, the merged weight beyond (FLOPs counted tell
     the forms apart); with its bases held the chain, whose factors then need no gradient, also past the crossover."""
     layer = TuckerLinear(300, 200)
@@ -326,7 +326,7 @@ def test_a_thin_convolution_merges_where_its_chain_moves_more_memory_than_it_sav
     assert chain_macs < merged_macs
     chain, merged = layer.forward_costs(x.shape, grads=Grads(input=False))
     assert merged < chain
-    # computed at r_out 6 (5 rounded up to the storage ladder; the core is 0 beyond 5)
+    # computed at r_out 6 (5 rounded up to the storage ladder, the active core zero-padded)
     merged_flops = 2 * (128 * 24 * 24 * 20 * 25 + 20 * 6 * 25)  # W = kernel x_1 U_out (x_2 U_in, 1 x 1: no FLOPs)
     kernel_flops = 2 * 2 * 6 * 25 * 5  # core x_3 U_h x_4 U_w
     assert flops(layer, x) == kernel_flops + merged_flops

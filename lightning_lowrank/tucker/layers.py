@@ -355,9 +355,11 @@ class TuckerLayer(nn.Module):
         if torch.compiler.is_compiling():
             return list(self.factors), self.core
         widths = self.forward_ranks()
-        factors = [F.pad(u, (0, w - u.shape[1])) for u, w in zip(self.active_factors(), widths)]
+        factors = [u if u.shape[1] == w else F.pad(u, (0, w - u.shape[1]))
+                   for u, w in zip(self.active_factors(), widths)]
         core = self.active_core()
-        core = F.pad(core, [p for r, w in zip(reversed(core.shape), reversed(widths)) for p in (0, w - r)])
+        if core.shape != widths:
+            core = F.pad(core, [p for r, w in zip(reversed(core.shape), reversed(widths)) for p in (0, w - r)])
         return [u.detach() for u in factors] if self.hold_bases else factors, core
 
     @property
