@@ -389,6 +389,41 @@ def test_either_form_gives_the_dense_layers_output_and_gradients(monkeypatch, fo
         torch.testing.assert_close(grads[1 + mode][:, :r], expected[:, :r], **TOL[dtype])
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("layout", ["batched", "unbatched", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("make_dense", [
+    lambda: nn.Conv2d(5, 7, (3, 4), 2, (1, 2), (2, 1), padding_mode="reflect"),
+    lambda: nn.Conv2d(4, 6, 3, padding="same", bias=False, padding_mode="circular"),
+    lambda: nn.Conv1d(4, 6, 3, padding=1),
+    lambda: nn.Conv3d(3, 5, (3, 2, 3), padding=1, dilation=2, padding_mode="replicate"),
+], ids=["conv2d-reflect", "conv2d-circular", "conv1d", "conv3d-replicate"])
+def test_the_chain_without_autograd_gives_the_dense_layers_output(monkeypatch, make_dense, dtype, layout, context):
+    """Where autograd records nothing, the chain's channel maps are matrix products: the output equals the dense layer
+    with the merged weight (any memory format in), and only the middle convolution runs as one (three while autograd
+    records)."""
+    torch.manual_seed(0)
+    dense = make_dense().to(dtype)
+    tucker = {nn.Conv1d: TuckerConv1d, nn.Conv2d: TuckerConv2d, nn.Conv3d: TuckerConv3d}[type(dense)].from_dense(dense)
+    tucker.set_ranks((3, 2, *tucker.ranks[2:]))
+    force(monkeypatch, tucker, "chain")
+    reference = tucker.to_dense()
+    x = torch.randn(2, *_sizes(dense), dtype=dtype)
+    if layout == "unbatched":
+        x = x[0]
+    elif layout == "channels_last":  # channels in the last stride, for any number of spatial dimensions
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    convolutions = []
+    monkeypatch.setattr(tucker, "_conv", lambda *args, conv=tucker._conv: convolutions.append(1) or conv(*args))
+    with context():
+        y = tucker(x)
+    torch.testing.assert_close(y, reference(x), **TOL[dtype])
+    assert len(convolutions) == 1
+    convolutions.clear()
+    tucker(x.requires_grad_(True)).sum().backward()
+    assert len(convolutions) == 3
+
+
 def _sizes(dense):
     spatial = {nn.Linear: (), nn.Conv1d: (13,), nn.Conv2d: (11, 12), nn.Conv3d: (6, 7, 5)}[type(dense)]
     return (dense.in_features,) if isinstance(dense, nn.Linear) else (dense.in_channels, *spatial)
