@@ -652,8 +652,8 @@ class _TuckerConvNd(TuckerLayer):
         Where autograd records it, a convolution (oneDNN's backward is faster than the matrix products' at the small
         spatial sizes of deep layers). Otherwise (evaluation, the Galerkin gradient) a matrix product over the
         flattened positions, whatever x's memory format: it writes the output once, where oneDNN's convolution also
-        holds input and output reordered to a blocked layout (at batch 1000 a peak of three to four times the output)
-        and caches a primitive per shape (README "What training costs")."""
+        holds input and output reordered to a blocked layout (at batch 1000 a peak of three to four times the output;
+        README "What training costs")."""
         n = len(self.kernel_size)
         if torch.is_grad_enabled() and (x.requires_grad or u.requires_grad):
             return self._conv(x, u.reshape(*u.shape, *(1,) * n), bias)
