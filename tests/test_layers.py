@@ -401,7 +401,8 @@ def test_either_form_gives_the_dense_layers_output_and_gradients(monkeypatch, fo
 def test_the_chain_without_autograd_gives_the_dense_layers_output(monkeypatch, make_dense, dtype, layout, context):
     """Where autograd records nothing, the chain's channel maps are matrix products: the output equals the dense layer
     with the merged weight (any memory format in), and only the middle convolution runs as one (three while autograd
-    records)."""
+    records for the input; the middle and the last map when only the bias trains, whose gradient equals the dense
+    layer's)."""
     torch.manual_seed(0)
     dense = make_dense().to(dtype)
     tucker = {nn.Conv1d: TuckerConv1d, nn.Conv2d: TuckerConv2d, nn.Conv3d: TuckerConv3d}[type(dense)].from_dense(dense)
@@ -422,6 +423,14 @@ def test_the_chain_without_autograd_gives_the_dense_layers_output(monkeypatch, m
     convolutions.clear()
     tucker(x.requires_grad_(True)).sum().backward()
     assert len(convolutions) == 3
+    if tucker.bias is not None:  # only the bias trains: autograd records the last map, a convolution
+        convolutions.clear()
+        tucker.requires_grad_(False).bias.requires_grad_(True)
+        reference.requires_grad_(False).bias.requires_grad_(True)
+        g = torch.randn_like(y)
+        (bias_grad,) = torch.autograd.grad(tucker(x.detach()), [tucker.bias], g)
+        torch.testing.assert_close(bias_grad, torch.autograd.grad(reference(x.detach()), [reference.bias], g)[0])
+        assert len(convolutions) == 2
 
 
 def _sizes(dense):

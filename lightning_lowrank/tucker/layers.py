@@ -649,13 +649,13 @@ class _TuckerConvNd(TuckerLayer):
     def _channel_map(self, x: Tensor, u: Tensor, bias: Tensor | None = None) -> Tensor:
         """The 1x1 convolution y = u x (+ b) at every position: x (..., c, *spatial), u (m, c) -> (..., m, *spatial).
 
-        Where autograd records it, a convolution (oneDNN's backward is faster than the matrix products' at the small
-        spatial sizes of deep layers). Otherwise (evaluation, the Galerkin gradient) a matrix product over the
-        flattened positions, whatever x's memory format: it writes the output once, where oneDNN's convolution also
-        holds input and output reordered to a blocked layout (at batch 1000 a peak of three to four times the output;
-        README "What training costs")."""
+        Where autograd records it (x, u or b needs a gradient), a convolution (oneDNN's backward is faster than the
+        matrix products' at the small spatial sizes of deep layers). Otherwise (evaluation, the Galerkin gradient) a
+        matrix product over the flattened positions, whatever x's memory format: it writes the output once, where
+        oneDNN's convolution also holds input and output reordered to a blocked layout (at batch 1000 a peak of three
+        to four times the output; README "What training costs")."""
         n = len(self.kernel_size)
-        if torch.is_grad_enabled() and (x.requires_grad or u.requires_grad):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, u, bias)):
             return self._conv(x, u.reshape(*u.shape, *(1,) * n), bias)
         y = torch.matmul(u, x.flatten(-n)).unflatten(-1, x.shape[-n:])
         return y if bias is None else y.add_(bias.view(-1, *(1,) * n))
