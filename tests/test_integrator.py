@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import math
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -337,6 +340,80 @@ def test_a_run_whose_storage_follows_the_rank_equals_one_at_fixed_storage(monkey
         torch.testing.assert_close(active(state[key], follows.ranks), active(fixed_state[key], fixed.ranks),
                                    rtol=0, atol=1e-12)
 
+
+RELEASE = """
+import os
+import torch
+from lightning_lowrank.tucker.storage import release_host_memory
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+
+torch.ones(16 << 20, dtype=torch.uint8)  # freed at once: glibc's mmap threshold rises to 16 MiB
+start = rss()
+blocks = [torch.ones(4 << 20, dtype=torch.uint8) for _ in range(64)]  # 256 MiB from the heap
+del blocks[::2]  # 128 MiB freed between blocks in use
+held = rss()
+print(release_host_memory(), start, held, rss())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_release_host_memory_hands_the_heaps_free_pages_back():
+    """Blocks freed between blocks in use stay in the process (glibc keeps them for later allocations); released,
+    the process's resident memory falls by about their size. In a fresh process: the test's own heap is not known."""
+    ran, start, held, released = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True,
+                                                check=True).stdout.split()
+    assert ran == "True"
+    assert int(held) - int(start) > 200  # the freed half is still held: what the release is for
+    assert int(held) - int(released) > 100
+
+
+def test_host_memory_is_released_after_exactly_the_steps_that_change_a_layers_shapes(monkeypatch):
+    """``release_memory``: the C heap is trimmed after the steps at whose end some layer's tensors have other
+    shapes than at the end of the step before (its storage, or the widths its forward computes at; the blocks of the
+    shapes it left are free then): not at steady shapes (frozen ranks; a layer in dense storage whose ranks move),
+    not with the option off."""
+    calls = []
+    monkeypatch.setattr("lightning_lowrank.tucker.integrator.release_host_memory",
+                        lambda: calls.append(integrator.steps))
+
+    def shapes(layer):
+        return layer.storage, () if layer.dense_storage else layer.forward_ranks()
+
+    def run(release, ranks=(2, 2), tau=0.1, freeze=False, steps=40):
+        nonlocal integrator
+        calls.clear()
+        torch.manual_seed(0)
+        teacher = TuckerLinear(40, 30, ranks=(4, 4)).requires_grad_(False)
+        student = TuckerLinear(40, 30, ranks=ranks)
+        if ranks is None:
+            student.to_dense_storage()
+        integrator = TuckerIntegrator(nn.Sequential(student), IntegratorConfig(
+            tau=tau, interval=1, dense_interval=2, release_memory=release))
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
+        if freeze:
+            integrator.freeze(optimizer)
+        seen, ranks_seen = [shapes(student)], {student.ranks}
+        for _ in range(steps):
+            x = torch.randn(64, 40)
+            optimizer.zero_grad()
+            ((student(x) - teacher(x)) ** 2).mean().backward()
+            integrator.step(optimizer)
+            seen.append(shapes(student))
+            ranks_seen.add(student.ranks)
+        return [step for step in range(steps) if seen[step + 1] != seen[step]], len(ranks_seen)
+
+    integrator = None
+    changed, distinct_ranks = run(True)
+    assert 0 < len(changed) < 40  # the ranks grow from 2 toward the teacher's 4, then hold
+    assert calls == changed
+    assert run(False) == (changed, distinct_ranks) and calls == []
+    assert run(True, freeze=True)[0] == [] and calls == []
+    changed, distinct_ranks = run(True, ranks=None, tau=0.4)  # full rank, in dense storage until its factors pay
+    assert len(changed) < distinct_ranks - 1  # ranks moved in dense storage, at unchanged shapes
+    assert calls == changed and changed
 
 def test_ranks_settle_at_the_teacher_ranks_linear():
     torch.manual_seed(0)
@@ -989,6 +1066,7 @@ def test_evaluation_passes_are_not_captured():
     (dict(scale_steps=1), r"`scale_steps` must be True or False, got 1"),
     (dict(dense_storage="yes"), r"`dense_storage` must be True or False, got 'yes'"),
     (dict(dense_interval=0), r"`dense_interval` must be an int >= 1, got 0"),
+    (dict(release_memory=None), r"`release_memory` must be True or False, got None"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(ValueError, match=message):

@@ -73,9 +73,10 @@ class TuckerCallback(LowRankCallback):
             as they are (pretrained): ``rank="full"`` (exact; the first truncations choose the ranks) or
             ``init="hosvd"`` (the best approximation at the start's ranks).
         min_rank, modes, method, interval, core_steps, growth, patience, scale_steps, dense_storage,
-            dense_interval: the integrator's options (:class:`~lightning_lowrank.IntegratorConfig`). Layers still at
-            their augmented ranks or keeping a growth margin when training ends are truncated to their tolerance
-            ranks then; logged ranks and compression are the tolerance ranks the last truncation decided.
+            dense_interval, release_memory: the integrator's options (:class:`~lightning_lowrank.IntegratorConfig`).
+            Layers still at their augmented ranks or keeping a growth margin when training ends are truncated to
+            their tolerance ranks then; logged ranks and compression are the tolerance ranks the last truncation
+            decided.
         freeze_after_steps, freeze_after_epochs: from this optimizer step or epoch on, ranks and bases stay fixed
             and only the cores (and the other parameters) train.
     """
@@ -96,6 +97,7 @@ class TuckerCallback(LowRankCallback):
         scale_steps: bool = False,
         dense_storage: bool = True,
         dense_interval: int = 10,
+        release_memory: bool = True,
         freeze_after_steps: int | None = None,
         freeze_after_epochs: int | None = None,
         include: Sequence[str] = (),
@@ -112,7 +114,7 @@ class TuckerCallback(LowRankCallback):
         self.integration = IntegratorConfig(tau=tau, min_rank=min_rank, modes=modes, method=method, interval=interval,
                                            core_steps=core_steps, growth=growth, patience=patience,
                                            scale_steps=scale_steps, dense_storage=dense_storage,
-                                           dense_interval=dense_interval)
+                                           dense_interval=dense_interval, release_memory=release_memory)
         if isinstance(max_rank, int) and not isinstance(max_rank, bool) and min_rank > max_rank:
             raise ValueError(f"`min_rank` ({min_rank}) must not exceed `max_rank` ({max_rank})")
         for name, value in (("freeze_after_steps", freeze_after_steps), ("freeze_after_epochs", freeze_after_epochs)):

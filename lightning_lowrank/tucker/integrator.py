@@ -45,7 +45,7 @@ from lightning_lowrank.tucker.optimizer_state import (
     resize_state,
     warm_start,
 )
-from lightning_lowrank.tucker.storage import storage_size, zero_outside
+from lightning_lowrank.tucker.storage import release_host_memory, storage_size, zero_outside
 from lightning_lowrank.tucker.truncation import rank_candidates, rotate_layer, store_dense, truncate_dense
 from lightning_lowrank.validation import check_int
 
@@ -107,6 +107,11 @@ class IntegratorConfig:
             unfoldings cost about as much as the layer's step, so truncating every step (1) doubles a dense-storage
             layer's cost. Default 10 (the Adam-type schedule's window; why, measured: README "What training
             costs").
+        release_memory: after a step that changed the widths a layer held in host memory computes at (and with
+            them its activations' shapes and storage), hand the C heap's free pages back to the operating system
+            (:func:`~lightning_lowrank.tucker.storage.release_host_memory`: glibc's ``malloc_trim``; nothing under
+            other C libraries), so that the blocks of the shapes it left do not stay in the process. Layers on an
+            accelerator are left to its allocator. Default True (why, measured: README "What training costs").
     """
 
     tau: float = 0.1
@@ -120,6 +125,7 @@ class IntegratorConfig:
     scale_steps: bool = False
     dense_storage: bool = True
     dense_interval: int = 10
+    release_memory: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 <= self.tau < 1:
@@ -139,7 +145,7 @@ class IntegratorConfig:
             raise ValueError(f"`growth` must be a number in [0, 1], got {self.growth!r}")
         check_int("patience", self.patience, 0)
         check_int("dense_interval", self.dense_interval, 1)
-        for name in ("scale_steps", "dense_storage"):
+        for name in ("scale_steps", "dense_storage", "release_memory"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
         if self.interval is None:
@@ -223,6 +229,7 @@ class TuckerIntegrator:
         self._cores_before: dict[str, tuple[Tensor, float, float | Tensor]] = {}  # scale_steps: core before, s, decay
         self.steps = 0  # steps of the schedule: calls of before_step, skipped ones included
         self.frozen = False
+        self._host_widths: dict[str, tuple[int, ...]] = {}  # release_memory: the widths at the last step's end
         self.add_layers(layers)
 
     def add_layers(self, layers: Mapping[str, TuckerLayer]) -> None:
@@ -243,6 +250,7 @@ class TuckerIntegrator:
         if self.config.method == "augmented":
             self._captures.update((name, Capture(layer)) for name, layer in layers.items()
                                   if name not in self._captures)
+        self._host_widths = self._widths_in_host_memory()
         self._arm()
 
     @property
@@ -414,8 +422,21 @@ class TuckerIntegrator:
         """Truncate if due, count the step, and arm the captures for the next one."""
         if truncate and (self.truncation_due or self.dense_truncation_due):
             self.truncate(optimizer, factorized=self.truncation_due, dense=self.dense_truncation_due)
+        if self.config.release_memory:
+            widths = self._widths_in_host_memory()
+            if widths != self._host_widths:
+                release_host_memory()
+            self._host_widths = widths
         self.steps += 1
         self._arm()
+
+    def _widths_in_host_memory(self) -> dict[str, tuple[int, ...]]:
+        """Per layer held in host memory, the widths its forward computes at
+        (:meth:`~lightning_lowrank.tucker.layers.TuckerLayer.forward_ranks`; none in dense storage). Its activations'
+        shapes follow them, and so does its storage (twice the width on the same ladder, both capped by the mode's
+        size)."""
+        return {name: () if layer.dense_storage else layer.forward_ranks()
+                for name, layer in self.layers.items() if layer.core.device.type == "cpu"}
 
     def _arm(self) -> None:
         """Ready the layers for the next step: its backward computes the basis gradients only where they are used
