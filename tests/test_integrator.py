@@ -370,50 +370,87 @@ def test_release_host_memory_hands_the_heaps_free_pages_back():
     assert int(held) - int(released) > 100
 
 
-def test_host_memory_is_released_after_exactly_the_steps_that_change_a_layers_shapes(monkeypatch):
-    """``release_memory``: the C heap is trimmed after the steps at whose end some layer's tensors have other
-    shapes than at the end of the step before (its storage, or the widths its forward computes at; the blocks of the
-    shapes it left are free then): not at steady shapes (frozen ranks; a layer in dense storage whose ranks move),
-    not with the option off."""
-    calls = []
+def test_host_memory_is_released_in_the_backward_after_each_step_that_changes_a_layers_shapes(monkeypatch):
+    """``release_memory``: after a step at whose end some layer's tensors have other shapes than at the end of the
+    step before (its storage, or the widths its forward computes at), the C heap is trimmed once, in the next
+    backward pass (its activations still in use, the blocks of the shapes left free): not at steady shapes (frozen
+    ranks; a layer in dense storage whose ranks move), not with the option off, not after ``remove()``."""
+    calls, phase = [], []
     monkeypatch.setattr("lightning_lowrank.tucker.integrator.release_host_memory",
-                        lambda: calls.append(integrator.steps))
+                        lambda: calls.append((integrator.steps, phase[-1])))
 
-    def shapes(layer):
-        return layer.storage, () if layer.dense_storage else layer.forward_ranks()
+    def shapes(net):
+        return [(layer.storage, () if layer.dense_storage else layer.forward_ranks()) for layer in net]
 
     def run(release, ranks=(2, 2), tau=0.1, freeze=False, steps=40):
         nonlocal integrator
         calls.clear()
         torch.manual_seed(0)
-        teacher = TuckerLinear(40, 30, ranks=(4, 4)).requires_grad_(False)
-        student = TuckerLinear(40, 30, ranks=ranks)
-        if ranks is None:
-            student.to_dense_storage()
-        integrator = TuckerIntegrator(nn.Sequential(student), IntegratorConfig(
+        teacher = nn.Sequential(TuckerLinear(40, 30, ranks=(4, 4)), TuckerLinear(30, 20, ranks=(3, 3)))
+        student = nn.Sequential(TuckerLinear(40, 30, ranks=ranks), TuckerLinear(30, 20, ranks=ranks))
+        teacher.requires_grad_(False)
+        for layer in student if ranks is None else ():
+            layer.to_dense_storage()
+        integrator = TuckerIntegrator(student, IntegratorConfig(
             tau=tau, interval=1, dense_interval=2, release_memory=release))
         optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
         if freeze:
             integrator.freeze(optimizer)
-        seen, ranks_seen = [shapes(student)], {student.ranks}
+        seen, ranks_seen = [shapes(student)], {tuple(layer.ranks for layer in student)}
         for _ in range(steps):
             x = torch.randn(64, 40)
             optimizer.zero_grad()
+            phase.append("backward")
             ((student(x) - teacher(x)) ** 2).mean().backward()
+            phase.append("step")
             integrator.step(optimizer)
             seen.append(shapes(student))
-            ranks_seen.add(student.ranks)
-        return [step for step in range(steps) if seen[step + 1] != seen[step]], len(ranks_seen)
+            ranks_seen.add(tuple(layer.ranks for layer in student))
+        changed = [step for step in range(steps) if seen[step + 1] != seen[step]]
+        return [(step + 1, "backward") for step in changed if step + 1 < steps], len(ranks_seen)
 
     integrator = None
-    changed, distinct_ranks = run(True)
-    assert 0 < len(changed) < 40  # the ranks grow from 2 toward the teacher's 4, then hold
-    assert calls == changed
-    assert run(False) == (changed, distinct_ranks) and calls == []
+    expected, distinct_ranks = run(True)
+    assert 0 < len(expected) < 39  # the ranks grow from 2 toward the teacher's, then hold
+    assert calls == expected
+    assert run(False) == (expected, distinct_ranks) and calls == []
     assert run(True, freeze=True)[0] == [] and calls == []
-    changed, distinct_ranks = run(True, ranks=None, tau=0.4)  # full rank, in dense storage until its factors pay
-    assert len(changed) < distinct_ranks - 1  # ranks moved in dense storage, at unchanged shapes
-    assert calls == changed and changed
+    expected, distinct_ranks = run(True, ranks=None, tau=0.4)  # full rank, in dense storage until its factors pay
+    assert len(expected) < distinct_ranks - 2  # ranks moved in dense storage, at unchanged shapes
+    assert calls == expected and expected
+    integrator.remove()
+    calls.clear()
+    x = torch.randn(64, 40)
+    integrator._release_due = True  # as after a step that changed some widths
+    integrator.layers["0"](x).sum().backward()
+    assert calls == []
+
+
+def test_a_release_waits_for_a_backward_that_reaches_a_core(monkeypatch):
+    """Steps whose backward reaches no Tucker core (another loss) keep a due release for the next one that does."""
+    calls = []
+    monkeypatch.setattr("lightning_lowrank.tucker.integrator.release_host_memory", lambda: calls.append(1))
+    torch.manual_seed(0)
+    layer, other = TuckerLinear(40, 30, ranks=(2, 2)), nn.Linear(4, 1)
+    teacher = TuckerLinear(40, 30, ranks=(4, 4)).requires_grad_(False)
+    integrator = TuckerIntegrator(nn.Sequential(layer), IntegratorConfig(tau=0.1, interval=1))
+    optimizer = torch.optim.SGD([*layer.parameters(), *other.parameters()], lr=0.5)
+
+    def step(loss):
+        optimizer.zero_grad()
+        loss.backward()
+        integrator.step(optimizer)
+
+    widths = layer.forward_ranks()
+    while layer.forward_ranks() == widths:
+        x = torch.randn(64, 40)
+        step(((layer(x) - teacher(x)) ** 2).mean())
+    calls.clear()
+    for _ in range(2):
+        step(other(torch.randn(8, 4)).sum())
+    assert calls == []
+    step(layer(torch.randn(8, 40)).sum())
+    assert calls == [1]
 
 def test_ranks_settle_at_the_teacher_ranks_linear():
     torch.manual_seed(0)

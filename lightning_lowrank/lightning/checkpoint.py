@@ -123,5 +123,5 @@ def load_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], model: nn.Mo
         integrator = TuckerIntegrator(layers, IntegratorConfig(**config))
         integrator.load_state_dict({"steps": 0, "frozen": False, "augmented": pending["ranks"]})
         integrator.truncate(final=True)
-        integrator.remove()  # no forward hooks stay on the returned model
+        integrator.remove()  # no hooks stay on the returned model
     return compact(model) if compact_layers else model

@@ -32,6 +32,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from lightning_lowrank.tucker.algebra import compute_dtype, mode_dot
 from lightning_lowrank.tucker.augmentation import Capture, augmented_basis, parallel_gradient
@@ -108,7 +109,8 @@ class IntegratorConfig:
             layer's cost. Default 10 (the Adam-type schedule's window; why, measured: README "What training
             costs").
         release_memory: after a step that changed the widths a layer held in host memory computes at (and with
-            them its activations' shapes and storage), hand the C heap's free pages back to the operating system
+            them its activations' shapes and storage), hand the C heap's free pages back to the operating system in
+            the next backward pass, from a gradient hook on the cores
             (:func:`~lightning_lowrank.tucker.storage.release_host_memory`: glibc's ``malloc_trim``; nothing under
             other C libraries), so that the blocks of the shapes it left do not stay in the process. Layers on an
             accelerator are left to its allocator. Default True (why, measured: README "What training costs").
@@ -230,6 +232,8 @@ class TuckerIntegrator:
         self.steps = 0  # steps of the schedule: calls of before_step, skipped ones included
         self.frozen = False
         self._host_widths: dict[str, tuple[int, ...]] = {}  # release_memory: the widths at the last step's end
+        self._release_due = False  # release_memory: some widths changed since the last release
+        self._release_hooks: dict[str, RemovableHandle] = {}
         self.add_layers(layers)
 
     def add_layers(self, layers: Mapping[str, TuckerLayer]) -> None:
@@ -250,7 +254,11 @@ class TuckerIntegrator:
         if self.config.method == "augmented":
             self._captures.update((name, Capture(layer)) for name, layer in layers.items()
                                   if name not in self._captures)
-        self._host_widths = self._widths_in_host_memory()
+        if self.config.release_memory:
+            self._host_widths = self._widths_in_host_memory()
+            self._release_hooks.update((name, layer.core.register_hook(self._release_in_backward))
+                                       for name, layer in layers.items()
+                                       if name not in self._release_hooks and layer.core.requires_grad)
         self._arm()
 
     @property
@@ -424,11 +432,19 @@ class TuckerIntegrator:
             self.truncate(optimizer, factorized=self.truncation_due, dense=self.dense_truncation_due)
         if self.config.release_memory:
             widths = self._widths_in_host_memory()
-            if widths != self._host_widths:
-                release_host_memory()
+            self._release_due |= widths != self._host_widths
             self._host_widths = widths
         self.steps += 1
         self._arm()
+
+    def _release_in_backward(self, grad: Tensor) -> None:
+        """A core's gradient hook: the first backward after a step that changed some widths hands the C heap's free
+        pages back. In backward the pass's activations are still in use, so what is free then is mostly the blocks
+        of the widths left; after the step every activation is free too, and the next step would fault all of them
+        in again (VGG-style net: 92k page faults per release against 20k here)."""
+        if self._release_due:
+            self._release_due = False
+            release_host_memory()
 
     def _widths_in_host_memory(self) -> dict[str, tuple[int, ...]]:
         """Per layer held in host memory, the widths its forward computes at
@@ -448,10 +464,12 @@ class TuckerIntegrator:
             capture.active = self.due and not self.layers[name].dense_storage
 
     def remove(self) -> None:
-        """Remove the forward hooks; the layers compute their basis gradients again."""
-        for capture in self._captures.values():
-            capture.handle.remove()
+        """Remove the hooks (the captures' forward hooks, the cores' release hooks); the layers compute their basis
+        gradients again."""
+        for handle in (*(capture.handle for capture in self._captures.values()), *self._release_hooks.values()):
+            handle.remove()
         self._captures.clear()
+        self._release_hooks.clear()
         for layer in self.layers.values():
             layer.hold_bases = False
 
