@@ -86,8 +86,8 @@ def release_host_memory() -> bool:
 
     Blocks that tensors of a shape the run no longer makes have freed (a layer's ranks moved its widths) stay in
     glibc's heap, counted in the process's memory, until allocations of their size come again; the integrator calls
-    this after a step that changed some layer's shapes (``IntegratorConfig.release_memory``; README "What training
-    costs": 4% of the VGG-style net's memory over training, at no measurable step time).
+    this in the backward pass after a step that changed some layer's shapes (``IntegratorConfig.release_memory``;
+    README "What training costs": 4% of the VGG-style net's memory over training, about 7 ms a call).
     """
     trim = _malloc_trim()
     if trim is None:
